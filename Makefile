@@ -1,0 +1,54 @@
+# structift — every target installs what it needs into .venv (Python 3.11, pip, CPU torch).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Pinned: a looser torch request pulls a multi-GB CUDA build.
+TORCH  := torch==2.13.0
+
+.PHONY: run demo test test-all lint typecheck docs bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.run-stamp: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH) -e '.[examples]'
+	touch $@
+
+$(VENV)/.test-stamp: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH) -e '.[test,docs,examples]'
+	touch $@
+
+## The main job.
+run: $(VENV)/.run-stamp
+	$(BIN)/python examples/demo.py
+
+demo: $(VENV)/.run-stamp
+	$(BIN)/python examples/demo.py
+
+## Lint, type-check, build the docs strictly and run the test suite (what CI runs).
+test: $(VENV)/.test-stamp
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/mkdocs build --strict --quiet --site-dir site
+	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -n 2 -m "not slow"
+
+## Everything, the slow tests included.
+test-all: $(VENV)/.test-stamp
+	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -n 2
+
+lint: $(VENV)/.test-stamp
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.test-stamp
+	$(BIN)/mypy
+
+docs: $(VENV)/.test-stamp
+	$(BIN)/mkdocs build --strict --site-dir site
+
+bench: $(VENV)/.test-stamp
+	$(BIN)/python benchmarks/chain.py
+
+clean:
+	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache .hypothesis
