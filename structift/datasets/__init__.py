@@ -1,0 +1,3 @@
+"""structift.datasets."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""Exponential families."""
+
+__all__: list[str] = []

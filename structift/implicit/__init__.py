@@ -1,0 +1,3 @@
+"""structift.implicit."""
+
+__all__: list[str] = []

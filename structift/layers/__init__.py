@@ -1,0 +1,3 @@
+"""Differentiable layers: sparsemax, QP layer, structured attention (function + Module pairs)."""
+
+__all__: list[str] = []

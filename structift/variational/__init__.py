@@ -1,0 +1,3 @@
+"""structift.variational."""
+
+__all__: list[str] = []
