@@ -5,4 +5,19 @@ Re-exports are explicit; each subpackage documents its own API.
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from structift.families import (
+    HMM,
+    Categorical,
+    ChainMarginals,
+    ExpFamily,
+    LinearChainCRF,
+)
+
+__all__ = [
+    "HMM",
+    "Categorical",
+    "ChainMarginals",
+    "ExpFamily",
+    "LinearChainCRF",
+    "__version__",
+]

@@ -1,3 +1,9 @@
-"""Exponential families."""
+"""Exponential families: Categorical, LinearChainCRF and HMM on a shared ExpFamily base."""
 
-__all__: list[str] = []
+from structift.families import kl as _kl  # noqa: F401  (registers KL with torch)
+from structift.families.base import ExpFamily
+from structift.families.categorical import Categorical
+from structift.families.crf import ChainMarginals, LinearChainCRF
+from structift.families.hmm import HMM
+
+__all__ = ["HMM", "Categorical", "ChainMarginals", "ExpFamily", "LinearChainCRF"]

@@ -1,0 +1,180 @@
+"""Argument checks shared by the families.
+
+Every check raises ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape, value or
+device) with a message that names the argument, says what was given and what was expected.
+The families call these only when ``validate_args`` is on, never inside a kernel loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.distributions import constraints
+
+__all__ = [
+    "LOG_POTENTIAL",
+    "check_float_tensor",
+    "check_index_tensor",
+    "check_lengths",
+    "check_log_potential",
+    "check_ndim",
+    "check_same_dtype_device",
+]
+
+
+class _LogPotential(constraints.Constraint):
+    """Real numbers or ``-inf`` (a hard zero of the potential); never NaN or ``+inf``."""
+
+    is_discrete = False
+    event_dim = 0
+
+    def check(self, value: Tensor) -> Tensor:
+        return ~(torch.isnan(value) | (value == float("inf")))
+
+    def __repr__(self) -> str:
+        return "LogPotential(real or -inf)"
+
+
+LOG_POTENTIAL = _LogPotential()
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, Tensor):
+        return f"Tensor(shape={tuple(x.shape)}, dtype={x.dtype}, device={x.device})"
+    return type(x).__name__
+
+
+def check_float_tensor(name: str, x: object) -> Tensor:
+    """Check that ``x`` is a floating-point tensor and return it.
+
+    Raises:
+        TypeError: ``x`` is not a tensor or its dtype is not floating point.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of floating dtype; got {_describe(x)}.")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{name} must have a floating dtype (float32 or float64); got dtype {x.dtype}. "
+            f"Convert it with {name}.float() or {name}.double()."
+        )
+    return x
+
+
+def check_ndim(name: str, x: Tensor, ndims: Sequence[int], expected: str) -> None:
+    """Check that ``x.dim()`` is one of ``ndims``; ``expected`` describes the layout.
+
+    Raises:
+        ValueError: the number of dimensions is wrong.
+    """
+    if x.dim() not in ndims:
+        raise ValueError(
+            f"{name} must have shape {expected}; got shape {tuple(x.shape)} ({x.dim()}-D)."
+        )
+
+
+def check_log_potential(name: str, x: Tensor) -> None:
+    """Check that ``x`` holds no NaN and no ``+inf`` (``-inf`` is a valid hard constraint).
+
+    Raises:
+        ValueError: naming the first offending index.
+    """
+    bad = torch.isnan(x) | (x == float("inf"))
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        value = x[index].item()
+        count = int(bad.sum())
+        raise ValueError(
+            f"{name} must be real or -inf (log-potentials); got {value} at index {index} "
+            f"({count} bad entr{'y' if count == 1 else 'ies'} in shape {tuple(x.shape)})."
+        )
+
+
+def check_same_dtype_device(reference_name: str, reference: Tensor, **others: Tensor) -> None:
+    """Check that every tensor in ``others`` has the dtype and device of ``reference``.
+
+    Raises:
+        TypeError: a dtype differs.
+        ValueError: a device differs.
+    """
+    for name, x in others.items():
+        if x.dtype != reference.dtype:
+            raise TypeError(
+                f"{name} must have the dtype of {reference_name} ({reference.dtype}); "
+                f"got {x.dtype}."
+            )
+        if x.device != reference.device:
+            raise ValueError(
+                f"{name} must be on the device of {reference_name} ({reference.device}); "
+                f"got {x.device}. Move it with .to({reference_name}.device)."
+            )
+
+
+def _check_integer(name: str, x: object, device: torch.device) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be an integer torch.Tensor; got {_describe(x)}.")
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(
+            f"{name} must have an integer dtype (torch.long); got dtype {x.dtype}. "
+            f"Convert it with {name}.long()."
+        )
+    if x.device != device:
+        raise ValueError(
+            f"{name} must be on device {device} (where the potentials are); got {x.device}."
+        )
+    return x
+
+
+def check_lengths(lengths: object, batch: int, length: int, device: torch.device) -> Tensor:
+    """Check ``lengths``: integer tensor ``[B]`` with ``1 <= lengths[b] <= T``.
+
+    Raises:
+        TypeError: not an integer tensor.
+        ValueError: wrong shape, value out of range, or wrong device.
+    """
+    x = _check_integer("lengths", lengths, device)
+    if tuple(x.shape) != (batch,):
+        raise ValueError(f"lengths must have shape [B] = ({batch},); got {tuple(x.shape)}.")
+    bad = (x < 1) | (x > length)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"lengths must lie in [1, T] = [1, {length}]; got lengths[{b}] = {int(x[b])}."
+        )
+    return x
+
+
+def check_index_tensor(
+    name: str,
+    x: object,
+    shape: tuple[int, ...],
+    high: int,
+    device: torch.device,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Check an index tensor: integer dtype, trailing shape ``shape``, values in ``[0, high)``.
+
+    Args:
+        name: argument name for messages.
+        x: the tensor to check, shape ``[*S, *shape]``.
+        shape: expected trailing shape.
+        high: exclusive upper bound of valid values.
+        device: expected device.
+        mask: optional bool tensor broadcastable to ``x``; only entries where it is True are
+            range-checked (padding may hold anything).
+
+    Raises:
+        TypeError: not an integer tensor.
+        ValueError: wrong shape, device or value.
+    """
+    t = _check_integer(name, x, device)
+    if tuple(t.shape[t.dim() - len(shape) :]) != shape or t.dim() < len(shape):
+        raise ValueError(f"{name} must have trailing shape {shape}; got shape {tuple(t.shape)}.")
+    bad = (t < 0) | (t >= high)
+    if mask is not None:
+        bad = bad & mask
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} must lie in [0, {high - 1}]; got {int(t[index])} at {index}.")
+    return t

@@ -1,0 +1,248 @@
+"""Hidden Markov models: the posterior over hidden states as an exponential family."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.distributions import constraints
+
+from structift._ops import lengths_to_mask
+from structift.families._validation import (
+    LOG_POTENTIAL,
+    check_float_tensor,
+    check_index_tensor,
+    check_lengths,
+    check_log_potential,
+    check_same_dtype_device,
+)
+from structift.families.base import ExpFamily, _resolve_validate
+from structift.families.crf import ChainMarginals, LinearChainCRF
+
+__all__ = ["HMM"]
+
+
+def _check_parameter(name: str, x: Tensor, trailing: tuple[int, ...], batch: int) -> None:
+    """Check an HMM parameter: shape ``[*trailing]`` or ``[B, *trailing]``, rows not all -inf."""
+    shape = tuple(x.shape)
+    layout = "[" + ", ".join(str(s) for s in trailing) + "]"
+    if shape != trailing and shape != (batch, *trailing):
+        raise ValueError(
+            f"{name} must have shape {layout} or [B, *{layout}] with B = {batch}; got {shape}."
+        )
+    check_log_potential(name, x)
+    empty = (x == float("-inf")).all(-1)
+    if bool(empty.any()):
+        index = tuple(int(i) for i in empty.nonzero()[0])
+        raise ValueError(
+            f"{name} must have at least one finite logit in every row (rows are normalised by "
+            f"softmax); {name}[{index}] is all -inf."
+        )
+
+
+class HMM(ExpFamily):
+    """A hidden Markov model, seen as the posterior over hidden states z given observations x.
+
+    The generative model (rows normalised by softmax):
+
+        p(z_0) = softmax(init_logits)[z_0],
+        p(z_{t+1} | z_t) = softmax(transition_logits[z_t])[z_{t+1}],
+        p(x_t | z_t) = softmax(emission_logits[z_t])[x_t].
+
+    The posterior p(z | x) is a linear-chain CRF with
+    unary[b, t, z] = log p(x_t | z) (+ log p(z_0 = z) at t = 0) and binary = log p(z' | z), and
+    its log-partition is the evidence: A(θ) = log Σ_z p(x, z) = log p(x). So ``log_partition``
+    is log p(x) per sequence, and ``marginals``, ``argmax``, ``entropy``, ``log_prob`` and
+    ``sample`` are those of the hidden states given x (:attr:`posterior`). ``sample_joint``
+    draws (x, z) from the generative model.
+
+    Args:
+        init_logits: ``[Z]`` or ``[B, Z]``.
+        transition_logits: ``[Z, Z]`` or ``[B, Z, Z]``, laid out ``[from, to]``.
+        emission_logits: ``[Z, V]`` or ``[B, Z, V]``.
+        observations: LongTensor ``[B, T]`` with values in ``[0, V)`` within each length
+            (padding may hold anything, e.g. -100).
+        lengths: LongTensor ``[B]`` with ``1 <= lengths[b] <= T``; ``None`` means all ``T``.
+        validate_args: Check the arguments (torch's default when ``None``, i.e. on).
+    """
+
+    def __init__(
+        self,
+        init_logits: Tensor,
+        transition_logits: Tensor,
+        emission_logits: Tensor,
+        observations: Tensor,
+        lengths: Tensor | None = None,
+        validate_args: bool | None = None,
+    ) -> None:
+        validate = _resolve_validate(validate_args)
+        if validate:
+            check_float_tensor("init_logits", init_logits)
+            check_float_tensor("transition_logits", transition_logits)
+            check_float_tensor("emission_logits", emission_logits)
+            check_same_dtype_device(
+                "init_logits",
+                init_logits,
+                transition_logits=transition_logits,
+                emission_logits=emission_logits,
+            )
+            if not isinstance(observations, Tensor) or observations.dim() != 2:
+                shape = tuple(observations.shape) if isinstance(observations, Tensor) else None
+                raise ValueError(
+                    f"observations must be a LongTensor of shape [B, T]; got "
+                    f"{type(observations).__name__} of shape {shape}."
+                )
+        B, T = observations.shape
+        Z, V = emission_logits.shape[-2:]
+        device = init_logits.device
+        if validate:
+            if T < 1 or Z < 1 or V < 1:
+                raise ValueError(f"need T, Z, V >= 1; got T={T}, Z={Z}, V={V}.")
+            _check_parameter("init_logits", init_logits, (Z,), B)
+            _check_parameter("transition_logits", transition_logits, (Z, Z), B)
+            _check_parameter("emission_logits", emission_logits, (Z, V), B)
+        if lengths is None:
+            lengths = torch.full((B,), T, dtype=torch.long, device=device)
+        elif validate:
+            check_lengths(lengths, B, T, device)
+        mask = lengths_to_mask(lengths, T)  # shape: (B, T)
+        if validate:
+            check_index_tensor("observations", observations, (B, T), V, device, mask)
+        self.init_logits = init_logits
+        self.transition_logits = transition_logits
+        self.emission_logits = emission_logits
+        self.observations = observations
+        self.lengths = lengths.long()
+        self.num_observations = V
+
+        log_init = torch.log_softmax(init_logits, -1)  # shape: ([B,] Z)
+        log_transition = torch.log_softmax(transition_logits, -1)  # shape: ([B,] Z, Z)
+        log_emission = torch.log_softmax(emission_logits, -1)  # shape: ([B,] Z, V)
+        # unary[b, t, z] = log p(x_t | z): gather along V from the [B, V, Z] transpose.
+        emission_t = log_emission.reshape(-1, Z, V).transpose(-1, -2).expand(B, V, Z)
+        safe_obs = torch.where(mask, observations, torch.zeros_like(observations))
+        unary = emission_t.gather(1, safe_obs.unsqueeze(-1).expand(B, T, Z))  # (B, T, Z)
+        first = unary[:, :1] + log_init.reshape(-1, 1, Z)
+        unary = torch.cat([first, unary[:, 1:]], dim=1)
+        binary = log_transition.reshape(-1, 1, Z, Z)  # broadcast over time and batch
+        self.posterior = LinearChainCRF(unary, binary, self.lengths, validate_args=False)
+        super().__init__(torch.Size((B,)), torch.Size((T,)), validate_args=False)
+        self._validate_args = validate
+
+    @property
+    def arg_constraints(self) -> dict[str, Any]:
+        return {
+            "init_logits": constraints.independent(LOG_POTENTIAL, 1),
+            "transition_logits": constraints.independent(LOG_POTENTIAL, 2),
+            "emission_logits": constraints.independent(LOG_POTENTIAL, 2),
+        }
+
+    @property
+    def num_states(self) -> int:
+        """The number Z of hidden states."""
+        return self.emission_logits.shape[-2]
+
+    @property
+    def support(self) -> Any:
+        return constraints.independent(constraints.integer_interval(0, self.num_states - 1), 1)
+
+    def expand(self, batch_shape: Any, _instance: Any = None) -> HMM:
+        raise NotImplementedError("HMM.expand is not supported; build the batch explicitly.")
+
+    # ---- exponential-family hooks: those of the posterior ----------------------------------
+
+    @property
+    def _natural_params(self) -> tuple[Tensor, ...]:
+        return self.posterior._natural_params
+
+    def _log_normalizer(self, *natural_params: Tensor) -> Tensor:
+        return self.posterior._log_normalizer(*natural_params)
+
+    @property
+    def _mean_params(self) -> tuple[Tensor, ...]:
+        return tuple(self.marginals)
+
+    @property
+    def marginals(self) -> ChainMarginals:
+        """Posterior marginals of the hidden states: ``ChainMarginals([B,T,Z], [B,T-1,Z,Z])``."""
+        mu = self.posterior.marginals
+        if self._validate_args:
+            self._check_feasible(torch.log(mu.unary[:, 0].detach().sum(-1)))
+        return mu
+
+    @property
+    def argmax(self) -> Tensor:
+        """The most probable hidden states given x (Viterbi), ``[B, T]``, 0 beyond lengths."""
+        with torch.no_grad():
+            tags = self.posterior.argmax
+        if self._validate_args:
+            self._check_feasible(self.posterior.score(tags).detach())
+        return tags
+
+    def score(self, value: Tensor) -> Tensor:
+        """Compute log p(x, z) for hidden states z (``[*S, B, T]``) -> ``[*S, B]``."""
+        if self._validate_args:
+            self.posterior._check_tags(value)
+        return self.posterior.score(value)
+
+    def sufficient_statistics(self, value: Tensor) -> ChainMarginals:
+        """Compute φ(z) (indicators of states and state pairs), as for the posterior CRF."""
+        if self._validate_args:
+            self.posterior._check_tags(value)
+        return self.posterior.sufficient_statistics(value)
+
+    def sample(
+        self, sample_shape: Sequence[int] = (), generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Draw hidden states from p(z | x), LongTensor ``[*S, B, T]`` (0 beyond lengths)."""
+        if self._validate_args:
+            _ = self.log_partition  # raises if some sequence has probability zero
+        return self.posterior.sample(sample_shape, generator=generator)
+
+    def sample_joint(
+        self, sample_shape: Sequence[int] = (), generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Draw (x, z) from the generative model with this HMM's parameters and lengths.
+
+        The observations given to the constructor are not used (pass any LongTensor ``[B, T]``,
+        e.g. zeros, to set the shape). Ancestral sampling: z_0, then z_t | z_{t-1} and
+        x_t | z_t.
+
+        Args:
+            sample_shape: Leading shape S.
+            generator: Optional ``torch.Generator`` for reproducible draws.
+
+        Returns:
+            ``(observations, states)``, both LongTensor ``[*S, B, T]`` with 0 beyond lengths.
+        """
+        shape = torch.Size(sample_shape)
+        B, T = self.observations.shape
+        Z, V = self.num_states, self.num_observations
+        n = max(shape.numel(), 1)
+        with torch.no_grad():
+            # Parameters as [B, ...] so every draw indexes its own sequence's rows.
+            init = torch.softmax(self.init_logits, -1).reshape(-1, Z).expand(B, Z)
+            trans = torch.softmax(self.transition_logits, -1).reshape(-1, Z, Z).expand(B, Z, Z)
+            emit = torch.softmax(self.emission_logits, -1).reshape(-1, Z, V).expand(B, Z, V)
+            rows = torch.arange(B, device=init.device).repeat(n)  # shape: (n * B,)
+
+            def draw(probs: Tensor) -> Tensor:
+                return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+            states = [draw(init[rows])]
+            for _ in range(1, T):
+                states.append(draw(trans[rows, states[-1]]))
+            z = torch.stack(states, -1)  # shape: (n * B, T)
+            x = torch.stack([draw(emit[rows, z[:, t]]) for t in range(T)], -1)
+            mask = lengths_to_mask(self.lengths, T).repeat(n, 1)
+            z = torch.where(mask, z, torch.zeros_like(z))
+            x = torch.where(mask, x, torch.zeros_like(x))
+        return x.reshape((*shape, B, T)), z.reshape((*shape, B, T))
+
+    def _support_key(self) -> tuple[Any, ...]:
+        return self.posterior._support_key()
+
+    def _same_support(self, other: ExpFamily) -> bool:
+        return self.posterior._same_support(other)
