@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Pinned: a looser torch request pulls a multi-GB CUDA build.
 TORCH  := torch==2.13.0
+export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: run demo test test-all lint typecheck docs bench clean
 
