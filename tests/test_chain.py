@@ -1,0 +1,444 @@
+"""Tests for structift.chain against brute-force enumeration in float64.
+
+The enumerator below lists all Z^L tag sequences of each sequence (tiny shapes only) and is the
+trusted reference for log Z, marginals, the Viterbi max and sampling probabilities.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from structift import chain
+
+INF = float("inf")
+F64 = torch.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# Brute force
+# ---------------------------------------------------------------------------------------------
+
+
+def enumerate_paths(
+    unary: torch.Tensor, binary: torch.Tensor, length: int
+) -> tuple[list[tuple[int, ...]], torch.Tensor]:
+    """Return every tag sequence of ``length`` and its score (one sequence, float64)."""
+    Z = unary.shape[-1]
+    paths = list(itertools.product(range(Z), repeat=length))
+    scores = []
+    for z in paths:
+        s = sum(unary[t, z[t]] for t in range(length))
+        s = s + sum(binary[t, z[t], z[t + 1]] for t in range(length - 1))
+        scores.append(s)
+    return paths, torch.stack(scores)
+
+
+def brute_force(unary: torch.Tensor, binary: torch.Tensor, lengths: torch.Tensor) -> dict:
+    """Log Z, marginals, max score and all-path probabilities by enumeration."""
+    B, T, Z = unary.shape
+    binary = binary.expand(B, T - 1, Z, Z)
+    log_z, mu_u, mu_b, best, probs = [], [], [], [], []
+    for b in range(B):
+        L = int(lengths[b])
+        paths, scores = enumerate_paths(unary[b], binary[b], L)
+        lz = torch.logsumexp(scores, 0)
+        p = torch.exp(scores - lz) if torch.isfinite(lz) else torch.zeros_like(scores)
+        mu = torch.zeros(T, Z, dtype=F64)
+        mb = torch.zeros(max(T - 1, 0), Z, Z, dtype=F64)
+        for z, pz in zip(paths, p):
+            for t in range(L):
+                mu[t, z[t]] += pz
+            for t in range(L - 1):
+                mb[t, z[t], z[t + 1]] += pz
+        log_z.append(lz)
+        mu_u.append(mu)
+        mu_b.append(mb)
+        best.append(scores.max())
+        probs.append(dict(zip(paths, p.tolist())))
+    return {
+        "log_z": torch.stack(log_z),
+        "mu_unary": torch.stack(mu_u),
+        "mu_binary": torch.stack(mu_b),
+        "max": torch.stack(best),
+        "probs": probs,
+    }
+
+
+def random_chain(
+    B: int,
+    T: int,
+    Z: int,
+    *,
+    seed: int,
+    masked: float = 0.0,
+    lengths: list[int] | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = F64,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random potentials with a fraction ``masked`` of entries set to -inf."""
+    g = torch.Generator().manual_seed(seed)
+    unary = scale * torch.randn(B, T, Z, generator=g, dtype=F64)
+    binary = scale * torch.randn(B, T - 1, Z, Z, generator=g, dtype=F64)
+    if masked:
+        unary[torch.rand(unary.shape, generator=g) < masked] = -INF
+        binary[torch.rand(binary.shape, generator=g) < masked] = -INF
+    if lengths is None:
+        lens = torch.randint(1, T + 1, (B,), generator=g)
+        lens[0] = T
+    else:
+        lens = torch.tensor(lengths)
+    return unary.to(device, dtype), binary.to(device, dtype), lens.to(device)
+
+
+CASES = [
+    # (B, T, Z, masked, seed)
+    (3, 4, 3, 0.0, 0),
+    (4, 5, 2, 0.0, 1),
+    (3, 3, 4, 0.3, 2),
+    (5, 4, 3, 0.4, 3),
+    (2, 1, 5, 0.2, 4),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# log_partition and marginals
+# ---------------------------------------------------------------------------------------------
+
+
+class TestLogPartition:
+    @pytest.mark.parametrize("case", CASES)
+    def test_matches_brute_force(self, case: tuple, device: torch.device) -> None:
+        B, T, Z, masked, seed = case
+        unary, binary, lengths = random_chain(B, T, Z, seed=seed, masked=masked, device=device)
+        ref = brute_force(unary.cpu(), binary.cpu(), lengths.cpu())
+        out = chain.log_partition(unary, binary, lengths)
+        torch.testing.assert_close(out.cpu(), ref["log_z"])
+
+    @pytest.mark.parametrize("case", CASES)
+    def test_gradient_is_brute_force_marginals(self, case: tuple, device: torch.device) -> None:
+        B, T, Z, masked, seed = case
+        unary, binary, lengths = random_chain(B, T, Z, seed=seed, masked=masked, device=device)
+        ref = brute_force(unary.cpu(), binary.cpu(), lengths.cpu())
+        unary.requires_grad_(True)
+        binary.requires_grad_(True)
+        gu, gb = torch.autograd.grad(
+            chain.log_partition(unary, binary, lengths).sum(), (unary, binary)
+        )
+        torch.testing.assert_close(gu.cpu(), ref["mu_unary"])
+        torch.testing.assert_close(gb.cpu(), ref["mu_binary"])
+
+    def test_broadcast_binary_gradient_is_summed(self) -> None:
+        unary, _, lengths = random_chain(3, 4, 3, seed=5)
+        shared = torch.randn(3, 3, dtype=F64, requires_grad=True)
+        out = chain.log_partition(unary, shared, lengths)
+        ref = brute_force(unary, shared.detach(), lengths)
+        torch.testing.assert_close(out.detach(), ref["log_z"])
+        (g,) = torch.autograd.grad(out.sum(), shared)
+        torch.testing.assert_close(g, ref["mu_binary"].sum((0, 1)))
+
+    def test_gradcheck(self) -> None:
+        unary, binary, lengths = random_chain(3, 4, 3, seed=6, masked=0.2)
+        unary.requires_grad_(True)
+        binary.requires_grad_(True)
+        assert torch.autograd.gradcheck(
+            lambda u, b: chain.log_partition(u, b, lengths), (unary, binary)
+        )
+
+    @pytest.mark.parametrize("masked", [0.0, 0.25])
+    def test_gradgradcheck(self, masked: float) -> None:
+        """Hessian-vector products of A (double backward through the custom Function)."""
+        unary, binary, lengths = random_chain(3, 4, 3, seed=7, masked=masked, lengths=[4, 2, 1])
+        unary.requires_grad_(True)
+        binary.requires_grad_(True)
+        assert torch.autograd.gradgradcheck(
+            lambda u, b: chain.log_partition(u, b, lengths), (unary, binary)
+        )
+
+    def test_hessian_vector_product_matches_finite_differences(self) -> None:
+        unary, binary, lengths = random_chain(2, 5, 3, seed=8, masked=0.2)
+        vu = torch.randn_like(unary).masked_fill(torch.isinf(unary), 0.0)
+        vb = torch.randn_like(binary).masked_fill(torch.isinf(binary), 0.0)
+        u = unary.clone().requires_grad_(True)
+        b = binary.clone().requires_grad_(True)
+        gu, gb = torch.autograd.grad(
+            chain.log_partition(u, b, lengths).sum(), (u, b), create_graph=True
+        )
+        hu, hb = torch.autograd.grad((gu * vu).sum() + (gb * vb).sum(), (u, b))
+        eps = 1e-5
+        plus = chain.marginals(unary + eps * vu, binary + eps * vb, lengths)
+        minus = chain.marginals(unary - eps * vu, binary - eps * vb, lengths)
+        torch.testing.assert_close(hu, (plus[0] - minus[0]) / (2 * eps), atol=1e-7, rtol=1e-6)
+        torch.testing.assert_close(hb, (plus[1] - minus[1]) / (2 * eps), atol=1e-7, rtol=1e-6)
+
+
+class TestMarginals:
+    @pytest.mark.parametrize("case", CASES)
+    def test_match_brute_force(self, case: tuple, device: torch.device) -> None:
+        B, T, Z, masked, seed = case
+        unary, binary, lengths = random_chain(B, T, Z, seed=seed, masked=masked, device=device)
+        ref = brute_force(unary.cpu(), binary.cpu(), lengths.cpu())
+        mu_u, mu_b = chain.marginals(unary, binary, lengths)
+        assert mu_u.shape == unary.shape and mu_b.shape == binary.shape
+        torch.testing.assert_close(mu_u.cpu(), ref["mu_unary"])
+        torch.testing.assert_close(mu_b.cpu(), ref["mu_binary"])
+
+    def test_detached_without_create_graph(self) -> None:
+        unary, binary, lengths = random_chain(2, 3, 3, seed=9)
+        unary.requires_grad_(True)
+        mu_u, mu_b = chain.marginals(unary, binary, lengths)
+        assert not mu_u.requires_grad and not mu_b.requires_grad
+
+    def test_create_graph_gives_hessian(self) -> None:
+        """d<mu(theta), v>/dtheta equals the double backward of log_partition."""
+        unary, binary, lengths = random_chain(3, 4, 3, seed=10, masked=0.2)
+        vu, vb = torch.randn_like(unary), torch.randn_like(binary)
+        u = unary.clone().requires_grad_(True)
+        b = binary.clone().requires_grad_(True)
+        mu_u, mu_b = chain.marginals(u, b, lengths, create_graph=True)
+        assert mu_u.requires_grad and mu_b.requires_grad
+        hu, hb = torch.autograd.grad((mu_u * vu).sum() + (mu_b * vb).sum(), (u, b))
+        gu, gb = torch.autograd.grad(
+            chain.log_partition(u, b, lengths).sum(), (u, b), create_graph=True
+        )
+        ku, kb = torch.autograd.grad((gu * vu).sum() + (gb * vb).sum(), (u, b))
+        torch.testing.assert_close(hu, ku)
+        torch.testing.assert_close(hb, kb)
+        assert torch.autograd.gradcheck(
+            lambda x, y: chain.marginals(x, y, lengths, create_graph=True), (u, b)
+        )
+
+    @given(
+        B=st.integers(1, 3),
+        T=st.integers(1, 5),
+        Z=st.integers(1, 4),
+        seed=st.integers(0, 2**16),
+        masked=st.sampled_from([0.0, 0.3]),
+    )
+    def test_sum_to_one_and_consistent(
+        self, B: int, T: int, Z: int, seed: int, masked: float
+    ) -> None:
+        """Per valid position the unary marginals sum to 1 and the binary ones project onto them."""
+        unary, binary, lengths = random_chain(B, T, Z, seed=seed, masked=masked, scale=3.0)
+        log_z = chain.log_partition(unary, binary, lengths)
+        mu_u, mu_b = chain.marginals(unary, binary, lengths)
+        mask = torch.arange(T)[None, :] < lengths[:, None]
+        alive = torch.isfinite(log_z)
+        expect = (mask & alive[:, None]).to(F64)
+        torch.testing.assert_close(mu_u.sum(-1), expect)
+        torch.testing.assert_close(mu_b.sum(-1), mu_u[:, :-1] * expect[:, 1:, None])
+        torch.testing.assert_close(mu_b.sum(-2), mu_u[:, 1:] * expect[:, 1:, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# -inf, padding and invariances
+# ---------------------------------------------------------------------------------------------
+
+
+class TestNaNSafety:
+    def test_no_finite_path_gives_neg_inf_and_zero_gradient(self, device: torch.device) -> None:
+        unary, binary, lengths = random_chain(3, 4, 3, seed=11, lengths=[4, 3, 2], device=device)
+        unary[0, 2] = -INF  # every state forbidden at t=2
+        binary[1, 0] = -INF  # every transition forbidden at t=0 (valid since L=3)
+        binary[2, 0, :, 1] = -INF
+        unary[2, 1, [0, 2]] = -INF  # only state 1 allowed at t=1, but nothing reaches it
+        u = unary.clone().requires_grad_(True)
+        b = binary.clone().requires_grad_(True)
+        log_z = chain.log_partition(u, b, lengths)
+        assert (log_z == -INF).all()
+        gu, gb = torch.autograd.grad(log_z.sum(), (u, b), create_graph=True)
+        assert (gu == 0).all() and (gb == 0).all()
+        hu, hb = torch.autograd.grad((gu.sum() + gb.sum()), (u, b), allow_unused=True)
+        for h in (hu, hb):
+            assert h is None or not torch.isnan(h).any()
+        mu_u, mu_b = chain.marginals(unary, binary, lengths)
+        assert (mu_u == 0).all() and (mu_b == 0).all()
+        mu_u, mu_b = chain.marginals(u, b, lengths, create_graph=True)
+        assert (mu_u == 0).all() and (mu_b == 0).all()
+
+    def test_mixed_batch_keeps_live_sequences_exact(self) -> None:
+        unary, binary, lengths = random_chain(3, 4, 3, seed=12, masked=0.3)
+        unary[1, 0] = -INF
+        ref = brute_force(unary, binary, lengths)
+        u = unary.clone().requires_grad_(True)
+        out = chain.log_partition(u, binary, lengths)
+        torch.testing.assert_close(out.detach(), ref["log_z"])
+        (g,) = torch.autograd.grad(out.sum(), u)
+        torch.testing.assert_close(g, ref["mu_unary"])
+
+    def test_padding_is_ignored_even_if_nan(self, device: torch.device) -> None:
+        unary, binary, lengths = random_chain(3, 5, 3, seed=13, lengths=[5, 2, 1], device=device)
+        dirty_u, dirty_b = unary.clone(), binary.clone()
+        dirty_u[1, 2:] = float("nan")
+        dirty_u[2, 1:] = INF
+        dirty_b[1, 1:] = float("nan")
+        dirty_b[2, :] = -INF
+        u = dirty_u.clone().requires_grad_(True)
+        b = dirty_b.clone().requires_grad_(True)
+        out = chain.log_partition(u, b, lengths)
+        torch.testing.assert_close(out.detach(), chain.log_partition(unary, binary, lengths))
+        gu, gb = torch.autograd.grad(out.sum(), (u, b))
+        mu_u, mu_b = chain.marginals(unary, binary, lengths)
+        torch.testing.assert_close(gu, mu_u)
+        torch.testing.assert_close(gb, mu_b)
+        assert (gu[1, 2:] == 0).all() and (gb[1, 1:] == 0).all() and (gb[2] == 0).all()
+        tags, best = chain.viterbi(dirty_u, dirty_b, lengths)
+        ref_tags, ref_best = chain.viterbi(unary, binary, lengths)
+        assert torch.equal(tags, ref_tags)
+        torch.testing.assert_close(best, ref_best)
+
+    @given(seed=st.integers(0, 2**16), shift=st.floats(-50.0, 50.0), t=st.integers(0, 3))
+    def test_shift_invariance(self, seed: int, shift: float, t: int) -> None:
+        """Adding c to every state at one valid position adds c to A and leaves mu unchanged."""
+        unary, binary, lengths = random_chain(3, 4, 3, seed=seed, masked=0.2, lengths=[4, 4, 4])
+        shifted = unary.clone()
+        shifted[:, t] += shift
+        base = chain.log_partition(unary, binary, lengths)
+        alive = torch.isfinite(base)
+        torch.testing.assert_close(
+            chain.log_partition(shifted, binary, lengths)[alive], base[alive] + shift
+        )
+        for a, c in zip(
+            chain.marginals(shifted, binary, lengths), chain.marginals(unary, binary, lengths)
+        ):
+            torch.testing.assert_close(a, c)
+
+    @given(seed=st.integers(0, 2**16))
+    def test_batch_equals_stacked_singles(self, seed: int) -> None:
+        unary, binary, lengths = random_chain(4, 4, 3, seed=seed, masked=0.2)
+        full = chain.marginals(unary, binary, lengths)
+        log_z = chain.log_partition(unary, binary, lengths)
+        for i in range(4):
+            one = chain.marginals(unary[i : i + 1], binary[i : i + 1], lengths[i : i + 1])
+            torch.testing.assert_close(one[0], full[0][i : i + 1])
+            torch.testing.assert_close(one[1], full[1][i : i + 1])
+            torch.testing.assert_close(
+                chain.log_partition(unary[i : i + 1], binary[i : i + 1], lengths[i : i + 1]),
+                log_z[i : i + 1],
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# viterbi and score
+# ---------------------------------------------------------------------------------------------
+
+
+class TestViterbi:
+    @pytest.mark.parametrize("case", CASES)
+    def test_score_is_brute_force_max(self, case: tuple, device: torch.device) -> None:
+        B, T, Z, masked, seed = case
+        unary, binary, lengths = random_chain(B, T, Z, seed=seed, masked=masked, device=device)
+        ref = brute_force(unary.cpu(), binary.cpu(), lengths.cpu())
+        tags, best = chain.viterbi(unary, binary, lengths)
+        assert tags.dtype == torch.long and tags.shape == (B, T)
+        torch.testing.assert_close(best.cpu(), ref["max"])
+        torch.testing.assert_close(chain.score(unary, binary, lengths, tags), best)
+        mask = torch.arange(T, device=device)[None, :] < lengths[:, None]
+        assert (tags[~mask] == 0).all()
+
+    def test_score_is_differentiable_indicator(self) -> None:
+        unary, binary, lengths = random_chain(2, 4, 3, seed=14)
+        u = unary.clone().requires_grad_(True)
+        tags, best = chain.viterbi(u, binary, lengths)
+        (g,) = torch.autograd.grad(best.sum(), u)
+        expect = torch.zeros_like(unary)
+        for b in range(2):
+            for t in range(int(lengths[b])):
+                expect[b, t, tags[b, t]] = 1.0
+        torch.testing.assert_close(g, expect)
+
+
+class TestScore:
+    def test_matches_enumeration(self, device: torch.device) -> None:
+        unary, binary, lengths = random_chain(3, 4, 3, seed=15, lengths=[4, 2, 1], device=device)
+        g = torch.Generator().manual_seed(0)
+        tags = torch.randint(0, 3, (3, 4), generator=g).to(device)
+        out = chain.score(unary, binary, lengths, tags)
+        for b in range(3):
+            L = int(lengths[b])
+            z = tuple(tags[b, :L].tolist())
+            paths, scores = enumerate_paths(unary[b].cpu(), binary[b].cpu(), L)
+            torch.testing.assert_close(out[b].cpu(), scores[paths.index(z)])
+
+    def test_ignores_out_of_range_padding_tags(self) -> None:
+        unary, binary, lengths = random_chain(2, 4, 3, seed=16, lengths=[2, 4])
+        tags = torch.tensor([[1, 2, -1, 99], [0, 1, 2, 0]])
+        clean = torch.tensor([[1, 2, 0, 0], [0, 1, 2, 0]])
+        torch.testing.assert_close(
+            chain.score(unary, binary, lengths, tags), chain.score(unary, binary, lengths, clean)
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+# ---------------------------------------------------------------------------------------------
+
+
+class TestSample:
+    def test_shape_padding_and_support(self, device: torch.device) -> None:
+        unary, binary, lengths = random_chain(
+            3, 4, 3, seed=17, masked=0.3, lengths=[4, 3, 1], device=device
+        )
+        unary[:, 0, 0] = 0.0  # keep at least one path alive per sequence
+        binary[..., 0, 0] = 0.0
+        unary[:, :, 0] = torch.where(torch.isinf(unary[:, :, 0]), 0.0, unary[:, :, 0])
+        z = chain.sample(unary, binary, lengths, (2, 5))
+        assert z.shape == (2, 5, 3, 4) and z.dtype == torch.long
+        mask = torch.arange(4, device=device)[None, :] < lengths[:, None]
+        assert (z[..., ~mask] == 0).all()
+        flat = z.reshape(-1, 3, 4)
+        scores = torch.stack([chain.score(unary, binary, lengths, s) for s in flat])
+        assert torch.isfinite(scores).all(), "a sample used a forbidden (-inf) potential"
+
+    def test_generator_makes_it_reproducible(self) -> None:
+        unary, binary, lengths = random_chain(2, 5, 4, seed=18)
+        a = chain.sample(unary, binary, lengths, (7,), generator=torch.Generator().manual_seed(3))
+        b = chain.sample(unary, binary, lengths, (7,), generator=torch.Generator().manual_seed(3))
+        assert torch.equal(a, b)
+
+    def test_sequence_frequencies_match_probabilities(self) -> None:
+        """Empirical frequencies of whole sequences match exp(score - A).
+
+        N = 40000 seeded draws; each of the (at most 27 per sequence, 55 in all) sequence counts
+        is compared with its binomial mean with tolerance 5 standard deviations (+1 count for
+        discreteness). Under the normal approximation a correct sampler fails one cell with
+        probability 5.7e-7, so the false-failure rate is below 55 * 5.7e-7 < 4e-5 (the run is
+        seeded, so in practice it either always passes or always fails).
+        """
+        unary, binary, lengths = random_chain(3, 3, 3, seed=19, masked=0.15, lengths=[3, 2, 3])
+        unary[:, :, 1] = unary[:, :, 1].nan_to_num(neginf=0.0)
+        binary[..., 1, 1] = 0.0
+        ref = brute_force(unary, binary, lengths)
+        n = 40000
+        z = chain.sample(unary, binary, lengths, (n,), generator=torch.Generator().manual_seed(0))
+        for b in range(3):
+            L = int(lengths[b])
+            counts: dict[tuple[int, ...], int] = {}
+            for row in z[:, b, :L].tolist():
+                counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+            for path, p in ref["probs"][b].items():
+                c = counts.pop(path, 0)
+                sd = math.sqrt(n * p * (1 - p))
+                assert abs(c - n * p) <= 5 * sd + 1, (b, path, c, n * p)
+            assert not counts, f"sampled paths outside the enumeration: {counts}"
+
+    def test_unary_frequencies_match_marginals(self) -> None:
+        """Per-position state frequencies match the exact marginals on a larger chain.
+
+        N = 20000 draws, B*T*Z = 2*6*4 = 48 cells, tolerance 5 binomial standard deviations (+1
+        count); false-failure rate below 48 * 5.7e-7 < 3e-5 under the normal approximation.
+        """
+        unary, binary, lengths = random_chain(2, 6, 4, seed=20, lengths=[6, 4])
+        n = 20000
+        z = chain.sample(unary, binary, lengths, (n,), generator=torch.Generator().manual_seed(1))
+        freq = torch.nn.functional.one_hot(z, 4).sum(0).to(F64)  # shape: (B, T, Z)
+        mu_u, _ = chain.marginals(unary, binary, lengths)
+        mask = (torch.arange(6)[None, :] < lengths[:, None])[..., None]
+        sd = torch.sqrt(n * mu_u * (1 - mu_u))
+        assert ((freq - n * mu_u).abs() <= 5 * sd + 1)[mask.expand_as(freq)].all()
