@@ -1,0 +1,178 @@
+"""Brute-force references: enumerate every structure on tiny shapes, in float64.
+
+Slow and obviously correct. Each builder returns an :class:`Enumeration` of one distribution
+(one batch element): every structure, its unnormalized log-probability (score) and its
+sufficient statistics, from which every exponential-family quantity follows by definition.
+The scores are differentiable functions of the parameters, so gradients of these references
+(e.g. of KL) are references too.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Enumeration",
+    "categorical",
+    "chain",
+    "hmm_joint",
+    "hmm_posterior",
+    "sequences",
+]
+
+
+@dataclass(frozen=True)
+class Enumeration:
+    """The full support of one distribution.
+
+    Attributes:
+        structures: LongTensor ``[N, *event]``, every outcome (padding positions hold 0).
+        scores: ``[N]`` unnormalized log-probabilities ⟨θ, φ(x)⟩ (``-inf`` allowed).
+        features: tuple of ``[N, *theta_i]`` sufficient statistics φ(x), aligned with θ.
+    """
+
+    structures: Tensor
+    scores: Tensor
+    features: tuple[Tensor, ...]
+
+    @property
+    def log_partition(self) -> Tensor:
+        return torch.logsumexp(self.scores, 0)
+
+    @property
+    def log_probs(self) -> Tensor:
+        return self.scores - self.log_partition
+
+    @property
+    def probs(self) -> Tensor:
+        return torch.softmax(self.scores, 0)
+
+    @property
+    def marginals(self) -> tuple[Tensor, ...]:
+        """E_p[φ(x)] = Σ_x p(x) φ(x)."""
+        p = self.probs
+        return tuple(torch.einsum("n,n...->...", p, f) for f in self.features)
+
+    @property
+    def entropy(self) -> Tensor:
+        """−Σ_x p(x) log p(x), with 0 log 0 = 0."""
+        p, logp = self.probs, self.log_probs
+        keep = p > 0
+        return -(p[keep] * logp[keep]).sum()
+
+    @property
+    def max_score(self) -> Tensor:
+        return self.scores.max()
+
+    def kl(self, other: Enumeration) -> Tensor:
+        """Σ_x p(x) (log p(x) − log q(x)); ``other`` must enumerate the same structures."""
+        assert torch.equal(self.structures, other.structures)
+        p = self.probs
+        keep = p > 0
+        return (p[keep] * (self.log_probs[keep] - other.log_probs[keep])).sum()
+
+
+def sequences(num_states: int, length: int, total: int) -> Tensor:
+    """All sequences in ``{0..Z-1}^length``, right-padded with 0 to ``total``: ``[Z^L, T]``."""
+    rows = list(itertools.product(range(num_states), repeat=length))
+    out = torch.zeros(len(rows), total, dtype=torch.long)
+    out[:, :length] = torch.tensor(rows, dtype=torch.long).reshape(len(rows), length)
+    return out
+
+
+def categorical(logits: Tensor) -> Enumeration:
+    """Enumerate a categorical distribution with ``logits`` ``[n]``."""
+    n = logits.shape[-1]
+    outcomes = torch.arange(n)
+    return Enumeration(outcomes, logits.clone(), (torch.eye(n, dtype=logits.dtype),))
+
+
+def _chain_features(seqs: Tensor, length: int, num_states: int, dtype: torch.dtype):
+    N, T = seqs.shape
+    unary = torch.zeros(N, T, num_states, dtype=dtype)
+    binary = torch.zeros(N, max(T - 1, 0), num_states, num_states, dtype=dtype)
+    for n in range(N):
+        for t in range(length):
+            unary[n, t, seqs[n, t]] = 1.0
+        for t in range(length - 1):
+            binary[n, t, seqs[n, t], seqs[n, t + 1]] = 1.0
+    return unary, binary
+
+
+def chain(unary: Tensor, binary: Tensor, length: int) -> Enumeration:
+    """Enumerate a linear-chain CRF (one batch element).
+
+    Args:
+        unary: ``[T, Z]``.
+        binary: ``[T-1, Z, Z]`` laid out ``[from, to]``.
+        length: L in ``[1, T]``; positions ``t >= L`` are padding.
+    """
+    T, Z = unary.shape
+    seqs = sequences(Z, length, T)
+    steps = torch.arange(length)
+    scores = unary[steps, seqs[:, :length]].sum(-1)
+    if length > 1:
+        pairs = torch.arange(length - 1)
+        scores = scores + binary[pairs, seqs[:, : length - 1], seqs[:, 1:length]].sum(-1)
+    return Enumeration(seqs, scores, _chain_features(seqs, length, Z, unary.dtype))
+
+
+def hmm_posterior(
+    init_logits: Tensor,
+    transition_logits: Tensor,
+    emission_logits: Tensor,
+    observations: Tensor,
+    length: int,
+) -> Enumeration:
+    """Enumerate p(z | x) of an HMM (one sequence) from the generative definition.
+
+    Scores are log p(x, z) = log[π(z_0) Π A(z_t, z_{t+1}) Π E(z_t, x_t)] computed from the
+    softmax-normalised probability tables, so the log-partition is log p(x).
+
+    Args:
+        init_logits: ``[Z]``; transition_logits ``[Z, Z]`` (from, to); emission_logits
+            ``[Z, V]``; observations LongTensor ``[T]``; length L.
+    """
+    pi = torch.softmax(init_logits, -1)
+    A = torch.softmax(transition_logits, -1)
+    E = torch.softmax(emission_logits, -1)
+    Z = pi.shape[0]
+    T = observations.shape[0]
+    seqs = sequences(Z, length, T)
+    scores = []
+    for z in seqs.tolist():
+        p = pi[z[0]] * E[z[0], observations[0]]
+        for t in range(1, length):
+            p = p * A[z[t - 1], z[t]] * E[z[t], observations[t]]
+        scores.append(torch.log(p))
+    return Enumeration(
+        seqs, torch.stack(scores), _chain_features(seqs, length, Z, init_logits.dtype)
+    )
+
+
+def hmm_joint(
+    init_logits: Tensor, transition_logits: Tensor, emission_logits: Tensor, T: int, length: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Enumerate the joint p(x, z) of an HMM over sequences of length L padded to T.
+
+    Returns:
+        ``(observations [N, T], states [N, T], probs [N])`` over all (x, z) pairs.
+    """
+    pi = torch.softmax(init_logits, -1)
+    A = torch.softmax(transition_logits, -1)
+    E = torch.softmax(emission_logits, -1)
+    Z, V = E.shape
+    xs, zs, ps = [], [], []
+    for z in sequences(Z, length, T).tolist():
+        for x in sequences(V, length, T).tolist():
+            p = pi[z[0]] * E[z[0], x[0]]
+            for t in range(1, length):
+                p = p * A[z[t - 1], z[t]] * E[z[t], x[t]]
+            xs.append(x)
+            zs.append(z)
+            ps.append(p)
+    return torch.tensor(xs), torch.tensor(zs), torch.stack(ps)
