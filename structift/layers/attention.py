@@ -1,0 +1,486 @@
+"""Attention layers: softmax, sparsemax and structured (linear-chain CRF) attention.
+
+Structured attention follows Kim, Denton, Hoang & Rush, "Structured Attention Networks"
+(arXiv:1702.00887), segmentation attention: every key t carries a binary selection variable
+z_t ∈ {0, 1}, and the selections form a linear-chain CRF
+
+    p(z | x, q) ∝ exp( Σ_t z_t s_t + Σ_t θ(z_t, z_{t+1}) ),
+
+whose unary potentials are the query–key scores s_t (the potential of z_t = 0 is 0) and whose
+pairwise potentials θ ∈ R^{2×2} (laid out [from, to]) are learned. The attention weight of key t
+is the marginal p(z_t = 1 | x, q): each weight lies in [0, 1], the weights need not sum to one,
+and a positive θ(1, 1) makes contiguous spans of keys light up together.
+
+Softmax (categorical) and sparsemax attention use the same interface (``kind=``): both are the
+special cases of regularized argmax over the simplex (entropy and squared-norm regularizer).
+
+Gradients of the structured weights flow either by autograd double-backward (the marginals are
+the gradient of the log-partition A(θ), computed with ``create_graph=True``, so their Jacobian is
+the Hessian ∇²A, the covariance of the sufficient statistics), or by the implicit function
+theorem on the variational problem μ*(θ) = argmax_{μ ∈ M} ⟨θ, μ⟩ + H(μ) (``gradient="ift"``),
+when :mod:`structift.variational` provides it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from structift import LinearChainCRF
+
+__all__ = [
+    "GRADIENTS",
+    "KINDS",
+    "Attention",
+    "StructuredAttention",
+    "attention_weights",
+    "structured_attention",
+]
+
+KINDS = ("softmax", "sparsemax", "structured")
+"""Names accepted by ``kind=``."""
+
+GRADIENTS = ("autograd", "ift")
+"""Names accepted by ``gradient=`` (structured attention only)."""
+
+
+class Attention(NamedTuple):
+    """Result of an attention layer.
+
+    Attributes:
+        context: Weighted sum of the values, shape ``[B, M, Dv]`` (``[B, Dv]`` for one query).
+        weights: Attention weights, shape ``[B, M, T]`` (``[B, T]`` for one query); exactly
+            zero on padded keys.
+    """
+
+    context: Tensor
+    weights: Tensor
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
+
+
+def _valid_mask(
+    scores: Tensor, lengths: Tensor | None, mask: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Return ``(lengths [*batch], valid [*batch, T])`` from ``lengths`` or a prefix ``mask``."""
+    batch, T = scores.shape[:-1], scores.shape[-1]
+    if lengths is not None and mask is not None:
+        raise ValueError("pass either lengths or mask, not both.")
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = valid key), got {mask.dtype}.")
+        if mask.shape != scores.shape or mask.device != scores.device:
+            raise ValueError(
+                f"mask must have the shape {tuple(scores.shape)} and device {scores.device} of "
+                f"the scores ([B, T] for one query per sequence), got {tuple(mask.shape)} on "
+                f"{mask.device}."
+            )
+        lengths = mask.sum(-1)
+        prefix = torch.arange(T, device=mask.device) < lengths.unsqueeze(-1)
+        if not torch.equal(prefix, mask):
+            raise ValueError(
+                "mask must mark a prefix of each sequence as valid (True…True False…False): "
+                "structured attention runs a chain over the valid keys. Pass lengths instead, "
+                "or give isolated keys a score of -inf."
+            )
+    if lengths is None:
+        lengths = torch.full(batch, T, dtype=torch.long, device=scores.device)
+    if not isinstance(lengths, Tensor) or lengths.dtype.is_floating_point or lengths.is_complex():
+        raise TypeError(
+            f"lengths must be an integer tensor, got {type(lengths).__name__} "
+            f"{getattr(lengths, 'dtype', '')}."
+        )
+    if lengths.device != scores.device:
+        raise ValueError(f"lengths is on {lengths.device}, scores on {scores.device}: move one.")
+    if lengths.shape != batch:
+        if lengths.dim() == 1 and len(batch) >= 1 and lengths.shape[0] == batch[0]:
+            # one length per sequence, shared by all of its queries
+            lengths = lengths.view(-1, *([1] * (len(batch) - 1))).expand(batch)
+        else:
+            raise ValueError(
+                f"lengths must have shape [B] = {tuple(batch[:1])} or {tuple(batch)}, "
+                f"got {tuple(lengths.shape)}."
+            )
+    lengths = lengths.long()
+    if lengths.numel() and (lengths.min() < 1 or lengths.max() > T):
+        raise ValueError(
+            f"lengths must lie in [1, T={T}], got values in "
+            f"[{int(lengths.min())}, {int(lengths.max())}]."
+        )
+    valid = torch.arange(T, device=scores.device) < lengths.unsqueeze(-1)
+    return lengths, valid
+
+
+def _check_scores(scores: Tensor, valid: Tensor, kind: str) -> None:
+    if not scores.is_floating_point():
+        raise TypeError(f"scores must be a floating-point tensor, got {scores.dtype}.")
+    if scores.dim() < 2 or scores.shape[-1] < 1:
+        raise ValueError(f"scores must have shape [B, T] or [B, M, T], got {tuple(scores.shape)}.")
+    bad = (torch.isnan(scores) | (scores == float("inf"))) & valid
+    if bad.any():
+        raise ValueError(
+            "scores contain NaN or +inf at valid (unpadded) keys; check the query and key "
+            "inputs (padded keys may hold anything)."
+        )
+    if kind != "structured":
+        finite = torch.isfinite(scores) & valid
+        if not finite.any(-1).all():
+            raise ValueError(
+                f"{kind} attention needs at least one finite score per row among the valid "
+                "keys; some row has only -inf scores."
+            )
+
+
+def _check_binary(binary: Tensor, scores: Tensor) -> Tensor:
+    """Return ``binary`` broadcast to ``[*batch, T-1, 2, 2]``."""
+    batch, T = scores.shape[:-1], scores.shape[-1]
+    if not isinstance(binary, Tensor):
+        raise TypeError(f"binary must be a tensor, got {type(binary).__name__}.")
+    if binary.dtype != scores.dtype or binary.device != scores.device:
+        raise TypeError(
+            f"binary is {binary.dtype} on {binary.device} but scores are {scores.dtype} on "
+            f"{scores.device}: they must match."
+        )
+    target = (*batch, T - 1, 2, 2)
+    if binary.dim() < 2 or binary.shape[-2:] != (2, 2):
+        raise ValueError(
+            f"binary must end in (2, 2) (pairwise potentials [from, to] of the selection "
+            f"variables), got shape {tuple(binary.shape)}."
+        )
+    try:
+        binary = torch.broadcast_to(binary, target)
+    except RuntimeError:
+        raise ValueError(
+            f"binary of shape {tuple(binary.shape)} does not broadcast to {target} "
+            "([*batch, T-1, 2, 2]); for per-sequence potentials pass [B, 1, 2, 2]."
+        ) from None
+    if torch.isnan(binary).any() or (binary == float("inf")).any():
+        raise ValueError("binary contains NaN or +inf; pairwise potentials must be < +inf.")
+    return binary
+
+
+# --------------------------------------------------------------------------------------------
+# the three kinds of weights
+
+
+def _softmax_weights(scores: Tensor, valid: Tensor) -> Tensor:
+    return torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
+
+
+def _sparsemax_weights(scores: Tensor, valid: Tensor) -> Tensor:
+    from structift.layers.sparsemax import sparsemax
+
+    keep = valid & torch.isfinite(scores)
+    # Sparsemax gives zero weight to every entry at or below max - 1, so parking masked entries
+    # at (max - 2) zeroes them exactly, with zero gradient, without feeding -inf to the sort.
+    row_max = scores.masked_fill(~keep, float("-inf")).amax(-1, keepdim=True).detach()
+    return sparsemax(torch.where(keep, scores, row_max - 2.0), dim=-1)
+
+
+def _selection_crf(
+    scores: Tensor, binary: Tensor, lengths: Tensor, valid: Tensor
+) -> LinearChainCRF:
+    """Build the binary-selection LinearChainCRF over flattened batch dims."""
+    import structift as st
+
+    T = scores.shape[-1]
+    flat = scores.masked_fill(~valid, 0.0).reshape(-1, T)
+    # shape: (N, T, 2) — potential 0 for "not selected", the score for "selected"
+    unary = torch.stack([torch.zeros_like(flat), flat], dim=-1)
+    N = flat.shape[0]
+    return st.LinearChainCRF(unary, binary.reshape(N, T - 1, 2, 2), lengths.reshape(N))
+
+
+def _structured_weights(
+    scores: Tensor, binary: Tensor, lengths: Tensor, valid: Tensor, gradient: str
+) -> Tensor:
+    crf = _selection_crf(scores, binary, lengths, valid)
+    if gradient == "autograd":
+        mu = crf.marginals.unary
+    else:
+        mu = _ift_marginals(crf)
+    weights = mu[..., 1].reshape(scores.shape)
+    return weights.masked_fill(~valid, 0.0)
+
+
+def _ift_marginals(crf: LinearChainCRF) -> Tensor:
+    raise NotImplementedError(
+        'gradient="ift" needs structift.variational.regularized_argmax, which is not '
+        'available yet; use gradient="autograd".'
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+
+
+def attention_weights(
+    scores: Tensor,
+    lengths: Tensor | None = None,
+    *,
+    mask: Tensor | None = None,
+    kind: str = "structured",
+    binary: Tensor | None = None,
+    gradient: str = "autograd",
+    normalize: bool = False,
+) -> Tensor:
+    """Turn attention scores into weights: softmax, sparsemax or CRF selection marginals.
+
+    ``kind="softmax"`` solves max_{w ∈ Δ} ⟨w, s⟩ + H(w); ``kind="sparsemax"`` solves
+    min_{w ∈ Δ} ‖w − s‖² (Martins & Astudillo, arXiv:1602.02068); ``kind="structured"``
+    returns w_t = p(z_t = 1) under the binary-selection chain CRF with unary potentials
+    (0, s_t) and pairwise potentials ``binary`` (Kim et al., arXiv:1702.00887), i.e.
+    w = ∇_s A(s, binary) where A is the log-partition.
+
+    Args:
+        scores: Query–key scores, shape ``[B, T]`` or ``[B, M, T]`` (M queries per sequence).
+            Must not be NaN or +inf at valid keys; -inf switches a key off.
+        lengths: Number of valid keys per sequence, LongTensor ``[B]`` (or the batch shape of
+            ``scores``), values in ``[1, T]``. Keys beyond the length are padding and get
+            weight exactly 0. Defaults to all keys valid.
+        mask: Alternative to ``lengths``: BoolTensor ``[B, T]`` (or the batch shape of
+            ``scores`` plus T), True on a prefix of valid keys.
+        kind: ``"softmax"``, ``"sparsemax"`` or ``"structured"``.
+        binary: Pairwise potentials θ(z_t, z_{t+1}) of the selection chain, laid out
+            [from, to], broadcastable to ``[*batch, T-1, 2, 2]`` (e.g. ``[2, 2]`` shared, or
+            ``[B, 1, 2, 2]`` per sequence). Structured kind only; defaults to zeros (then the
+            weights are sigmoid(s_t), independent Bernoulli selections).
+        gradient: How the structured weights are differentiated: ``"autograd"`` (double
+            backward through the log-partition) or ``"ift"`` (implicit function theorem on
+            the variational problem; needs :mod:`structift.variational`).
+        normalize: Structured kind only: divide the marginals by their sum, so the weights
+            sum to one like the other kinds.
+
+    Returns:
+        Weights with the shape of ``scores``, zero on padded keys.
+
+    Raises:
+        ValueError: Bad shapes, lengths out of range, NaN/+inf scores, unknown kind/gradient.
+        TypeError: Non-float scores, non-integer lengths, dtype or device mismatch.
+        NotImplementedError: ``gradient="ift"`` while structift.variational lacks it.
+    """
+    _check_choice("kind", kind, KINDS)
+    _check_choice("gradient", gradient, GRADIENTS)
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"scores must be a tensor, got {type(scores).__name__}.")
+    if scores.dim() < 2:
+        raise ValueError(f"scores must have shape [B, T] or [B, M, T], got {tuple(scores.shape)}.")
+    lengths, valid = _valid_mask(scores, lengths, mask)
+    _check_scores(scores, valid, kind)
+    if kind != "structured":
+        if binary is not None or normalize or gradient != "autograd":
+            raise ValueError(
+                f"binary, normalize and gradient apply to kind='structured' only, "
+                f"not kind={kind!r}."
+            )
+        if kind == "softmax":
+            return _softmax_weights(scores, valid)
+        return _sparsemax_weights(scores, valid)
+    if binary is None:
+        binary = scores.new_zeros(2, 2)
+    binary = _check_binary(binary, scores)
+    weights = _structured_weights(scores, binary, lengths, valid, gradient)
+    if normalize:
+        total = weights.sum(-1, keepdim=True)
+        weights = weights / total.clamp_min(torch.finfo(weights.dtype).tiny)
+    return weights
+
+
+def _dot_scores(
+    query: Tensor, key: Tensor, value: Tensor | None, scale: float | None
+) -> tuple[Tensor, Tensor, bool]:
+    """Validate query/key/value and return ``(scores [B, M, T], value, single)``."""
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if x is not None and not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}.")
+    value = key if value is None else value
+    if key.dim() != 3:
+        raise ValueError(f"key must have shape [B, T, D], got {tuple(key.shape)}.")
+    B, T, D = key.shape
+    if query.dim() not in (2, 3) or query.shape[0] != B or query.shape[-1] != D:
+        raise ValueError(
+            f"query must have shape [B, D] or [B, M, D] with B={B}, D={D} (from key), "
+            f"got {tuple(query.shape)}."
+        )
+    if value.dim() != 3 or value.shape[:2] != (B, T):
+        raise ValueError(
+            f"value must have shape [B, T, Dv] with B={B}, T={T}, got {tuple(value.shape)}."
+        )
+    for name, x in (("query", query), ("value", value)):
+        if x.dtype != key.dtype or x.device != key.device:
+            raise TypeError(
+                f"{name} is {x.dtype} on {x.device} but key is {key.dtype} on {key.device}: "
+                "they must match."
+            )
+    single = query.dim() == 2
+    q = query.unsqueeze(1) if single else query  # shape: (B, M, D)
+    scores = torch.einsum("bmd,btd->bmt", q, key) * ((D**-0.5) if scale is None else scale)
+    return scores, value, single
+
+
+def _attend(
+    scores: Tensor,
+    value: Tensor,
+    single: bool,
+    lengths: Tensor | None,
+    mask: Tensor | None,
+    binary: Tensor | None,
+    kind: str,
+    gradient: str = "autograd",
+    normalize: bool = False,
+) -> Attention:
+    if single and binary is not None and binary.dim() >= 4:
+        binary = binary.unsqueeze(1)  # per-sequence [B, T-1, 2, 2] -> [B, 1, T-1, 2, 2]
+    if mask is not None and mask.dim() == 2:
+        mask = mask.unsqueeze(1).expand(scores.shape)
+    weights = attention_weights(
+        scores,
+        lengths,
+        mask=mask,
+        kind=kind,
+        binary=binary,
+        gradient=gradient,
+        normalize=normalize,
+    )
+    context = torch.einsum("bmt,btv->bmv", weights, value)
+    if single:
+        return Attention(context.squeeze(1), weights.squeeze(1))
+    return Attention(context, weights)
+
+
+def structured_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor | None = None,
+    lengths: Tensor | None = None,
+    *,
+    mask: Tensor | None = None,
+    kind: str = "structured",
+    binary: Tensor | None = None,
+    gradient: str = "autograd",
+    normalize: bool = False,
+    scale: float | None = None,
+) -> Attention:
+    """Attend from queries to keys with scaled dot-product scores and the chosen weights.
+
+    Scores are s_t = scale · ⟨q, k_t⟩ (``scale`` defaults to 1/√D); weights come from
+    :func:`attention_weights`; the context is Σ_t w_t v_t.
+
+    Args:
+        query: ``[B, D]`` (one query per sequence) or ``[B, M, D]``.
+        key: ``[B, T, D]``.
+        value: ``[B, T, Dv]``; defaults to ``key``.
+        lengths: LongTensor ``[B]`` of valid keys per sequence (see
+            :func:`attention_weights`).
+        mask: BoolTensor ``[B, T]`` prefix mask, instead of ``lengths``.
+        kind: ``"softmax"``, ``"sparsemax"`` or ``"structured"``.
+        binary: Pairwise potentials for ``kind="structured"``, broadcastable to
+            ``[B, M, T-1, 2, 2]`` (``[B, T-1, 2, 2]`` for one query).
+        gradient: ``"autograd"`` or ``"ift"`` (structured kind).
+        normalize: Normalize the structured weights to sum to one.
+        scale: Multiplier of the dot products; defaults to ``D ** -0.5``.
+
+    Returns:
+        :class:`Attention` ``(context [B, M, Dv], weights [B, M, T])`` (no M axis for a
+        ``[B, D]`` query).
+
+    Raises:
+        ValueError, TypeError, NotImplementedError: As :func:`attention_weights`, plus
+            mismatched query/key/value shapes, dtypes or devices.
+    """
+    scores, value, single = _dot_scores(query, key, value, scale)
+    return _attend(
+        scores,
+        value,
+        single,
+        lengths,
+        mask,
+        binary,
+        kind=kind,
+        gradient=gradient,
+        normalize=normalize,
+    )
+
+
+class StructuredAttention(nn.Module):
+    """Attention layer with softmax, sparsemax or learned structured (CRF) selection.
+
+    Scores are bilinear, s_t = ⟨W q, k_t⟩ / √D (W is the identity when ``query_dim`` is None).
+    For ``kind="structured"`` the layer learns the 2×2 pairwise potentials θ [from, to] and a
+    scalar bias b added to every score (softmax and sparsemax are shift invariant, the CRF is
+    not), both initialized at zero, so a fresh layer starts from independent sigmoid
+    selections (Kim et al., arXiv:1702.00887, segmentation attention).
+
+    Args:
+        key_dim: D, the key feature size.
+        query_dim: Query feature size; if given, a bias-free linear map to D is learned.
+        kind: ``"softmax"``, ``"sparsemax"`` or ``"structured"``.
+        gradient: ``"autograd"`` or ``"ift"`` for the structured kind.
+        normalize: Normalize the structured weights to sum to one.
+    """
+
+    def __init__(
+        self,
+        key_dim: int,
+        query_dim: int | None = None,
+        *,
+        kind: str = "structured",
+        gradient: str = "autograd",
+        normalize: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_choice("kind", kind, KINDS)
+        _check_choice("gradient", gradient, GRADIENTS)
+        if kind != "structured" and (gradient != "autograd" or normalize):
+            raise ValueError(
+                f"gradient and normalize apply to kind='structured' only, not {kind!r}."
+            )
+        self.key_dim = key_dim
+        self.kind, self.gradient, self.normalize = kind, gradient, normalize
+        self.query_proj = None if query_dim is None else nn.Linear(query_dim, key_dim, bias=False)
+        self.pairwise: nn.Parameter | None = None
+        self.bias: nn.Parameter | None = None
+        if kind == "structured":
+            self.pairwise = nn.Parameter(torch.zeros(2, 2))
+            self.bias = nn.Parameter(torch.zeros(()))
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor | None = None,
+        lengths: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Attention:
+        """Attend; shapes as in :func:`structured_attention` (query ``[B, query_dim]`` or
+        ``[B, M, query_dim]`` when ``query_dim`` was given)."""
+        if self.query_proj is not None:
+            query = self.query_proj(query)
+        scores, value, single = _dot_scores(query, key, value, None)
+        if self.kind != "structured":
+            return _attend(scores, value, single, lengths, mask, None, kind=self.kind)
+        assert self.pairwise is not None and self.bias is not None
+        return _attend(
+            scores + self.bias.to(scores.dtype),
+            value,
+            single,
+            lengths,
+            mask,
+            self.pairwise.to(scores.dtype),
+            kind="structured",
+            gradient=self.gradient,
+            normalize=self.normalize,
+        )
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, gradient={self.gradient!r}, normalize={self.normalize}"
