@@ -1,3 +1,36 @@
-"""structift.implicit."""
+"""Implicit differentiation: ``custom_root`` / ``custom_fixed_point`` and linear solvers.
 
-__all__: list[str] = []
+This subpackage imports nothing else from structift.
+"""
+
+from .errors import ConvergenceError, ConvergenceWarning, SingularSystemError
+from .krylov import CG, GMRES, MINRES
+from .operators import (
+    AbstractLinearOperator,
+    FunctionOperator,
+    JacobianOperator,
+    MatrixOperator,
+)
+from .root import custom_fixed_point, custom_root
+from .solvers import AbstractLinearSolver, Dense, Identity, LinearSolution, Neumann, Status
+
+__all__ = [
+    "CG",
+    "GMRES",
+    "MINRES",
+    "AbstractLinearOperator",
+    "AbstractLinearSolver",
+    "ConvergenceError",
+    "ConvergenceWarning",
+    "Dense",
+    "FunctionOperator",
+    "Identity",
+    "JacobianOperator",
+    "LinearSolution",
+    "MatrixOperator",
+    "Neumann",
+    "SingularSystemError",
+    "Status",
+    "custom_fixed_point",
+    "custom_root",
+]

@@ -1,0 +1,344 @@
+"""Linear solvers: objects with ``init(operator) -> state``, ``solve(state, rhs)``, ``transpose``.
+
+One ``init`` (a factorization, or nothing for Krylov methods) serves both the forward solve
+``A x = b`` and the transposed solve ``Aᵀ x = b`` that implicit differentiation needs.
+Every ``solve`` returns a :class:`LinearSolution` carrying the solution, the true residual
+norm ``‖b − A x‖`` per system, the iteration count and a :class:`Status`. Failure raises
+(:class:`~structift.implicit.ConvergenceError` or
+:class:`~structift.implicit.SingularSystemError`) with a message that says what to try;
+``on_failure="warn"`` turns non-convergence into a warning. A solver never returns zeros in
+place of a failed solve.
+
+Vectors are ``[B, N]``: B independent systems of size N (see
+:mod:`structift.implicit.operators`). The Krylov methods (CG, MINRES, GMRES) live in
+:mod:`structift.implicit.krylov`.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .errors import ConvergenceError, ConvergenceWarning, SingularSystemError
+from .operators import AbstractLinearOperator
+
+__all__ = [
+    "AbstractLinearSolver",
+    "Dense",
+    "Identity",
+    "LinearSolution",
+    "Neumann",
+    "Status",
+]
+
+OnFailure = Literal["raise", "warn"]
+
+
+class Status(str, enum.Enum):
+    """Outcome of a linear solve."""
+
+    SUCCESS = "success"
+    """Residual within tolerance for every system."""
+    MAX_ITERS = "max_iters"
+    """Iteration budget spent before the tolerance was met (seen with ``on_failure="warn"``)."""
+    APPROXIMATE = "approximate"
+    """An approximate solver (Neumann without ``rtol``, Identity) ran as configured."""
+
+
+class LinearSolution(NamedTuple):
+    """Result of :meth:`AbstractLinearSolver.solve`.
+
+    Attributes:
+        solution: ``[B, N]``.
+        residual_norm: ``[B]``, the true residual ``‖b − A x‖₂`` of each system.
+        iterations: iterations used (matrix-vector products for Krylov/Neumann, 0 for Dense).
+        status: a :class:`Status`.
+    """
+
+    solution: Tensor
+    residual_norm: Tensor
+    iterations: int
+    status: Status
+
+
+def default_rtol(dtype: torch.dtype) -> float:
+    """Return the default relative tolerance for ``dtype`` (1e-10 float64, 1e-5 float32)."""
+    return {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype, 1e-2)
+
+
+class AbstractLinearSolver(abc.ABC):
+    """Interface of every linear solver (lineax-style)."""
+
+    @abc.abstractmethod
+    def init(self, operator: AbstractLinearOperator) -> Any:
+        """Prepare to solve with ``operator`` (e.g. factorize it) and return a state."""
+
+    @abc.abstractmethod
+    def solve(self, state: Any, rhs: Tensor) -> LinearSolution:
+        """Solve ``A x = rhs`` for ``rhs`` [B, N] with the operator held in ``state``."""
+
+    @abc.abstractmethod
+    def transpose(self, state: Any) -> Any:
+        """Return a state that solves with ``Aᵀ``, reusing any factorization."""
+
+
+def _check_rhs(operator: AbstractLinearOperator, rhs: Tensor) -> None:
+    if rhs.shape != (operator.batch_size, operator.size):
+        raise ValueError(
+            f"rhs must have shape [B, N] = {[operator.batch_size, operator.size]}, "
+            f"got {list(rhs.shape)}"
+        )
+    if rhs.dtype != operator.dtype or rhs.device != operator.device:
+        raise TypeError(
+            f"rhs has dtype {rhs.dtype} on {rhs.device} but the operator works in "
+            f"{operator.dtype} on {operator.device}"
+        )
+    if not torch.isfinite(rhs).all():
+        raise ValueError("rhs contains NaN or inf; the linear solve would propagate it")
+
+
+def finalize(
+    name: str,
+    operator: AbstractLinearOperator,
+    rhs: Tensor,
+    x: Tensor,
+    iterations: int,
+    rtol: float | None,
+    atol: float,
+    on_failure: OnFailure,
+    hint: str,
+    approximate: bool = False,
+) -> LinearSolution:
+    """Measure the true residual, check it against the tolerance, and raise/warn on failure."""
+    if not torch.isfinite(x).all():
+        raise ConvergenceError(
+            f"{name} produced a non-finite solution after {iterations} iterations; the system "
+            f"is singular, badly conditioned or the iteration diverged. {hint}"
+        )
+    rnorm = torch.linalg.vector_norm(rhs - operator.mv(x), dim=-1)
+    if approximate:
+        return LinearSolution(x, rnorm, iterations, Status.APPROXIMATE)
+    rtol = default_rtol(x.dtype) if rtol is None else rtol
+    tol = torch.clamp(rtol * torch.linalg.vector_norm(rhs, dim=-1), min=atol)
+    bad = ~(rnorm <= tol)
+    if not bad.any():
+        return LinearSolution(x, rnorm, iterations, Status.SUCCESS)
+    worst = int(torch.argmax(torch.where(bad, rnorm / tol.clamp_min(1e-300), 0.0)))
+    msg = (
+        f"{name} did not converge in {iterations} iterations: residual "
+        f"{float(rnorm[worst]):.3g} > tolerance {float(tol[worst]):.3g} for "
+        f"{int(bad.sum())} of {bad.numel()} systems. {hint}"
+    )
+    if on_failure == "warn":
+        warnings.warn(msg, ConvergenceWarning, stacklevel=3)
+        return LinearSolution(x, rnorm, iterations, Status.MAX_ITERS)
+    raise ConvergenceError(msg)
+
+
+def _check_on_failure(on_failure: str) -> None:
+    if on_failure not in ("raise", "warn"):
+        raise ValueError(f"on_failure must be 'raise' or 'warn', got {on_failure!r}")
+
+
+@dataclass
+class _DenseState:
+    operator: AbstractLinearOperator
+    factor: Tensor
+    pivots: Tensor | None
+    adjoint: bool
+
+
+class Dense(AbstractLinearSolver):
+    """Direct solve on the materialized matrix: LU (general) or Cholesky (SPD).
+
+    The operator is materialized once in ``init`` (``[B, N, N]``, via vector-Jacobian
+    products for Jacobians); use it for small systems (N up to a few thousand).
+    A matrix whose LU pivots fall below ``rcond`` times the largest pivot is reported as
+    singular: ∂F/∂z must be invertible for the implicit function theorem to apply.
+
+    Args:
+        assume: ``"general"`` (LU with partial pivoting) or ``"spd"`` (Cholesky).
+        rcond: relative pivot threshold below which the matrix counts as singular;
+            default ``N · eps(dtype)``.
+    """
+
+    def __init__(
+        self, assume: Literal["general", "spd"] = "general", rcond: float | None = None
+    ) -> None:
+        if assume not in ("general", "spd"):
+            raise ValueError(f"assume must be 'general' or 'spd', got {assume!r}")
+        self.assume, self.rcond = assume, rcond
+
+    def init(self, operator: AbstractLinearOperator) -> _DenseState:
+        """Materialize and factorize the operator; raise if it is singular."""
+        A = operator.materialize()
+        eps = torch.finfo(A.dtype).eps
+        rcond = operator.size * eps if self.rcond is None else self.rcond
+        if not torch.isfinite(A).all():
+            raise ValueError("the operator's matrix contains NaN or inf")
+        if self.assume == "spd":
+            L, info = torch.linalg.cholesky_ex(A)
+            diag = torch.diagonal(L, dim1=-2, dim2=-1).abs() ** 2
+            if (info > 0).any() or (diag.amin(-1) <= rcond * diag.amax(-1)).any():
+                raise SingularSystemError(
+                    "Dense(assume='spd'): the matrix is singular or not positive definite "
+                    "(Cholesky failed); use Dense() (LU) or MINRES for indefinite systems"
+                )
+            return _DenseState(operator, L, None, False)
+        LU, pivots, info = torch.linalg.lu_factor_ex(A)
+        diag = torch.diagonal(LU, dim1=-2, dim2=-1).abs()
+        ratio = diag.amin(-1) / diag.amax(-1).clamp_min(torch.finfo(A.dtype).tiny)
+        if (info > 0).any() or (ratio <= rcond).any():
+            worst = float(ratio.min())
+            raise SingularSystemError(
+                f"Dense: the matrix is singular (smallest/largest LU pivot = {worst:.3g} <= "
+                f"rcond = {rcond:.3g}). For implicit differentiation this means ∂F/∂z is not "
+                "invertible at the solution, so dz/dθ is undefined there; check that the "
+                "root is isolated (e.g. restrict to the support / active set)"
+            )
+        return _DenseState(operator, LU, pivots, False)
+
+    def solve(self, state: _DenseState, rhs: Tensor) -> LinearSolution:
+        """Solve with the stored factorization and report the true residual."""
+        op = state.operator.transpose() if state.adjoint else state.operator
+        _check_rhs(op, rhs)
+        b = rhs.unsqueeze(-1)
+        if state.pivots is None:
+            x = torch.cholesky_solve(b, state.factor)
+        else:
+            x = torch.linalg.lu_solve(state.factor, state.pivots, b, adjoint=state.adjoint)
+        sol = x.squeeze(-1)
+        # A backward-stable factorization: only a non-finite result counts as failure.
+        if not torch.isfinite(sol).all():
+            raise SingularSystemError("Dense: the solve overflowed; the matrix is near singular")
+        rnorm = torch.linalg.vector_norm(rhs - op.mv(sol), dim=-1)
+        return LinearSolution(sol, rnorm, 0, Status.SUCCESS)
+
+    def transpose(self, state: _DenseState) -> _DenseState:
+        """Reuse the factorization for ``Aᵀ``."""
+        adjoint = state.pivots is not None and not state.adjoint
+        return _DenseState(state.operator, state.factor, state.pivots, adjoint)
+
+
+class Identity(AbstractLinearSolver):
+    """The Jacobian-free approximation ``A⁻¹ b ≈ b / scale``.
+
+    Replaces ∂F/∂z by ``scale · I``; for a fixed point ``z = T(z)`` written as
+    ``F = z − T(z)`` this is Jacobian-free backpropagation (Fung et al., arXiv:2103.12803).
+    It is an approximation by design: the status is ``APPROXIMATE`` and the true residual is
+    reported so callers can see how far off it is; it never raises for accuracy.
+
+    Args:
+        scale: the assumed value of A (a positive scalar).
+    """
+
+    def __init__(self, scale: float = 1.0) -> None:
+        if not scale > 0:
+            raise ValueError(f"scale must be positive, got {scale}")
+        self.scale = scale
+
+    def init(self, operator: AbstractLinearOperator) -> AbstractLinearOperator:
+        """Keep the operator (only used to report the residual)."""
+        return operator
+
+    def solve(self, state: AbstractLinearOperator, rhs: Tensor) -> LinearSolution:
+        """Return ``rhs / scale`` and its true residual."""
+        _check_rhs(state, rhs)
+        x = rhs / self.scale
+        return finalize("Identity", state, rhs, x, 0, None, 0.0, "raise", "", approximate=True)
+
+    def transpose(self, state: AbstractLinearOperator) -> AbstractLinearOperator:
+        """Return the transposed operator."""
+        return state.transpose()
+
+
+class Neumann(AbstractLinearSolver):
+    """Truncated Neumann series ``A⁻¹ b ≈ α Σ_{j<k} (I − αA)ʲ b``.
+
+    The series converges iff the spectral radius ρ(I − αA) < 1, i.e. every eigenvalue λ of A
+    satisfies |1 − αλ| < 1: for symmetric A that means A positive definite and
+    ``0 < alpha < 2 / λ_max(A)``; the error then shrinks like ρᵏ. It diverges for every
+    ``alpha`` on an indefinite matrix such as a KKT (saddle-point) system — reduce to the
+    null space of the constraints first (see docs/implicit/neumann.md). Used for
+    inverse-Hessian products in hyperparameter optimization (Lorraine et al.,
+    arXiv:1911.02590).
+
+    The residual after j terms is exactly ``(I − αA)ʲ b``, so it is tracked for free.
+
+    Args:
+        terms: k, the number of terms (matrix-vector products).
+        alpha: the step size α.
+        rtol: if given, stop early once ``‖r‖ <= max(rtol‖b‖, atol)`` and raise (or warn) if
+            k terms do not reach it. If None the truncation is the intended approximation
+            (status ``APPROXIMATE``), but a growing residual (ρ ≥ 1) still raises.
+        atol: absolute tolerance used with ``rtol``.
+        on_failure: ``"raise"`` or ``"warn"``.
+    """
+
+    def __init__(
+        self,
+        terms: int = 50,
+        alpha: float = 1.0,
+        rtol: float | None = None,
+        atol: float = 0.0,
+        on_failure: OnFailure = "raise",
+    ) -> None:
+        if terms < 1:
+            raise ValueError(f"terms must be >= 1, got {terms}")
+        if not alpha > 0:
+            raise ValueError(f"alpha must be positive, got {alpha}")
+        _check_on_failure(on_failure)
+        self.terms, self.alpha, self.rtol, self.atol = terms, alpha, rtol, atol
+        self.on_failure: OnFailure = on_failure
+
+    def init(self, operator: AbstractLinearOperator) -> AbstractLinearOperator:
+        """Keep the operator (Neumann needs only matrix-vector products)."""
+        return operator
+
+    def solve(self, state: AbstractLinearOperator, rhs: Tensor) -> LinearSolution:
+        """Sum the truncated series."""
+        _check_rhs(state, rhs)
+        bnorm = torch.linalg.vector_norm(rhs, dim=-1)
+        tol = None
+        if self.rtol is not None:
+            tol = torch.clamp(self.rtol * bnorm, min=self.atol)
+        x, r = torch.zeros_like(rhs), rhs
+        j = 0
+        while j < self.terms:
+            j += 1
+            x = x + self.alpha * r
+            r = r - self.alpha * state.mv(r)  # r_j = (I − αA)ʲ b = b − A x_j
+            if tol is not None and bool((torch.linalg.vector_norm(r, dim=-1) <= tol).all()):
+                break
+        rnorm = torch.linalg.vector_norm(r, dim=-1)
+        if not torch.isfinite(rnorm).all() or bool((rnorm > bnorm * (1 + 1e-6)).any()):
+            raise ConvergenceError(
+                f"Neumann series diverges: after {j} terms the residual "
+                f"{float(rnorm.max()):.3g} exceeds ‖b‖ = {float(bnorm.max()):.3g}, so the "
+                f"spectral radius of I − αA is >= 1 (alpha = {self.alpha}). Choose "
+                "0 < alpha < 2/λ_max(A); if A is indefinite (a KKT/saddle-point matrix) no "
+                "alpha works: use MINRES, or a Neumann series on the reduced (null-space) system"
+            )
+        hint = "Increase terms, or use CG/MINRES/GMRES which converge faster."
+        return finalize(
+            "Neumann",
+            state,
+            rhs,
+            x,
+            j,
+            self.rtol,
+            self.atol,
+            self.on_failure,
+            hint,
+            approximate=self.rtol is None,
+        )
+
+    def transpose(self, state: AbstractLinearOperator) -> AbstractLinearOperator:
+        """Return the transposed operator."""
+        return state.transpose()
