@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.distributions import constraints
 
+from structift import chain
 from structift._ops import lengths_to_mask
 from structift.families._validation import (
     LOG_POTENTIAL,
@@ -117,19 +118,30 @@ class HMM(ExpFamily):
         self.lengths = lengths.long()
         self.num_observations = V
 
-        log_init = torch.log_softmax(init_logits, -1)  # shape: ([B,] Z)
-        log_transition = torch.log_softmax(transition_logits, -1)  # shape: ([B,] Z, Z)
-        log_emission = torch.log_softmax(emission_logits, -1)  # shape: ([B,] Z, V)
+        super().__init__(torch.Size((B,)), torch.Size((T,)), validate_args=False)
+        self._validate_args = validate
+
+    @property
+    def posterior(self) -> LinearChainCRF:
+        """The posterior p(z | x) as a LinearChainCRF over the hidden states.
+
+        Built afresh on each access (an O(B·T·Z) gather) so that every use has its own autograd
+        graph back to the logits; reuse the returned object to avoid rebuilding.
+        """
+        B, T = self.observations.shape
+        Z, V = self.num_states, self.num_observations
+        log_init = torch.log_softmax(self.init_logits, -1)  # shape: ([B,] Z)
+        log_transition = torch.log_softmax(self.transition_logits, -1)  # shape: ([B,] Z, Z)
+        log_emission = torch.log_softmax(self.emission_logits, -1)  # shape: ([B,] Z, V)
         # unary[b, t, z] = log p(x_t | z): gather along V from the [B, V, Z] transpose.
         emission_t = log_emission.reshape(-1, Z, V).transpose(-1, -2).expand(B, V, Z)
-        safe_obs = torch.where(mask, observations, torch.zeros_like(observations))
+        mask = lengths_to_mask(self.lengths, T)
+        safe_obs = torch.where(mask, self.observations, torch.zeros_like(self.observations))
         unary = emission_t.gather(1, safe_obs.unsqueeze(-1).expand(B, T, Z))  # (B, T, Z)
         first = unary[:, :1] + log_init.reshape(-1, 1, Z)
         unary = torch.cat([first, unary[:, 1:]], dim=1)
         binary = log_transition.reshape(-1, 1, Z, Z)  # broadcast over time and batch
-        self.posterior = LinearChainCRF(unary, binary, self.lengths, validate_args=False)
-        super().__init__(torch.Size((B,)), torch.Size((T,)), validate_args=False)
-        self._validate_args = validate
+        return LinearChainCRF(unary, binary, self.lengths, validate_args=False)
 
     @property
     def arg_constraints(self) -> dict[str, Any]:
@@ -158,7 +170,8 @@ class HMM(ExpFamily):
         return self.posterior._natural_params
 
     def _log_normalizer(self, *natural_params: Tensor) -> Tensor:
-        return self.posterior._log_normalizer(*natural_params)
+        unary, binary = natural_params
+        return chain.log_partition(unary, binary, self.lengths)
 
     @property
     def _mean_params(self) -> tuple[Tensor, ...]:
@@ -176,22 +189,25 @@ class HMM(ExpFamily):
     def argmax(self) -> Tensor:
         """The most probable hidden states given x (Viterbi), ``[B, T]``, 0 beyond lengths."""
         with torch.no_grad():
-            tags = self.posterior.argmax
-        if self._validate_args:
-            self._check_feasible(self.posterior.score(tags).detach())
+            posterior = self.posterior
+            tags = posterior.argmax
+            if self._validate_args:
+                self._check_feasible(posterior.score(tags))
         return tags
 
     def score(self, value: Tensor) -> Tensor:
         """Compute log p(x, z) for hidden states z (``[*S, B, T]``) -> ``[*S, B]``."""
+        posterior = self.posterior
         if self._validate_args:
-            self.posterior._check_tags(value)
-        return self.posterior.score(value)
+            posterior._check_tags(value)
+        return posterior.score(value)
 
     def sufficient_statistics(self, value: Tensor) -> ChainMarginals:
         """Compute φ(z) (indicators of states and state pairs), as for the posterior CRF."""
+        posterior = self.posterior
         if self._validate_args:
-            self.posterior._check_tags(value)
-        return self.posterior.sufficient_statistics(value)
+            posterior._check_tags(value)
+        return posterior.sufficient_statistics(value)
 
     def sample(
         self, sample_shape: Sequence[int] = (), generator: torch.Generator | None = None
@@ -242,7 +258,10 @@ class HMM(ExpFamily):
         return x.reshape((*shape, B, T)), z.reshape((*shape, B, T))
 
     def _support_key(self) -> tuple[Any, ...]:
-        return self.posterior._support_key()
+        return ("chain", self.observations.shape[1], self.num_states)
 
     def _same_support(self, other: ExpFamily) -> bool:
-        return self.posterior._same_support(other)
+        if self._support_key() != other._support_key():
+            return False
+        lengths = other.lengths  # type: ignore[attr-defined]
+        return lengths.shape == self.lengths.shape and bool((lengths == self.lengths).all())
