@@ -6,10 +6,13 @@ from structift.layers.attention import (
     attention_weights,
     structured_attention,
 )
+from structift.layers.sparsemax import Sparsemax, sparsemax
 
 __all__: list[str] = [
     "Attention",
+    "Sparsemax",
     "StructuredAttention",
     "attention_weights",
+    "sparsemax",
     "structured_attention",
 ]
