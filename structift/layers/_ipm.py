@@ -1,0 +1,290 @@
+"""Batched primal-dual interior-point method for convex QPs (private kernel of `qp_solve`).
+
+Solves, for every batch element independently,
+
+    min_z ½ zᵀQz + qᵀz   s.t.   Gz + s = h,  s ≥ 0,   Az = b
+
+by Mehrotra's predictor-corrector method (Mehrotra 1992; the batched QP form follows Amos &
+Kolter 2017, arXiv:1703.00443). Every linear system met here, the Newton steps and the
+backward pass alike, has the form
+
+    [ Q   Gᵀ   Aᵀ ] [x]   [rz]
+    [ G   −W   0  ] [y] = [rl]        W = diag(s/λ) ≥ 0
+    [ A   0    0  ] [w]   [rn]
+
+and is solved through the Schur complement on the multipliers,
+
+    K = [G; A] Q⁻¹ [G; A]ᵀ + diag(W, 0)      (k × k, k = m + p).
+
+With Q positive definite, [G; A] Q⁻¹ [G; A]ᵀ is computed once per solve, so an iteration costs
+one k × k Cholesky factorization. This form stays well conditioned near the solution (W → 0
+on active constraints, W → ∞ on inactive ones only grows a diagonal), unlike the primal form
+Q + Gᵀ diag(λ/s) G whose entries blow up; that is what makes float32 usable.
+
+All tensors here are already validated, broadcast and flattened to one batch dimension B.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+# Fraction of the distance to the boundary of the positive orthant a step may cover: keeps the
+# iterates strictly interior so W = s/λ stays finite and positive.
+_STEP_FRACTION = 0.99
+# Stop an element after this many iterations in a row that fail to halve its best residual:
+# rounding (mostly in float32) has ended progress.
+_MAX_STALLS = 3
+
+
+class QPData(NamedTuple):
+    """A batch of QPs with the factorization of Q and the constraint Gram matrix.
+
+    Attributes:
+        Q: [B, n, n] symmetric positive definite.
+        q: [B, n].
+        GA: [B, k, n], G stacked over A (k = m + p).
+        QGAt: [B, n, n + k], [Q, [G; A]ᵀ] contiguous: one row-vector product gives Qz and
+            [G; A]z (row-vector products are faster than matrix-vector ones in torch).
+        h: [B, m].
+        b: [B, p].
+        Lq: [B, n, n], lower Cholesky factor of Q.
+        M: [B, n, k], Lq⁻¹ [G; A]ᵀ.
+        Mt: [B, k, n], its transpose, contiguous.
+        C: [B, k, k], [G; A] Q⁻¹ [G; A]ᵀ.
+    """
+
+    Q: Tensor
+    q: Tensor
+    GA: Tensor
+    QGAt: Tensor
+    h: Tensor
+    b: Tensor
+    Lq: Tensor
+    M: Tensor
+    Mt: Tensor
+    C: Tensor
+
+
+class IPMResult(NamedTuple):
+    """Final iterate, the Schur factor there, and per-example statistics."""
+
+    z: Tensor  # [B, n]
+    s: Tensor  # [B, m]
+    lam: Tensor  # [B, m]
+    nu: Tensor  # [B, p]
+    UK: Tensor  # [B, k, k], upper Cholesky factor of K at the returned iterate
+    iterations: Tensor  # LongTensor [B]
+    kkt_residual: (
+        Tensor  # [B], scaled max of primal, dual, complementarity residuals (best iterate)
+    )
+    converged: Tensor  # BoolTensor [B], the residual reached tol
+    infeasible: Tensor  # BoolTensor [B], a Farkas certificate of primal infeasibility was found
+    broke_down: Tensor  # BoolTensor [B], a factorization failed (e.g. dependent constraints)
+
+
+def rmv(x: Tensor, Mt: Tensor) -> Tensor:
+    """Return M x for x [B, c] given Mt = Mᵀ [B, c, r] (a row-vector product, fast in torch)."""
+    return (x.unsqueeze(-2) @ Mt).squeeze(-2)
+
+
+def prepare(Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, Lq: Tensor) -> QPData:
+    """Precompute [G; A] Q⁻¹ [G; A]ᵀ from the Cholesky factor Lq of Q.
+
+    Args:
+        Q: [B, n, n]; q: [B, n]; G: [B, m, n]; h: [B, m]; A: [B, p, n]; b: [B, p].
+        Lq: [B, n, n], lower Cholesky factor of Q.
+
+    Returns:
+        The batch with its factorization data.
+    """
+    GA = torch.cat([G, A], dim=-2)  # shape: (B, k, n)
+    QGAt = torch.cat([Q, GA.mT], dim=-1)  # shape: (B, n, n + k)
+    M = torch.linalg.solve_triangular(Lq, GA.mT, upper=False)  # shape: (B, n, k)
+    return QPData(Q, q, GA, QGAt, h, b, Lq, M, M.mT.contiguous(), M.mT @ M)
+
+
+def factor_schur(data: QPData, W: Tensor) -> tuple[Tensor, Tensor]:
+    """Factor K = C + diag(W, 0) as K = Uᵀ U.
+
+    Args:
+        data: the batch.
+        W: [B, m] nonnegative.
+
+    Returns:
+        The upper Cholesky factor U [B, k, k] and a BoolTensor [B] that is False where K is not
+        numerically positive definite (that element gets an identity factor so NaNs never reach
+        the rest of the batch).
+    """
+    k, m = data.C.shape[-1], W.shape[-1]
+    K = data.C.clone()
+    K.diagonal(dim1=-2, dim2=-1)[:, :m] += W
+    # The upper factor of a row-major matrix is LAPACK's native (column-major) lower one:
+    # no transposed copies, markedly faster on CPU.
+    UK, info = torch.linalg.cholesky_ex(K, upper=True)
+    ok = (info == 0) & UK.diagonal(dim1=-2, dim2=-1).isfinite().all(-1)
+    if not bool(ok.all()):
+        UK = torch.where(ok[:, None, None], UK, torch.eye(k, dtype=W.dtype, device=W.device))
+    return UK, ok
+
+
+def kkt_solve(
+    data: QPData, UK: Tensor, rz: Tensor, rl: Tensor, rn: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Solve Qx + Gᵀy + Aᵀw = rz, Gx − Wy = rl, Ax = rn with K = UKᵀ UK.
+
+    Args:
+        data: the batch.
+        UK: [B, k, k] from `factor_schur`.
+        rz: [B, n]; rl: [B, m]; rn: [B, p].
+
+    Returns:
+        x [B, n], y [B, m], w [B, p].
+    """
+    # x = Q⁻¹(rz − [G; A]ᵀ[y; w]) and K [y; w] = [G; A] Q⁻¹ rz − [rl; rn], Q⁻¹ = Lq⁻ᵀ Lq⁻¹.
+    u = torch.linalg.solve_triangular(data.Lq, rz.unsqueeze(-1), upper=False)  # shape: (B, n, 1)
+    rhs = (u.mT @ data.M).mT - torch.cat([rl, rn], dim=-1).unsqueeze(-1)
+    yw = torch.cholesky_solve(rhs, UK, upper=True)  # shape: (B, k, 1)
+    u = u - (yw.mT @ data.Mt).mT
+    x = torch.linalg.solve_triangular(data.Lq.mT, u, upper=True).squeeze(-1)
+    m = rl.shape[-1]
+    return x, yw[:, :m, 0], yw[:, m:, 0]
+
+
+def _max_step(v: Tensor, dv: Tensor) -> Tensor:
+    """Return the largest α ∈ (0, 1] with v + α dv ≥ 0 for every row of v [B, m] > 0."""
+    ratio = torch.where(dv < 0, v / (-dv).clamp(min=torch.finfo(v.dtype).tiny), 1.0)
+    return ratio.amin(dim=-1).clamp(max=1.0)
+
+
+def _newton(
+    data: QPData, UK: Tensor, s: Tensor, lam: Tensor, rd: Tensor, rp: Tensor, re: Tensor, rc: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Return the Newton step (dz, ds, dλ, dν) for the residuals rd, rp, re.
+
+    The complementarity row is λ∘ds + s∘dλ = −rc; ds is eliminated, which leaves the system of
+    `kkt_solve` with W = s/λ (already factored in UK).
+    """
+    dz, dlam, dnu = kkt_solve(data, UK, -rd, -rp + rc / lam, -re)
+    return dz, -(rc + s * dlam) / lam, dlam, dnu
+
+
+def _inf_norm(x: Tensor) -> Tensor:
+    """Return the max-abs over the last dimension (0 for an empty dimension)."""
+    if x.shape[-1] == 0:
+        return x.new_zeros(x.shape[:-1])
+    return x.abs().amax(dim=-1)
+
+
+def interior_point(data: QPData, tol: float, max_iter: int) -> IPMResult:
+    """Run Mehrotra's predictor-corrector method on a batch of convex QPs.
+
+    Args:
+        data: the batch from `prepare`; [G; A] must have linearly independent active rows.
+        tol: stop an element once its scaled KKT residual is at most ``tol``.
+        max_iter: iteration cap.
+
+    Returns:
+        For every element its best iterate (lowest residual), the Schur factor there, and
+        statistics. An element stops moving once it converges, is certified infeasible, or
+        rounding breaks its factorization; the others go on.
+    """
+    q, h, b = data.q, data.h, data.b
+    B, n, m = q.shape[0], q.shape[-1], h.shape[-1]
+    scale_q = 1.0 + _inf_norm(q)
+    scale_h = 1.0 + _inf_norm(h)
+    scale_b = 1.0 + _inf_norm(b)
+
+    # Start (as CVXOPT does): solve the KKT system with W = I, i.e. min ½zᵀQz + qᵀz + ½‖s‖²
+    # subject to Gz + s = h, Az = b, then shift the slacks and multipliers into the interior.
+    UK, ok = factor_schur(data, torch.ones_like(h))
+    z, _, nu = kkt_solve(data, UK, -q, h, b)
+    r = rmv(z, data.QGAt)[:, n : n + m] - h
+    s, lam = -r, r.clone()
+    if m > 0:
+        s = s + (1.0 - s.amin(-1, keepdim=True)).clamp(min=0.0)
+        lam = lam + (1.0 - lam.amin(-1, keepdim=True)).clamp(min=0.0)
+
+    broke_down = ~ok
+    active = ok.clone()
+    converged = torch.zeros_like(active)
+    infeasible = torch.zeros_like(active)
+    iterations = torch.zeros(B, dtype=torch.long, device=q.device)
+    best = (z, s, lam, nu)
+    best_kkt = q.new_full((B,), float("inf"))
+    stalls = torch.zeros_like(iterations)
+    for it in range(max_iter + 1):
+        prods = rmv(z, data.QGAt)  # Q is symmetric: zᵀQ = (Qz)ᵀ
+        Qz, GAz = prods[:, :n], prods[:, n:]
+        GAt_mult = rmv(torch.cat([lam, nu], dim=-1), data.GA)  # Gᵀλ + Aᵀν
+        rd = Qz + q + GAt_mult
+        rp = GAz[:, :m] + s - h
+        re = GAz[:, m:] - b
+        gap = (s * lam).sum(-1)
+        obj = 0.5 * (z * Qz).sum(-1) + (q * z).sum(-1)
+        res_p = torch.maximum(_inf_norm(rp) / scale_h, _inf_norm(re) / scale_b)
+        kkt = torch.stack([_inf_norm(rd) / scale_q, res_p, gap / (1.0 + obj.abs())], -1).amax(-1)
+        W = s / lam
+        UK, ok = factor_schur(data, W)
+        # Rounding may end progress (a broken factorization, a stall): keep the best usable
+        # iterate; its factor is the one the backward pass needs.
+        usable = active & ok & kkt.isfinite()
+        broke_down = broke_down | (active & ~usable)
+        better = usable & (kkt < best_kkt)
+        stalls = torch.where(usable & (kkt < 0.5 * best_kkt), 0, stalls + 1)
+        z_b, s_b, lam_b, nu_b = (
+            torch.where(better[:, None], new, old) for new, old in zip((z, s, lam, nu), best)
+        )
+        best = (z_b, s_b, lam_b, nu_b)
+        best_kkt = torch.where(better, kkt, best_kkt)
+        converged = converged | (usable & (kkt <= tol))
+        if m > 0:
+            # Farkas: λ ≥ 0, Gᵀλ + Aᵀν = 0, hᵀλ + bᵀν < 0 proves {Gz ≤ h, Az = b} is empty.
+            t = -((h * lam).sum(-1) + (b * nu).sum(-1))
+            cert = _inf_norm(GAt_mult)
+            infeasible = infeasible | (usable & (t > 0) & (cert <= tol * t) & (res_p > tol))
+        active = usable & ~converged & ~infeasible & (stalls < _MAX_STALLS)
+        if it == max_iter or not bool(active.any()):
+            break
+        iterations = iterations + active.long()
+
+        if m == 0:
+            # Equality-constrained QP: one Newton step is exact.
+            dz, _, dnu = kkt_solve(data, UK, -rd, rp, -re)
+            z = torch.where(active[:, None], z + dz, z)
+            nu = torch.where(active[:, None], nu + dnu, nu)
+            continue
+
+        mu = gap / m
+
+        # Predictor (affine scaling) step.
+        _, ds_a, dlam_a, _ = _newton(data, UK, s, lam, rd, rp, re, s * lam)
+        alpha_a = torch.minimum(_max_step(s, ds_a), _max_step(lam, dlam_a))[:, None]
+        mu_a = ((s + alpha_a * ds_a) * (lam + alpha_a * dlam_a)).sum(-1) / m
+        sigma = (mu_a / mu).clamp(0.0, 1.0).nan_to_num(1.0) ** 3
+        # Corrector: centering plus the second-order term ds_a∘dλ_a.
+        rc = s * lam + ds_a * dlam_a - (sigma * mu)[:, None]
+        dz, ds, dlam, dnu = _newton(data, UK, s, lam, rd, rp, re, rc)
+        alpha = torch.minimum(_max_step(s, ds), _max_step(lam, dlam))
+        alpha = (_STEP_FRACTION * alpha).clamp(max=1.0)
+        finite = torch.stack(
+            [t.isfinite().all(-1) for t in (dz, ds, dlam, dnu)] + [alpha.isfinite()], -1
+        ).all(-1)
+        broke_down = broke_down | (active & ~finite)
+        active = active & finite
+        alpha = torch.where(active, alpha, 0.0).nan_to_num(0.0)[:, None]
+        z = z + alpha * dz.nan_to_num(0.0)
+        s = s + alpha * ds.nan_to_num(0.0)
+        lam = lam + alpha * dlam.nan_to_num(0.0)
+        nu = nu + alpha * dnu.nan_to_num(0.0)
+
+    # UK was computed at every element's current iterate; refactor where the best one is older.
+    stale = (s != best[1]).any(-1) | (lam != best[2]).any(-1)
+    z, s, lam, nu = best
+    if bool(stale.any()):
+        UK_best, _ = factor_schur(data, s / lam)
+        UK = torch.where(stale[:, None, None], UK_best, UK)
+    broke_down = broke_down & ~converged
+    return IPMResult(z, s, lam, nu, UK, iterations, best_kkt, converged, infeasible, broke_down)

@@ -1,0 +1,439 @@
+"""Differentiable batched quadratic programs (OptNet, Amos & Kolter 2017, arXiv:1703.00443).
+
+`qp_solve` solves
+
+    z*(θ) = argmin_z ½ zᵀQz + qᵀz   s.t.   Gz ≤ h,  Az = b,      θ = (Q, q, G, h, A, b)
+
+for a batch of problems with a primal-dual interior-point method (`structift.layers._ipm`), and
+differentiates z* (and the multipliers λ*, ν*) through the KKT conditions
+
+    Qz + q + Gᵀλ + Aᵀν = 0,   diag(λ)(Gz − h) = 0,   Az − b = 0,   λ ≥ 0,
+
+by the implicit function theorem, reusing the forward's last factorization.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ._ipm import IPMResult, QPData, factor_schur, interior_point, kkt_solve, prepare
+
+__all__ = [
+    "InfeasibleQPError",
+    "QPConvergenceError",
+    "QPLayer",
+    "QPSolution",
+    "QPStatus",
+    "qp_solve",
+]
+
+# Default stopping tolerances on the scaled KKT residual (see `qp_solve`).
+_DEFAULT_TOL = {torch.float64: 1e-12, torch.float32: 1e-7}
+# An element whose progress stalls (rounding) before `tol` still counts as solved within this
+# factor of `tol`.
+_ACCEPT_FACTOR = 100.0
+
+
+class QPStatus(NamedTuple):
+    """Per-problem solver statistics, each of batch shape [*B].
+
+    Attributes:
+        converged: BoolTensor, the KKT residual reached the accepted tolerance.
+        infeasible: BoolTensor, a certificate proved {z : Gz ≤ h, Az = b} empty.
+        iterations: LongTensor, interior-point iterations taken.
+        kkt_residual: the scaled KKT residual max(‖r_dual‖∞/(1+‖q‖∞), ‖r_primal‖∞/(1+‖h‖∞,
+            1+‖b‖∞), sᵀλ/(1+|objective|)) at the returned point.
+    """
+
+    converged: Tensor
+    infeasible: Tensor
+    iterations: Tensor
+    kkt_residual: Tensor
+
+
+class QPSolution(NamedTuple):
+    """Primal-dual solution of a batch of QPs (returned by ``qp_solve(..., full=True)``).
+
+    Attributes:
+        z: [*B, n] primal solution.
+        lam: [*B, m] multipliers of Gz ≤ h (nonnegative).
+        nu: [*B, p] multipliers of Az = b.
+        status: the solver statistics.
+    """
+
+    z: Tensor
+    lam: Tensor
+    nu: Tensor
+    status: QPStatus
+
+
+class InfeasibleQPError(ValueError):
+    """No z satisfies Gz ≤ h and Az = b for some problem of the batch.
+
+    Attributes:
+        status: the `QPStatus` of the whole batch.
+    """
+
+    def __init__(self, message: str, status: QPStatus) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class QPConvergenceError(RuntimeError):
+    """The interior-point method stopped before reaching its tolerance.
+
+    Attributes:
+        status: the `QPStatus` of the whole batch.
+    """
+
+    def __init__(self, message: str, status: QPStatus) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _as_tensor_arg(name: str, x: Any) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"qp_solve: {name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def _validate(
+    Q: Any, q: Any, G: Any, h: Any, A: Any, b: Any
+) -> tuple[dict[str, Tensor], torch.Size, int, int, int]:
+    """Check types, dtypes, devices, shapes and finiteness; fill in absent constraints."""
+    Q, q = _as_tensor_arg("Q", Q), _as_tensor_arg("q", q)
+    if Q.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"qp_solve: Q must be float32 or float64, got {Q.dtype}")
+    if Q.dim() < 2 or Q.shape[-1] != Q.shape[-2]:
+        raise ValueError(f"qp_solve: Q must have shape [*B, n, n], got {tuple(Q.shape)}")
+    n = Q.shape[-1]
+    if n == 0:
+        raise ValueError("qp_solve: Q must have at least one variable (n ≥ 1), got n = 0")
+    for pair, (M, v) in {"G, h": (G, h), "A, b": (A, b)}.items():
+        if (M is None) != (v is None):
+            raise ValueError(f"qp_solve: give both of {pair} or neither")
+    args = {"Q": Q, "q": q}
+    for mname, vname, M, v in (("G", "h", G, h), ("A", "b", A, b)):
+        if M is None:
+            M, v = Q.new_zeros(0, n), Q.new_zeros(0)
+        args[mname], args[vname] = _as_tensor_arg(mname, M), _as_tensor_arg(vname, v)
+    for name, x in args.items():
+        if x.dtype != Q.dtype:
+            raise TypeError(
+                f"qp_solve: {name} has dtype {x.dtype} but Q has {Q.dtype}; use one dtype"
+            )
+        if x.device != Q.device:
+            raise ValueError(
+                f"qp_solve: {name} is on {x.device} but Q is on {Q.device}; move all to one device"
+            )
+    if q.dim() < 1 or q.shape[-1] != n:
+        raise ValueError(f"qp_solve: q must have shape [*B, n] with n = {n}, got {tuple(q.shape)}")
+    sizes = {}
+    for mname, vname, what in (("G", "h", "m"), ("A", "b", "p")):
+        M, v = args[mname], args[vname]
+        if M.dim() < 2 or M.shape[-1] != n:
+            raise ValueError(
+                f"qp_solve: {mname} must have shape [*B, {what}, n] with n = {n}, "
+                f"got {tuple(M.shape)}"
+            )
+        if v.dim() < 1 or v.shape[-1] != M.shape[-2]:
+            raise ValueError(
+                f"qp_solve: {vname} must have shape [*B, {what}] with {what} = {M.shape[-2]} "
+                f"(rows of {mname}), got {tuple(v.shape)}"
+            )
+        sizes[what] = M.shape[-2]
+    if sizes["p"] > n:
+        raise ValueError(
+            f"qp_solve: A has p = {sizes['p']} rows but only n = {n} variables; A must have full "
+            "row rank"
+        )
+    try:
+        batch = torch.broadcast_shapes(
+            *(x.shape[: x.dim() - (2 if name in "QGA" else 1)] for name, x in args.items())
+        )
+    except RuntimeError as e:
+        shapes = {name: tuple(x.shape) for name, x in args.items()}
+        raise ValueError(f"qp_solve: the batch dimensions do not broadcast: {shapes}") from e
+    for name, x in args.items():
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"qp_solve: {name} contains NaN or inf")
+    return args, batch, n, sizes["m"], sizes["p"]
+
+
+def _factor_Q(Q: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
+    """Symmetrize Q, add the ridge, and factor it; raise a clear error if it is not PD."""
+    eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
+    Qs = 0.5 * (Q + Q.mT) + ridge * eye
+    L, info = torch.linalg.cholesky_ex(Qs)
+    if bool((info == 0).all()):
+        return Qs, L
+    eig = torch.linalg.eigvalsh(Qs)  # only on the failure path
+    lo, hi = eig[..., 0], eig[..., -1].abs().clamp(min=1.0)
+    tol = torch.finfo(Q.dtype).eps ** 0.5
+    if bool((lo < -tol * hi).any()):
+        raise ValueError(
+            "qp_solve: Q is not positive semidefinite (smallest eigenvalue "
+            f"{lo.min().item():.3g}): the QP is non-convex and cannot be solved here"
+        )
+    raise ValueError(
+        "qp_solve: Q is singular (positive semidefinite but not definite, smallest eigenvalue "
+        f"{lo.min().item():.3g}), e.g. an LP with Q = 0. Its solution may sit at a vertex where "
+        "the gradient is zero or undefined. Pass ridge=ε > 0 to solve with Q + εI instead "
+        "(this biases z by O(ε) and makes it unique and differentiable)"
+    )
+
+
+def _flat(x: Tensor, batch: torch.Size, core: int) -> Tensor:
+    """Broadcast x to [*batch, *core dims] and flatten the batch to one dim B."""
+    core_shape = x.shape[x.dim() - core :]
+    return x.expand(*batch, *core_shape).reshape(max(batch.numel(), 1), *core_shape)
+
+
+def _status(res: IPMResult, batch: torch.Size, tol: float) -> QPStatus:
+    converged = res.converged | (~res.infeasible & (res.kkt_residual <= _ACCEPT_FACTOR * tol))
+    return QPStatus(
+        converged.reshape(batch),
+        res.infeasible.reshape(batch),
+        res.iterations.reshape(batch),
+        res.kkt_residual.reshape(batch),
+    )
+
+
+def _raise_on_failure(status: QPStatus, tol: float, max_iter: int) -> None:
+    if bool(status.converged.all()):
+        return
+    B = status.converged.numel()
+    infeasible = status.infeasible.reshape(-1)
+    if bool(infeasible.any()):
+        idx = infeasible.nonzero().reshape(-1)[:5].tolist()
+        raise InfeasibleQPError(
+            f"qp_solve: {int(infeasible.sum())} of {B} problems are infeasible (no z satisfies "
+            f"Gz ≤ h, Az = b; a Farkas certificate was found), e.g. batch elements {idx}. "
+            "Pass check=False to get the status instead of this error",
+            status,
+        )
+    bad = ~status.converged.reshape(-1)
+    idx = bad.nonzero().reshape(-1)[:5].tolist()
+    worst = status.kkt_residual.reshape(-1)[bad].max().item()
+    raise QPConvergenceError(
+        f"qp_solve: {int(bad.sum())} of {B} problems did not converge (worst scaled KKT residual "
+        f"{worst:.3g} > {_ACCEPT_FACTOR * tol:.3g} after at most {max_iter} iterations), e.g. "
+        f"batch elements {idx}. Causes: linearly dependent active constraints, a badly scaled or "
+        "nearly infeasible problem, or float32 rounding; try float64, rescaling, a larger "
+        "max_iter or tol. Pass check=False to get the status instead of this error",
+        status,
+    )
+
+
+class _QPFunction(torch.autograd.Function):
+    """z, λ, ν = QP(θ) with the KKT adjoint as backward (the forward's factor reused)."""
+
+    @staticmethod
+    def forward(ctx: Any, opts: dict[str, Any], *theta: Tensor) -> tuple[Tensor, ...]:
+        Q, q, G, h, A, b = theta
+        batch, tol, m = opts["batch"], opts["tol"], G.shape[-2]
+        B = max(batch.numel(), 1)
+        Qs, Lq = opts["Qs"], opts["Lq"]
+        shared = Q.dim() == 2 and G.dim() == 2 and A.dim() == 2
+        if shared:
+            # One factorization of Q and one Gram matrix serve the whole batch.
+            zero = q.new_zeros(1, 1)  # placeholders: prepare ignores q, h, b
+            pre = prepare(Qs[None], zero, G[None], zero, A[None], zero, Lq[None])
+            data = QPData(*(x.expand(B, *x.shape[1:]) for x in pre))
+            data = data._replace(q=_flat(q, batch, 1), h=_flat(h, batch, 1), b=_flat(b, batch, 1))
+        else:
+            data = prepare(
+                _flat(Qs, batch, 2),
+                _flat(q, batch, 1),
+                _flat(G, batch, 2),
+                _flat(h, batch, 1),
+                _flat(A, batch, 2),
+                _flat(b, batch, 1),
+                _flat(Lq, batch, 2),
+            )
+        if A.shape[-2] > 0:
+            _, ok = factor_schur(data._replace(C=data.C[:, m:, m:]), data.h.new_zeros(B, 0))
+            if not bool(ok.all()):
+                raise ValueError(
+                    f"qp_solve: A (shape {tuple(A.shape)}) does not have full row rank for "
+                    f"{int((~ok).sum())} of {B} problems; remove redundant equality constraints"
+                )
+        res = interior_point(data, tol, opts["max_iter"])
+        ctx.data, ctx.res, ctx.batch = data, res, batch
+        ctx.shapes = [x.shape for x in theta]
+        opts["status"] = _status(res, batch, tol)
+        z = res.z.reshape(*batch, -1)
+        lam = res.lam.reshape(*batch, -1)
+        nu = res.nu.reshape(*batch, -1)
+        return z, lam, nu
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, gz: Tensor, glam: Tensor, gnu: Tensor) -> tuple[Tensor | None, ...]:
+        data: QPData = ctx.data
+        res: IPMResult = ctx.res
+        B = res.z.shape[0]
+        # Adjoint KKT system (∂F/∂(z, λ, ν))ᵀ w = (gz, gλ, gν) with ŵλ = λ∘wλ; it has the same
+        # matrix as a Newton step, with W = s/λ at the returned iterate (Amos & Kolter 2017).
+        wz, wl, wn = kkt_solve(
+            data, res.UK, gz.reshape(B, -1), glam.reshape(B, -1), gnu.reshape(B, -1)
+        )
+        z, lam, nu = res.z, res.lam, res.nu
+        # ∂ℓ/∂θ = −(∂F/∂θ)ᵀ w; Q enters F through its symmetric part, so its gradient is symmetric.
+        need = ctx.needs_input_grad[1:]
+        outer = torch.einsum
+        grads: list[Tensor | None] = [None] * 6
+        if need[0]:
+            gQ = outer("bi,bj->bij", wz, z)
+            grads[0] = -0.5 * (gQ + gQ.mT)
+        if need[1]:
+            grads[1] = -wz
+        if need[2]:
+            grads[2] = -(outer("bi,bj->bij", lam, wz) + outer("bi,bj->bij", wl, z))
+        if need[3]:
+            grads[3] = wl
+        if need[4]:
+            grads[4] = -(outer("bi,bj->bij", nu, wz) + outer("bi,bj->bij", wn, z))
+        if need[5]:
+            grads[5] = wn
+        out: list[Tensor | None] = [None]
+        for g, shape in zip(grads, ctx.shapes):
+            if g is None:
+                out.append(None)
+                continue
+            g = g.reshape(*ctx.batch, *g.shape[1:])
+            # A parameter shared across the batch gets the sum of per-example gradients.
+            out.append(g.sum_to_size(shape))
+        return tuple(out)
+
+
+def qp_solve(
+    Q: Tensor,
+    q: Tensor,
+    G: Tensor | None = None,
+    h: Tensor | None = None,
+    A: Tensor | None = None,
+    b: Tensor | None = None,
+    *,
+    ridge: float = 0.0,
+    tol: float | None = None,
+    max_iter: int = 50,
+    full: bool = False,
+    check: bool = True,
+) -> Any:
+    r"""Solve a batch of convex QPs differentiably.
+
+    Solves, for every batch element,
+
+    $$ z^\star = \arg\min_z \tfrac12 z^\top Q z + q^\top z
+       \quad\text{s.t.}\quad Gz \le h,\; Az = b $$
+
+    with a batched primal-dual interior-point method (Mehrotra predictor-corrector), and
+    differentiates z⋆, λ⋆, ν⋆ by the implicit function theorem on the KKT conditions
+    (Amos & Kolter 2017, arXiv:1703.00443), reusing the forward's last factorization: a
+    backward costs a few triangular solves.
+
+    Any argument may omit the batch dimensions (it is then shared by every problem); the
+    batch shape [*B] is the broadcast of the arguments' batch shapes. A shared argument gets
+    the SUM of the per-problem gradients, as autograd's broadcasting rule says.
+
+    Invariants: Q is symmetric positive definite (only its symmetric part ½(Q + Qᵀ) is used,
+    so its gradient is symmetric); A has full row rank. The returned point satisfies the KKT
+    conditions up to the scaled residual in ``status.kkt_residual``.
+
+    LPs and singular Q: Q must be positive definite, because where it is singular the solution
+    can sit at a vertex of the feasible set, where dz/dθ is zero or undefined. Pass
+    ``ridge=ε`` to solve with Q + εI: the solution becomes unique and differentiable and moves
+    by O(ε) (for an LP, toward the least-norm optimal point as ε → 0).
+
+    Args:
+        Q: [*B, n, n] symmetric positive definite.
+        q: [*B, n].
+        G: [*B, m, n] inequality matrix, or None (no inequalities).
+        h: [*B, m], or None.
+        A: [*B, p, n] equality matrix with full row rank, or None.
+        b: [*B, p], or None.
+        ridge: ε ≥ 0 added to Q's diagonal (see above).
+        tol: stopping tolerance on the scaled KKT residual (see `QPStatus`); default 1e-12 in
+            float64 and 1e-7 in float32. If rounding ends progress earlier, a residual up to
+            100·tol is accepted.
+        max_iter: interior-point iteration cap.
+        full: return a `QPSolution` (z, λ, ν, status) instead of z alone; λ and ν are
+            differentiable too.
+        check: raise `InfeasibleQPError` / `QPConvergenceError` if any problem fails; with
+            ``check=False`` inspect ``status`` instead (failed elements hold the best iterate).
+
+    Returns:
+        z [*B, n], or a `QPSolution` when ``full=True``.
+
+    Raises:
+        TypeError: non-tensor arguments or mixed / non-float dtypes.
+        ValueError: bad shapes, devices, NaN/inf, Q not positive definite (non-convex or
+            singular), A without full row rank.
+        InfeasibleQPError: (a ValueError) no feasible point, when ``check=True``.
+        QPConvergenceError: (a RuntimeError) not converged, when ``check=True``.
+
+    Example:
+        >>> import torch
+        >>> from structift.layers import qp_solve
+        >>> Q = torch.eye(2, dtype=torch.float64)
+        >>> q = torch.tensor([-1.0, -1.0], dtype=torch.float64)
+        >>> G = torch.tensor([[1.0, 1.0]], dtype=torch.float64)  # z1 + z2 ≤ 1
+        >>> h = torch.tensor([1.0], dtype=torch.float64)
+        >>> qp_solve(Q, q, G, h)
+        tensor([0.5000, 0.5000], dtype=torch.float64)
+    """
+    args, batch, _, _, _ = _validate(Q, q, G, h, A, b)
+    if not ridge >= 0.0:
+        raise ValueError(f"qp_solve: ridge must be ≥ 0, got {ridge}")
+    if not (isinstance(max_iter, int) and max_iter >= 1):
+        raise ValueError(f"qp_solve: max_iter must be a positive int, got {max_iter!r}")
+    tol_ = _DEFAULT_TOL[args["Q"].dtype] if tol is None else float(tol)
+    if not tol_ > 0.0:
+        raise ValueError(f"qp_solve: tol must be > 0, got {tol}")
+    with torch.no_grad():
+        Qs, Lq = _factor_Q(args["Q"], ridge)
+    opts: dict[str, Any] = {"batch": batch, "tol": tol_, "max_iter": max_iter, "Qs": Qs, "Lq": Lq}
+    theta = [args[k] for k in ("Q", "q", "G", "h", "A", "b")]
+    z, lam, nu = _QPFunction.apply(opts, *theta)
+    status: QPStatus = opts["status"]
+    if check:
+        _raise_on_failure(status, tol_, max_iter)
+    if full:
+        return QPSolution(z, lam, nu, status)
+    return z
+
+
+class QPLayer(nn.Module):
+    """A differentiable QP layer: ``QPLayer(**options)(Q, q, G, h, A, b)`` calls `qp_solve`.
+
+    Solves min ½zᵀQz + qᵀz s.t. Gz ≤ h, Az = b per batch element (OptNet,
+    arXiv:1703.00443). The constructor takes `qp_solve`'s keyword options (``ridge``, ``tol``,
+    ``max_iter``, ``full``, ``check``); the call takes the problem data with the shapes
+    documented there and returns z [*B, n] (or a `QPSolution` when ``full=True``).
+    """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        unknown = set(options) - {"ridge", "tol", "max_iter", "full", "check"}
+        if unknown:
+            raise TypeError(f"QPLayer: unknown options {sorted(unknown)}")
+        self.options = options
+
+    def forward(
+        self,
+        Q: Tensor,
+        q: Tensor,
+        G: Tensor | None = None,
+        h: Tensor | None = None,
+        A: Tensor | None = None,
+        b: Tensor | None = None,
+    ) -> Any:
+        """Solve the batch of QPs (see `qp_solve`)."""
+        return qp_solve(Q, q, G, h, A, b, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
