@@ -6,13 +6,27 @@ from structift.layers.attention import (
     attention_weights,
     structured_attention,
 )
+from structift.layers.qp import (
+    InfeasibleQPError,
+    QPConvergenceError,
+    QPLayer,
+    QPSolution,
+    QPStatus,
+    qp_solve,
+)
 from structift.layers.sparsemax import Sparsemax, sparsemax
 
 __all__: list[str] = [
     "Attention",
+    "InfeasibleQPError",
+    "QPConvergenceError",
+    "QPLayer",
+    "QPSolution",
+    "QPStatus",
     "Sparsemax",
     "StructuredAttention",
     "attention_weights",
+    "qp_solve",
     "sparsemax",
     "structured_attention",
 ]
