@@ -4,6 +4,7 @@ from structift.variational.argmax import (
     Exact,
     Iterative,
     KKTResidual,
+    Structured,
     kkt_residual,
     regularized_argmax,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "IFTCheck",
     "Iterative",
     "KKTResidual",
+    "Structured",
     "StructuredChainSolve",
     "chain_covariance_vector_product",
     "chain_duals",

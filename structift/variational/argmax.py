@@ -21,8 +21,8 @@ from torch import Tensor
 
 from structift import chain as _chain
 from structift.families import HMM, Categorical, ChainMarginals, LinearChainCRF
+from structift.implicit import custom_root
 from structift.implicit.krylov import GMRES, MINRES
-from structift.implicit.root import custom_root
 from structift.implicit.solvers import AbstractLinearSolver, Dense
 from structift.variational.chain_kkt import (
     ChainKKTPoint,
@@ -37,6 +37,7 @@ __all__ = [
     "Exact",
     "Iterative",
     "KKTResidual",
+    "Structured",
     "kkt_residual",
     "regularized_argmax",
 ]
@@ -67,8 +68,28 @@ class Iterative:
     damping: float = 0.5
 
 
+@dataclass(frozen=True)
+class Structured:
+    """Backward linear solver: the exact structured solve of the chain KKT system.
+
+    Bound to the forward solution inside :func:`regularized_argmax` as a
+    :class:`~structift.variational.StructuredChainSolve` (covariance recursions, O(T Z²)).
+
+    Args:
+        check: measure the true KKT residual of the solve (one Jacobian-vector product) and
+            raise ``ValueError`` above ``rtol``; it exceeds ``rtol`` when the forward solution is
+            not exact, so turn the check off to study loose forward solves on purpose.
+        rtol: relative tolerance of the check (default sqrt(eps) of the dtype).
+    """
+
+    check: bool = True
+    rtol: float | None = None
+
+
 ForwardSolver = Literal["exact", "iterative"] | Exact | Iterative
-LinearSolverSpec = Literal["structured", "dense", "minres", "gmres"] | AbstractLinearSolver
+LinearSolverSpec = (
+    Literal["structured", "dense", "minres", "gmres"] | Structured | AbstractLinearSolver
+)
 
 
 class KKTResidual(NamedTuple):
@@ -98,11 +119,16 @@ def _resolve_forward(solver: ForwardSolver) -> Exact | Iterative:
     )
 
 
-def _resolve_linear(spec: LinearSolverSpec) -> AbstractLinearSolver | None:
-    """Return the solver for the scaled KKT system, or None for the structured solve."""
-    if isinstance(spec, AbstractLinearSolver):
+def _resolve_linear(spec: LinearSolverSpec) -> AbstractLinearSolver | Structured:
+    """Return the solver for the scaled KKT system, or the structured-solve options."""
+    if isinstance(spec, AbstractLinearSolver | Structured):
         return spec
-    table = {"structured": None, "dense": Dense(), "minres": MINRES(), "gmres": GMRES()}
+    table: dict[str, AbstractLinearSolver | Structured] = {
+        "structured": Structured(),
+        "dense": Dense(),
+        "minres": MINRES(),
+        "gmres": GMRES(),
+    }
     if isinstance(spec, str) and spec in table:
         return table[spec]
     raise ValueError(
@@ -179,19 +205,19 @@ def _chain_argmax(
     lengths: Tensor,
     tau: float,
     solver: Exact | Iterative,
-    linear: AbstractLinearSolver | None,
+    linear: AbstractLinearSolver | Structured,
 ) -> ChainKKTPoint:
     m, M = _forward(unary, binary, lengths, tau, solver)
     with torch.no_grad():
         point = chain_duals(m, M, unary.detach(), binary.detach(), lengths, tau)
     support = chain_support(m, M, lengths)
 
-    if linear is None:
+    if isinstance(linear, Structured):
 
         def residual(z: ChainKKTPoint, u: Tensor, w: Tensor) -> ChainKKTPoint:
             return chain_kkt_residual(z, u, w, lengths, tau, support)
 
-        lin = StructuredChainSolve(point, lengths, tau, support)
+        lin = StructuredChainSolve(point, lengths, tau, support, linear.check, linear.rtol)
         root = custom_root(residual, lin, batch_ndim=1, symmetric=True)
         return root(lambda u, w: point)(unary, binary)
 
@@ -232,8 +258,8 @@ def regularized_argmax(
         temperature: τ > 0.
         solver: ``"exact"`` / :class:`Exact` (forward-backward or softmax at θ/τ) or
             ``"iterative"`` / :class:`Iterative` (message passing / mirror descent).
-        linear_solver: how the backward solves the KKT system: ``"structured"`` (exact
-            covariance recursions, O(T Z²), default), ``"dense"``, ``"minres"``, ``"gmres"``, or
+        linear_solver: how the backward solves the KKT system: ``"structured"`` or
+            :class:`Structured` (exact covariance recursions, O(T Z²), default), ``"dense"``, ``"minres"``, ``"gmres"``, or
             any :mod:`structift.implicit` solver object (e.g. ``MINRES(rtol=1e-12)``,
             ``Neumann(...)``). Generic solvers see the diagonally scaled symmetric system.
 

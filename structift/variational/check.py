@@ -27,12 +27,14 @@ class IFTCheck(NamedTuple):
         max_rel_error: max over cotangents of ‖IFT − autograd‖_∞ / ‖autograd‖_∞.
         forward_residual: max over the batch of the KKT residual norm at the forward solution.
         forward_error: max |μ_forward − ∇A_τ(θ)| (how far the forward solver is from exact).
+        reference_scale: max over cotangents of ‖autograd VJP‖_∞ (the relative error's scale).
     """
 
     max_abs_error: float
     max_rel_error: float
     forward_residual: float
     forward_error: float
+    reference_scale: float
 
 
 def _rebuild(dist: object) -> tuple[Categorical | LinearChainCRF | HMM, list[Tensor]]:
@@ -105,7 +107,7 @@ def check_ift(
     a_tau = tau * copy._log_normalizer(*(t / tau for t in theta))
     mu_ref = torch.autograd.grad(a_tau.sum(), theta, create_graph=True)
 
-    max_abs, max_rel = 0.0, 0.0
+    max_abs, max_rel, max_scale = 0.0, 0.0, 0.0
     for _ in range(num_cotangents):
         gs = [
             torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
@@ -133,9 +135,10 @@ def check_ift(
             scale = max(scale, _amax(torch.where(finite, b, 0.0)))
         max_abs = max(max_abs, err)
         max_rel = max(max_rel, err / scale if scale > 0 else err)
+        max_scale = max(max_scale, scale)
 
     res = kkt_residual(copy, mu_ift, tau)
     fwd_err = max(
         _amax(a.detach() - b.detach().reshape(a.shape)) for a, b in zip(leaves_ift, mu_ref)
     )
-    return IFTCheck(max_abs, max_rel, float(res.norm.max()), fwd_err)
+    return IFTCheck(max_abs, max_rel, float(res.norm.max()), fwd_err, max_scale)

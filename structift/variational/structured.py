@@ -60,7 +60,7 @@ class StructuredChainSolve(AbstractLinearSolver):
         support: the support masks the residual was restricted to.
         check: measure the true residual ‖rhs − K x‖ with one Jacobian-vector product and raise
             if it exceeds ``rtol``·‖rhs‖ (default on; off saves one residual evaluation).
-        rtol: relative tolerance of that check.
+        rtol: relative tolerance of that check (default sqrt(eps) of the dtype).
     """
 
     def __init__(
@@ -76,7 +76,7 @@ class StructuredChainSolve(AbstractLinearSolver):
         self.lengths, self.tau, self.support = lengths, temperature, support
         self.check = check
         m = self.point.mu_unary
-        self.rtol = rtol if rtol is not None else (1e-8 if m.dtype == torch.float64 else 1e-3)
+        self.rtol = rtol if rtol is not None else torch.finfo(m.dtype).eps ** 0.5
         self.sizes = [x[0].numel() for x in self.point]
         self.shapes = [x.shape[1:] for x in self.point]
 
