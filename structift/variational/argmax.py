@@ -259,7 +259,8 @@ def regularized_argmax(
         solver: ``"exact"`` / :class:`Exact` (forward-backward or softmax at θ/τ) or
             ``"iterative"`` / :class:`Iterative` (message passing / mirror descent).
         linear_solver: how the backward solves the KKT system: ``"structured"`` or
-            :class:`Structured` (exact covariance recursions, O(T Z²), default), ``"dense"``, ``"minres"``, ``"gmres"``, or
+            :class:`Structured` (exact covariance recursions, O(T Z²), default),
+            ``"dense"``, ``"minres"``, ``"gmres"``, or
             any :mod:`structift.implicit` solver object (e.g. ``MINRES(rtol=1e-12)``,
             ``Neumann(...)``). Generic solvers see the diagonally scaled symmetric system.
 

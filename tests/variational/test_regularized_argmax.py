@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -197,7 +199,7 @@ def test_gradient_error_shrinks_with_the_forward_tolerance() -> None:
     # A loose forward gives a loose gradient; tightening it by 1e8 shrinks the error by >= 1e5.
     assert errors[-1] < 1e-9 < errors[0]
     assert errors[-1] <= 1e-5 * errors[0]
-    assert all(b <= 3 * a for a, b in zip(errors, errors[1:]))
+    assert all(b <= 3 * a for a, b in itertools.pairwise(errors))
 
 
 def test_structured_solve_refuses_an_inexact_forward() -> None:
