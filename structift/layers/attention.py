@@ -17,8 +17,8 @@ special cases of regularized argmax over the simplex (entropy and squared-norm r
 Gradients of the structured weights flow either by autograd double-backward (the marginals are
 the gradient of the log-partition A(θ), computed with ``create_graph=True``, so their Jacobian is
 the Hessian ∇²A, the covariance of the sufficient statistics), or by the implicit function
-theorem on the variational problem μ*(θ) = argmax_{μ ∈ M} ⟨θ, μ⟩ + H(μ) (``gradient="ift"``),
-when :mod:`structift.variational` provides it.
+theorem on the variational problem μ*(θ) = argmax_{μ ∈ M} ⟨θ, μ⟩ + H(μ) (``gradient="ift"``,
+:func:`structift.variational.regularized_argmax`).
 """
 
 from __future__ import annotations
@@ -180,11 +180,7 @@ def _softmax_weights(scores: Tensor, valid: Tensor) -> Tensor:
 def _sparsemax_weights(scores: Tensor, valid: Tensor) -> Tensor:
     from structift.layers.sparsemax import sparsemax
 
-    keep = valid & torch.isfinite(scores)
-    # Sparsemax gives zero weight to every entry at or below max - 1, so parking masked entries
-    # at (max - 2) zeroes them exactly, with zero gradient, without feeding -inf to the sort.
-    row_max = scores.masked_fill(~keep, float("-inf")).amax(-1, keepdim=True).detach()
-    return sparsemax(torch.where(keep, scores, row_max - 2.0), dim=-1)
+    return sparsemax(scores.masked_fill(~valid, float("-inf")), dim=-1)
 
 
 def _selection_crf(
@@ -214,10 +210,13 @@ def _structured_weights(
 
 
 def _ift_marginals(crf: LinearChainCRF) -> Tensor:
-    raise NotImplementedError(
-        'gradient="ift" needs structift.variational.regularized_argmax, which is not '
-        'available yet; use gradient="autograd".'
-    )
+    """Node marginals μ* = argmax_{μ ∈ M} ⟨θ, μ⟩ + H(μ), differentiated by the IFT on its KKT
+    system (structift.variational) instead of by double backward."""
+    from structift.variational import regularized_argmax
+
+    mu = regularized_argmax(crf)
+    assert not isinstance(mu, Tensor)  # a chain gives ChainMarginals
+    return mu.unary
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,7 +256,7 @@ def attention_weights(
             weights are sigmoid(s_t), independent Bernoulli selections).
         gradient: How the structured weights are differentiated: ``"autograd"`` (double
             backward through the log-partition) or ``"ift"`` (implicit function theorem on
-            the variational problem; needs :mod:`structift.variational`).
+            the variational problem, :func:`structift.variational.regularized_argmax`).
         normalize: Structured kind only: divide the marginals by their sum, so the weights
             sum to one like the other kinds.
 
@@ -267,7 +266,6 @@ def attention_weights(
     Raises:
         ValueError: Bad shapes, lengths out of range, NaN/+inf scores, unknown kind/gradient.
         TypeError: Non-float scores, non-integer lengths, dtype or device mismatch.
-        NotImplementedError: ``gradient="ift"`` while structift.variational lacks it.
     """
     _check_choice("kind", kind, KINDS)
     _check_choice("gradient", gradient, GRADIENTS)
@@ -395,7 +393,7 @@ def structured_attention(
         ``[B, D]`` query).
 
     Raises:
-        ValueError, TypeError, NotImplementedError: As :func:`attention_weights`, plus
+        ValueError, TypeError: As :func:`attention_weights`, plus
             mismatched query/key/value shapes, dtypes or devices.
     """
     scores, value, single = _dot_scores(query, key, value, scale)
