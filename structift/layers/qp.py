@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._ipm import IPMResult, QPData, factor_schur, interior_point, kkt_solve, prepare
+from ._ipm import IPMResult, QPData, interior_point, kkt_solve, prepare
 
 __all__ = [
     "InfeasibleQPError",
@@ -228,6 +228,21 @@ def _raise_on_failure(status: QPStatus, tol: float, max_iter: int) -> None:
     )
 
 
+def _check_rank(S: Tensor, shape: torch.Size) -> None:
+    """Raise unless S = A Q⁻¹ Aᵀ [B, p, p] is numerically positive definite (A full row rank)."""
+    U, info = torch.linalg.cholesky_ex(S, upper=True)
+    piv = U.diagonal(dim1=-2, dim2=-1).square()
+    # A pivot this small relative to the largest one means a (numerically) dependent row.
+    small = piv.amin(-1) <= 100 * torch.finfo(S.dtype).eps * piv.amax(-1)
+    bad = (info != 0) | small | ~piv.isfinite().all(-1)
+    if bool(bad.any()):
+        raise ValueError(
+            f"qp_solve: A (shape {tuple(shape)}) does not have full row rank for "
+            f"{int(bad.sum())} of {S.shape[0]} problems; remove redundant or inconsistent "
+            "equality constraints"
+        )
+
+
 class _QPFunction(torch.autograd.Function):
     """z, λ, ν = QP(θ) with the KKT adjoint as backward (the forward's factor reused)."""
 
@@ -255,12 +270,7 @@ class _QPFunction(torch.autograd.Function):
                 _flat(Lq, batch, 2),
             )
         if A.shape[-2] > 0:
-            _, ok = factor_schur(data._replace(C=data.C[:, m:, m:]), data.h.new_zeros(B, 0))
-            if not bool(ok.all()):
-                raise ValueError(
-                    f"qp_solve: A (shape {tuple(A.shape)}) does not have full row rank for "
-                    f"{int((~ok).sum())} of {B} problems; remove redundant equality constraints"
-                )
+            _check_rank(data.C[:, m:, m:], A.shape)
         res = interior_point(data, tol, opts["max_iter"])
         ctx.data, ctx.res, ctx.batch = data, res, batch
         ctx.shapes = [x.shape for x in theta]
