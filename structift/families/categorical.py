@@ -139,6 +139,10 @@ class Categorical(ExpFamily):
             generator: Optional ``torch.Generator`` for reproducible draws.
         """
         shape = torch.Size(sample_shape)
+        if shape.numel() == 0:
+            return torch.zeros(
+                shape + self.batch_shape, dtype=torch.long, device=self.logits.device
+            )
         with torch.no_grad():
             probs = self.marginals.reshape(-1, self.num_events)
             count = max(shape.numel(), 1)

@@ -204,3 +204,12 @@ def test_log_prob_and_entropy_can_be_backpropagated_twice(family) -> None:
     dist.log_partition.sum().backward()
     dist.entropy().sum().backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_empty_sample_shape() -> None:
+    assert st.Categorical(torch.zeros(2, 3)).sample((0, 4)).shape == (0, 4, 2)
+    assert st.LinearChainCRF(torch.zeros(2, 3, 2), torch.zeros(2, 2)).sample((0,)).shape == (
+        0,
+        2,
+        3,
+    )
