@@ -83,9 +83,10 @@ def kkt_residual(
     """Return the KKT residual (F_z, F_ν) of the entropy-regularized argmax (seed eq. 4).
 
     On the support S = {i : zᵢ > 0}: ``F_z = τ log z + ν − θ`` (or, with ``scaled=True``,
-    ``z ⊙ (τ log z + ν − θ)``, the same equations row-scaled by z ≻ 0, whose Jacobian
-    [[τI, z], [1ᵀ, 0]] is well conditioned however small z gets, so GMRES converges in a
-    handful of iterations); off the support ``F_zᵢ = zᵢ``; ``F_ν = Σ_{i∈S} zᵢ − 1``.
+    ``D (τ log z + ν − θ)`` with D = diag(z) held constant (detached): the same equations
+    left-preconditioned, whose Jacobian [[τI, z], [1ᵀ, 0]] is well conditioned however small
+    z gets — GMRES converges in about 3 iterations — and whose IFT derivative equals the
+    unscaled one at every point); off the support ``F_zᵢ = zᵢ``; ``F_ν = Σ_{i∈S} zᵢ − 1``.
     Zero exactly at ``(softmax(θ/τ), τ logsumexp(θ/τ))``.
 
     Args:
@@ -103,7 +104,10 @@ def kkt_residual(
     safe_theta = torch.where(support, theta, torch.zeros_like(theta))
     stationarity = temperature * torch.log(safe_z) + nu - safe_theta
     if scaled:
-        stationarity = safe_z * stationarity
+        # A constant (detached) row scaling is a left preconditioner: (D ∂F/∂z)⁻¹ D ∂F/∂θ is
+        # the same IFT derivative at every point, and D ∂F/∂z = [[τI, z], [1ᵀ, 0]] stays well
+        # conditioned even at an unconverged iterate.
+        stationarity = safe_z.detach() * stationarity
     F_z = torch.where(support, stationarity, z)
     F_nu = torch.where(support, z, torch.zeros_like(z)).sum(-1, keepdim=True) - 1
     return SimplexKKT(F_z, F_nu)

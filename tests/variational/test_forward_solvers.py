@@ -1,0 +1,66 @@
+"""Forward solvers that do not use forward-backward: message passing and mirror descent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+import structift as sf
+from structift.variational import chain_message_passing, kkt_residual, simplex_mirror_descent
+from tests.strategies import categorical_params, chain_params
+from tests.variational.cases import temperatures
+
+
+@settings(max_examples=20)
+@given(p=chain_params(), tau=temperatures)
+def test_message_passing_reaches_the_exact_marginals(p, tau: float) -> None:
+    crf = sf.LinearChainCRF(p["unary"], p["binary"], p["lengths"])
+    exact = sf.LinearChainCRF(crf.unary / tau, crf.binary / tau, crf.lengths).marginals
+    res = chain_message_passing(crf.unary, crf.binary, crf.lengths, tau, tol=1e-14)
+    torch.testing.assert_close(res.mu_unary, exact.unary, rtol=0, atol=1e-10)
+    torch.testing.assert_close(res.mu_binary, exact.binary, rtol=0, atol=1e-10)
+    norm = kkt_residual(crf, (res.mu_unary, res.mu_binary), tau).norm
+    assert float(norm.max()) <= 1e-8
+
+
+def test_undamped_flooding_is_exact_after_length_minus_one_sweeps() -> None:
+    T = 6
+    crf = sf.LinearChainCRF(
+        torch.randn(2, T, 3, dtype=torch.float64), torch.randn(2, T - 1, 3, 3, dtype=torch.float64)
+    )
+    res = chain_message_passing(
+        crf.unary, crf.binary, crf.lengths, damping=1.0, max_iter=T - 1, tol=0.0
+    )
+    torch.testing.assert_close(res.mu_binary, crf.marginals.binary, rtol=0, atol=1e-13)
+    early = chain_message_passing(
+        crf.unary, crf.binary, crf.lengths, damping=1.0, max_iter=T - 3, tol=0.0
+    )
+    assert float((early.mu_binary - crf.marginals.binary).abs().max()) > 1e-6
+
+
+def test_damped_error_decays_geometrically() -> None:
+    crf = sf.LinearChainCRF(
+        torch.randn(1, 8, 3, dtype=torch.float64), torch.randn(1, 7, 3, 3, dtype=torch.float64)
+    )
+    errs = []
+    for k in (10, 20, 40):
+        res = chain_message_passing(crf.unary, crf.binary, crf.lengths, max_iter=k, tol=0.0)
+        errs.append(float((res.mu_binary - crf.marginals.binary).abs().max()))
+    assert errs[2] < 1e-2 * errs[1] < 1e-4 * errs[0]
+
+
+@settings(max_examples=20)
+@given(p=categorical_params(), tau=temperatures)
+def test_mirror_descent_reaches_softmax(p, tau: float) -> None:
+    res = simplex_mirror_descent(p["logits"], tau, tol=1e-14)
+    torch.testing.assert_close(res.mu, torch.softmax(p["logits"] / tau, -1), rtol=0, atol=1e-12)
+
+
+def test_bad_damping() -> None:
+    with pytest.raises(ValueError, match="damping"):
+        simplex_mirror_descent(torch.zeros(1, 3), damping=1.5)
+    with pytest.raises(ValueError, match="damping"):
+        chain_message_passing(
+            torch.zeros(1, 2, 2), torch.zeros(1, 1, 2, 2), torch.tensor([2]), damping=0.0
+        )
