@@ -68,7 +68,8 @@ class _LogPartition(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, unary: Tensor, binary: Tensor, lengths: Tensor) -> Tensor:
-        log_z, state = _scaled.forward(_work(unary), _work(binary), lengths)
+        eager = ctx.needs_input_grad[1]
+        log_z, state = _scaled.forward(_work(unary), _work(binary), lengths, eager=eager)
         ctx.save_for_backward(unary, binary, lengths)
         ctx.state = state if any(ctx.needs_input_grad[:2]) else None
         return log_z.to(unary.dtype)
@@ -86,7 +87,7 @@ class _LogPartition(torch.autograd.Function):
         state, ctx.state = ctx.state, None
         u, b = _work(unary), _work(binary)
         if state is None:  # a second backward through a retained graph: buffers were consumed
-            _, state = _scaled.forward(u, b, lengths)
+            _, state = _scaled.forward(u, b, lengths, eager=need_b)
         g_u, g_b = _scaled.backward(state, u, b, lengths, grad, binary.shape if need_b else None)
         return (
             g_u.to(unary.dtype) if need_u else None,
@@ -140,7 +141,7 @@ def marginals(
     B, T, Z = unary.shape
     with torch.no_grad():
         u, b = _work(unary), _work(binary)
-        _, state = _scaled.forward(u, b, lengths)
+        _, state = _scaled.forward(u, b, lengths, eager=True)
         ones = u.new_ones(B)
         mu_u, mu_b_opt = _scaled.backward(state, u, b, lengths, ones, (B, T - 1, Z, Z))
     assert mu_b_opt is not None

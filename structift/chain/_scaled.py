@@ -40,6 +40,10 @@ from torch import Tensor
 from structift._ops import lengths_to_mask
 from structift.chain import _log
 
+# E is exponentiated in chunks of time steps of about this many bytes, and each chunk is used
+# by the forward recursion while it is still in cache: one pass over memory instead of four.
+CHUNK_BYTES = 1 << 19
+
 
 def certified_nats(dtype: torch.dtype) -> float:
     """Smallest certified normaliser, ``-log`` of it: ``-log(tiny) - 37`` nats."""
@@ -61,7 +65,8 @@ class Transitions:
     """``E = exp(binary - m)`` at the smallest broadcast shape ``[Bb, Tb, Z, Z]`` of ``binary``.
 
     ``Bb`` is 1 or B and ``Tb`` is 1 or T-1; dimensions that are broadcast (size 1, or expanded
-    with stride 0) are stored once. ``m`` ``[Bb, Tb]`` is each block's finite maximum (0 if none).
+    with stride 0) are stored once. ``m`` ``[Bb, Tb]`` is each block's finite maximum (0 if
+    none). With one block per (b, t) (``full``) ``E`` is filled chunk by chunk (``ensure``).
     """
 
     def __init__(self, binary: Tensor, B: int, T: int) -> None:
@@ -70,103 +75,168 @@ class Transitions:
             base = base[:1]
         if base.shape[1] > 1 and base.stride(1) == 0:
             base = base[:, :1]
+        self.base = base
         self.Bb, self.Tb = int(base.shape[0]), int(base.shape[1])
         self.full = self.Bb == B and self.Tb == T - 1
-        self.shift = _finite_or_zero(base.amax(dim=(-2, -1)))  # shape: (Bb, Tb)
-        self.E = torch.sub(base, self.shift[..., None, None]).exp_()  # shape: (Bb, Tb, Z, Z)
+        self.E = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+        self.shift = base.new_empty(self.Bb, self.Tb)
+        block_bytes = max(1, base[:, :1].numel() * base.element_size())
+        self.chunk = max(1, CHUNK_BYTES // block_bytes) if self.full else self.Tb
+        self.ready = 0
+        if not self.full:
+            self.ensure(0)
+
+    def ensure(self, t: int) -> None:
+        """Exponentiate the chunk of blocks holding step ``t`` if not done yet."""
+        if t < self.ready:
+            return
+        c0, c1 = self.ready, min(self.Tb, self.ready + self.chunk)
+        blk = self.base[:, c0:c1]
+        m = _finite_or_zero(blk.amax(dim=(-2, -1)))
+        self.shift[:, c0:c1] = m
+        Ec = self.E[:, c0:c1]
+        torch.sub(blk, m[..., None, None], out=Ec)
+        Ec.exp_()
+        self.ready = c1
 
     def block(self, t: int) -> Tensor:
         """``E_t`` ``[Bb, Z, Z]``."""
         return self.E[:, t if self.Tb > 1 else 0]
 
-    def vecmat(self, alpha: Tensor, t: int) -> Tensor:
-        """``alpha @ E_t``: ``[B, Z] -> [B, Z]``."""
+    def vecmat(self, alpha: Tensor, t: int, out: Tensor) -> Tensor:
+        """``out = alpha @ E_t``: ``[B, Z] -> [B, Z]`` (``out`` contiguous)."""
         Et = self.block(t)
         if self.Bb == 1:
-            return alpha @ Et[0]
-        return torch.bmm(alpha.unsqueeze(1), Et).squeeze(1)
+            return torch.mm(alpha, Et[0], out=out)
+        torch.bmm(alpha.unsqueeze(1), Et, out=out.unsqueeze(1))
+        return out
 
-    def matvec(self, r: Tensor, t: int) -> Tensor:
-        """``E_t @ r``: ``[B, Z] -> [B, Z]``."""
+    def matvec(self, r: Tensor, t: int, out: Tensor) -> Tensor:
+        """``out = E_t @ r``: ``[B, Z] -> [B, Z]`` (``out`` contiguous)."""
         Et = self.block(t)
         if self.Bb == 1:
-            return r @ Et[0].T
-        # (r^T E_t^T) is several times faster than E_t r for batched small blocks on CPU.
-        return torch.bmm(r.unsqueeze(1), Et.transpose(1, 2)).squeeze(1)
+            return torch.mm(r, Et[0].T, out=out)
+        # r^T E_t^T is several times faster than E_t r for batched small blocks on CPU.
+        torch.bmm(r.unsqueeze(1), Et.transpose(1, 2), out=out.unsqueeze(1))
+        return out
 
 
 @dataclass
 class State:
-    """What the backward pass needs from the forward pass (all ``alpha`` max-normalised)."""
+    """What the marginals need from the forward pass (time-major, messages max-normalised).
 
-    alpha: Tensor  # shape: (B, T, Z)
-    scale: Tensor  # S, shape: (B, T)
-    norm: Tensor  # D = <alpha_t, beta_t>, shape: (B, T)
-    u_shift: Tensor  # n, shape: (B, T)
+    Lazy state (``mu_u is None``): messages and scales, marginals formed in ``backward``.
+    Eager state: ``mu_u`` ``[B, T, Z]`` and ``trans.E`` already hold the marginals.
+    """
+
+    alpha: Tensor  # shape: (T, B, Z)
+    beta: Tensor  # shape: (T, B, Z)
+    expu: Tensor  # e_t = exp(unary_t - n_t), shape: (T, B, Z)
+    scale: Tensor  # S, shape: (T, B)
+    norm: Tensor  # D = <alpha_t, beta_t>, shape: (T, B)
     ok: Tensor  # certified rows, shape: (B,)
-    mask: Tensor  # shape: (B, T)
+    mask: Tensor  # shape: (T, B)
     min_len: int
     trans: Transitions
+    mu_u: Tensor | None = None
 
 
-def _unary_factor(unary: Tensor, u_shift: Tensor, t: int) -> Tensor:
-    return torch.exp(unary[:, t] - u_shift[:, t, None])
+def forward(
+    unary: Tensor, binary: Tensor, lengths: Tensor, eager: bool = False
+) -> tuple[Tensor, State]:
+    """Compute ``log Z`` ``[B]`` (certified; other rows redone in log space) and the state.
 
-
-def forward(unary: Tensor, binary: Tensor, lengths: Tensor) -> tuple[Tensor, State]:
-    """Compute ``log Z`` ``[B]`` (certified, uncertified rows redone in log space) and the state.
-
-    Runs without autograd. ``unary`` must be float32 or float64 here.
+    With ``eager`` and one transition block per (b, t), the backward messages turn ``E`` into
+    the binary marginals in place while each block is in cache (the state is then eager).
+    Runs without autograd; float32 or float64. A row whose messages vanish (no finite path)
+    turns NaN here (0/0); that only fails its own certificate.
     """
     B, T, Z = unary.shape
     u = unary.detach()
     lengths = lengths.to(u.device)
-    mask = lengths_to_mask(lengths, T)
+    mask = lengths_to_mask(lengths, T).T  # shape: (T, B)
     min_len = int(lengths.min()) if B > 0 else T  # one host sync: steps below need no `where`
-    tiny = torch.finfo(u.dtype).tiny
     trans = Transitions(binary, B, T)
     u_shift = _finite_or_zero(u.amax(-1))  # shape: (B, T)
+    expu = torch.exp((u - u_shift[..., None]).transpose(0, 1))  # shape: (T, B, Z)
+    if not expu.is_contiguous():
+        expu = expu.contiguous()
 
-    alpha = u.new_empty(B, T, Z)
-    scale = u.new_empty(B, T)
-    a = u.new_zeros(B, Z)
-    for t in range(T):
-        raw = _unary_factor(u, u_shift, t)
-        if t > 0:
-            raw = trans.vecmat(a, t - 1) * raw
-        s = raw.amax(-1, keepdim=True)
-        new = raw / s.clamp_min(tiny)
-        a = new if t < min_len else torch.where(mask[:, t, None], new, a)
-        alpha[:, t] = a
-        scale[:, t] = s.squeeze(-1)
+    alpha = torch.empty_like(expu)
+    alpha[0] = expu[0]
+    scales = [alpha[0].amax(-1, keepdim=True)]
+    alpha[0].div_(scales[0])
+    for t in range(1, T):
+        at = alpha[t]
+        trans.ensure(t - 1)
+        trans.vecmat(alpha[t - 1], t - 1, out=at)
+        at.mul_(expu[t])
+        s = at.amax(-1, keepdim=True)
+        at.div_(s)
+        scales.append(s)
+        if t >= min_len:
+            at.copy_(torch.where(mask[t, :, None], at, alpha[t - 1]))
+    scale = torch.cat(scales, dim=-1).T  # shape: (T, B)
 
-    inc = torch.log(scale) + u_shift
+    inc = torch.log(scale) + u_shift.T
     if T > 1:
-        inc[:, 1:] += trans.shift.expand(B, T - 1)
-    log_z = torch.where(mask, inc, torch.zeros_like(inc)).sum(-1) + torch.log(a.sum(-1))
+        inc[1:] += trans.shift.expand(B, T - 1).T
+    log_z = torch.where(mask, inc, torch.zeros_like(inc)).sum(0) + torch.log(alpha[-1].sum(-1))
 
-    # Backward messages only to certify the row (their normalisers D_t).
-    norm = u.new_empty(B, T)
-    b = torch.ones_like(a)
-    ones = b
-    norm[:, T - 1] = alpha[:, T - 1].sum(-1)
+    eager = eager and trans.full
+    beta = torch.empty_like(expu)
+    beta[-1] = 1.0
+    norm = torch.empty_like(scale)
+    norm[-1] = alpha[-1].sum(-1)
     for t in range(T - 2, -1, -1):
-        raw = trans.matvec(_unary_factor(u, u_shift, t + 1) * b, t)
-        new = raw / raw.amax(-1, keepdim=True).clamp_min(tiny)
-        b = new if t + 1 < min_len else torch.where(mask[:, t + 1, None], new, ones)
-        norm[:, t] = (alpha[:, t] * b).sum(-1)
+        bt = beta[t]
+        r = expu[t + 1] * beta[t + 1]
+        if eager:
+            _marginal_step(trans.E[:, t], r, alpha[t], scale[t + 1] * norm[t + 1], out=bt)
+            if t + 1 >= min_len:  # padding may hold inf/NaN: zero it explicitly
+                trans.E[:, t].masked_fill_(~mask[t + 1, :, None, None], 0.0)
+        else:
+            trans.matvec(r, t, out=bt)
+        bt.div_(bt.amax(-1, keepdim=True))
+        if t + 1 >= min_len:
+            bt.masked_fill_(~mask[t + 1, :, None], 1.0)
+        norm[t] = torch.linalg.vecdot(alpha[t], bt)
 
+    # Certificate (module docstring); NaN compares False, so NaN rows fail it too.
     thr = math.exp(-certified_nats(u.dtype))
-    good = ((norm >= thr) | ~mask).all(-1)
+    good = ((norm >= thr) | ~mask).all(0)
     if T > 1:
-        good &= ((scale[:, 1:] * norm[:, 1:] >= thr) | ~mask[:, 1:]).all(-1)
+        good &= ((scale[1:] * norm[1:] >= thr) | ~mask[1:]).all(0)
     ok = torch.isfinite(log_z) & good
-    state = State(alpha, scale, norm, u_shift, ok, mask, min_len, trans)
+    state = State(alpha, beta, expu, scale, norm, ok, mask, min_len, trans)
     bad = (~ok).nonzero().squeeze(-1)  # one host sync
+    if eager:
+        live = ok[None, :] & mask
+        w_u = torch.where(live, 1.0 / torch.where(norm > 0, norm, 1.0), 0.0)
+        state.mu_u = beta.mul_(alpha).mul_(w_u[..., None]).transpose(0, 1).contiguous()
+        state.alpha = state.beta = state.expu = state.mu_u[:0]  # free the messages
     if bad.numel():
-        rows = as_4d(binary).expand(B, T - 1, Z, Z)[bad]
-        log_z[bad] = _log.log_partition(u[bad], rows, lengths[bad]).to(log_z.dtype)
+        rows = as_4d(binary).detach().expand(B, T - 1, Z, Z)[bad]
+        if eager:
+            assert state.mu_u is not None
+            lz, mu_u, mu_b = _log.forward_backward(u[bad], rows, lengths[bad])
+            state.mu_u[bad] = mu_u.to(state.mu_u.dtype)
+            trans.E[bad] = mu_b.to(trans.E.dtype)
+        else:
+            lz = _log.log_partition(u[bad], rows, lengths[bad])
+        log_z[bad] = lz.to(log_z.dtype)
     return log_z, state
+
+
+def _marginal_step(Et: Tensor, r: Tensor, alpha_t: Tensor, sd: Tensor, out: Tensor) -> None:
+    """Turn ``E_t`` into ``alpha_t[i] E_t[i, j] r[j] / sd`` in place; ``out = E_t @ r``.
+
+    ``r = e_{t+1} * beta_{t+1}`` and ``sd = S_{t+1} D_{t+1}`` (both per row). A row with
+    ``sd == 0`` (no finite path) gets inf/NaN: it is uncertified and overwritten afterwards.
+    """
+    Et.mul_(r.unsqueeze(1))
+    torch.sum(Et, dim=-1, out=out)
+    Et.mul_((alpha_t / sd.unsqueeze(-1)).unsqueeze(-1))
 
 
 def backward(
@@ -180,59 +250,50 @@ def backward(
     """Return ``(grad * mu_unary, sum-to-shape(grad * mu_binary))`` from a forward ``State``.
 
     ``binary_shape`` is the shape of the wanted binary gradient (``None``: not needed); it must
-    broadcast to ``[B, T-1, Z, Z]``. Consumes the state: ``alpha`` becomes the unary gradient
-    and, when ``binary`` has one block per (b, t), ``E`` becomes the binary gradient.
+    broadcast to ``[B, T-1, Z, Z]``. Consumes the state (its buffers are reused in place; when
+    ``binary`` has one block per (b, t), ``E`` becomes the binary gradient).
     """
-    alpha, trans, mask, ok = state.alpha, state.trans, state.mask, state.ok
-    B, T, Z = alpha.shape
-    u = unary.detach()
-    tiny = torch.finfo(alpha.dtype).tiny
+    if state.mu_u is not None:
+        return _backward_eager(state, grad, binary_shape)
+    alpha, beta, expu, trans, mask, ok = (
+        state.alpha,
+        state.beta,
+        state.expu,
+        state.trans,
+        state.mask,
+        state.ok,
+    )
+    T, B, Z = alpha.shape
     grad = grad.to(alpha.dtype)
     zero = alpha.new_zeros(())
     one = alpha.new_ones(())
     d = state.norm
-    w_u = torch.where(ok[:, None] & mask, grad[:, None] / torch.where(d > 0, d, one), zero)
-    sd = state.scale[:, 1:] * d[:, 1:]
-    w_b = torch.where(ok[:, None] & mask[:, 1:], grad[:, None] / torch.where(sd > 0, sd, one), zero)
+    live = ok[None, :] & mask  # shape: (T, B)
+    w_u = torch.where(live, grad / torch.where(d > 0, d, one), zero)
+    sd = state.scale[1:] * d[1:]
+    w_b = torch.where(live[1:], grad / torch.where(sd > 0, sd, one), zero)  # shape: (T-1, B)
 
     G: Tensor | None = None
     shape4: tuple[int, ...] = ()
-    in_place = False
     if binary_shape is not None:
         shape4 = (1,) * (4 - len(binary_shape)) + tuple(binary_shape)
-        in_place = trans.full and shape4 == tuple(trans.E.shape)
-        G = trans.E if in_place else alpha.new_zeros(shape4)
-
-    b = torch.ones_like(alpha[:, 0])
-    ones = b
-    for t in range(T - 1, -1, -1):
-        if t < T - 1:
-            r = _unary_factor(u, state.u_shift, t + 1) * b  # b is beta_{t+1}
-            left = alpha[:, t] * w_b[:, t, None]
-            if in_place:
-                Et = trans.E[:, t]
-                raw = Et.mul_(r[:, None, :]).sum(-1)  # E_t r, and half of the marginal
-                Et.mul_(left[:, :, None])
-                if t + 1 >= state.min_len:  # padding may hold inf/NaN: zero it explicitly
-                    Et.masked_fill_(~mask[:, t + 1, None, None], 0.0)
-            else:
-                raw = trans.matvec(r, t)
-                if G is not None:
-                    _accumulate(G, left, r, t)
-            new = raw / raw.amax(-1, keepdim=True).clamp_min(tiny)
-            b = new if t + 1 < state.min_len else torch.where(mask[:, t + 1, None], new, ones)
-        alpha[:, t].mul_(b * w_u[:, t, None])  # alpha_t beta_t grad / D_t
-    if G is not None and not in_place:
-        G.mul_(trans.E)
+        # Rows that are padding or uncertified may hold NaN: select, never multiply by 0.
+        keep = live[1:, :, None]
+        left = torch.where(keep, alpha[:-1] * w_b[..., None], zero)  # shape: (T-1, B, Z)
+        right = torch.where(keep, expu[1:] * beta[1:], zero)  # shape: (T-1, B, Z)
+        G = _binary_marginals(trans, left, right, shape4, state.min_len, mask)
+    mu_u = beta.mul_(alpha).mul_(w_u[..., None])  # alpha_t beta_t grad / D_t
+    mu_u = mu_u.transpose(0, 1).contiguous()  # shape: (B, T, Z)
 
     bad = (~ok).nonzero().squeeze(-1)  # one host sync
     if bad.numel():
+        u = unary.detach()
         rows = as_4d(binary).detach().expand(B, T - 1, Z, Z)[bad]
-        _, mu_u, mu_b = _log.forward_backward(u[bad], rows, lengths.to(u.device)[bad])
+        _, mu_u_bad, mu_b = _log.forward_backward(u[bad], rows, lengths.to(u.device)[bad])
         g = grad[bad]
-        alpha[bad] = mu_u * g[:, None, None]
+        mu_u[bad] = mu_u_bad.to(mu_u.dtype) * g[:, None, None]
         if G is not None:
-            mb = mu_b * g[:, None, None, None]
+            mb = mu_b.to(G.dtype) * g[:, None, None, None]
             if shape4[1] == 1:
                 mb = mb.sum(1, keepdim=True)
             if shape4[0] == 1:
@@ -240,13 +301,55 @@ def backward(
             else:
                 G[bad] = mb
     gb = None if G is None or binary_shape is None else G.reshape(binary_shape)
-    return alpha, gb
+    return mu_u, gb
 
 
-def _accumulate(G: Tensor, left: Tensor, r: Tensor, t: int) -> None:
-    """Add ``sum over broadcast dims of left[b, i] r[b, j]`` into ``G[:, t]`` (before ``* E``)."""
-    Gt = G[:, t if G.shape[1] > 1 else 0]
-    if G.shape[0] == 1:
-        Gt[0].addmm_(left.T, r)
+def _backward_eager(
+    state: State, grad: Tensor, binary_shape: tuple[int, ...] | None
+) -> tuple[Tensor, Tensor | None]:
+    """Scale the eagerly computed marginals by ``grad`` (in place; skipped when all ones)."""
+    assert state.mu_u is not None
+    mu_u, E = state.mu_u, state.trans.E
+    grad = grad.to(mu_u.dtype)
+    # A host check is free on CPU; on an accelerator one fused multiply costs less than a sync.
+    if grad.device.type != "cpu" or not bool((grad == 1).all()):
+        mu_u.mul_(grad[:, None, None])
+        if binary_shape is not None:
+            E.mul_(grad[:, None, None, None])
+    gb = None if binary_shape is None else E.reshape(binary_shape)
+    return mu_u, gb
+
+
+def _binary_marginals(
+    trans: Transitions,
+    left: Tensor,
+    right: Tensor,
+    shape4: tuple[int, ...],
+    min_len: int,
+    mask: Tensor,
+) -> Tensor:
+    """``sum over broadcast dims of left[t, b, i] E_t[i, j] right[t, b, j]``, shape ``shape4``.
+
+    ``left``/``right`` ``[T-1, B, Z]`` are zero on padding and uncertified rows.
+    """
+    Bg, Tg, Z = shape4[0], shape4[1], shape4[-1]
+    Tm1 = left.shape[0]
+    if Tm1 == 0:  # T == 1: no transitions, an all-zero gradient of the requested shape
+        return left.new_zeros(shape4)
+    E = trans.E
+    if trans.full and tuple(E.shape) == shape4:
+        # One block per (b, t): the exp buffer becomes the marginals, no other big allocation.
+        E.mul_(left.permute(1, 0, 2)[..., :, None]).mul_(right.permute(1, 0, 2)[..., None, :])
+        if min_len < Tm1 + 1:  # padding may hold inf/NaN: zero it explicitly
+            pad = ~mask[min_len:].T  # shape: (B, T-min_len)
+            E[:, min_len - 1 :].masked_fill_(pad[..., None, None], 0.0)
+        return E
+    if Bg == 1 and Tg == 1:
+        out = (left.reshape(-1, Z).T @ right.reshape(-1, Z)).reshape(1, 1, Z, Z)
+    elif Bg == 1:
+        out = torch.bmm(left.transpose(1, 2), right).unsqueeze(0)  # shape: (1, T-1, Z, Z)
+    elif Tg == 1:
+        out = torch.bmm(left.permute(1, 2, 0), right.transpose(0, 1)).unsqueeze(1)
     else:
-        Gt.baddbmm_(left.unsqueeze(-1), r.unsqueeze(1))
+        out = left.permute(1, 0, 2)[..., :, None] * right.permute(1, 0, 2)[..., None, :]
+    return out.mul_(E)
