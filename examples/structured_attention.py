@@ -23,12 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from structift.layers import StructuredAttention
 
@@ -82,11 +85,12 @@ def make_batch(n: int, cfg: TaskConfig, generator: torch.Generator) -> Batch:
 class SpanReader(nn.Module):
     """Embed tokens, attend from the query colour, classify the context (2 classes)."""
 
-    def __init__(self, cfg: TaskConfig, kind: str, dim: int = 16) -> None:
+    def __init__(self, cfg: TaskConfig, kind: str, gradient: str, dim: int = 16) -> None:
         super().__init__()
         self.token = nn.Embedding(2 * cfg.colours, dim)  # (colour, bit) pairs
         self.query = nn.Embedding(cfg.colours, dim)
-        self.attention = StructuredAttention(dim, dim, kind=kind)
+        grad = gradient if kind == "structured" else "autograd"
+        self.attention = StructuredAttention(dim, dim, kind=kind, gradient=grad)
         self.value = nn.Embedding(2 * cfg.colours, dim)
         self.out = nn.Sequential(nn.Linear(2 * dim, 32), nn.ReLU(), nn.Linear(32, 2))
 
@@ -104,24 +108,25 @@ def to(batch: Batch, device: torch.device) -> Batch:
 
 
 def train(
-    kind: str, cfg: TaskConfig, args: argparse.Namespace, test: Batch
-) -> tuple[SpanReader, dict[str, float]]:
+    kind: str, cfg: TaskConfig, args: argparse.Namespace, test: Batch, seed: int
+) -> tuple[SpanReader, dict[str, Any]]:
     """Train one model on fresh batches and return it with its test metrics."""
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     device = torch.device(args.device)
-    model = SpanReader(cfg, kind).to(device)
+    model = SpanReader(cfg, kind, args.gradient).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    g = torch.Generator().manual_seed(args.seed + 1)
+    g = torch.Generator().manual_seed(seed + 1)
     start = time.perf_counter()
-    for step in range(args.steps):
+    bar = tqdm(range(args.steps), desc=f"{kind} seed {seed}", leave=False, disable=args.smoke)
+    for step in bar:
         batch = to(make_batch(args.batch_size, cfg, g), device)
         logits, _ = model(batch)
         loss = nn.functional.cross_entropy(logits, batch.answer)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if args.verbose and (step + 1) % max(1, args.steps // 5) == 0:
-            print(f"  {kind:10s} step {step + 1:5d}  loss {loss.item():.3f}")
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
     seconds = time.perf_counter() - start
     model.eval()
     with torch.no_grad():
@@ -186,18 +191,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--test-size", type=int, default=2000)
     p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed")
+    p.add_argument(
+        "--gradient",
+        default="autograd",
+        choices=["autograd", "ift"],
+        help="how structured attention is differentiated",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--smoke", action="store_true", help="tiny run for tests (seconds)")
-    p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.smoke:
         args.steps, args.test_size = 20, 64
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Average the metrics of several seeds; keep the runs."""
+    acc = [r["accuracy"] for r in runs]
+    out: dict[str, Any] = {
+        key: statistics.fmean(r[key] for r in runs)
+        for key in ("accuracy", "weight_on_span", "mean_total_weight", "train_seconds")
+    }
+    out.update(accuracy_min=min(acc), accuracy_max=max(acc), runs=runs)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Train each kind of attention, print the accuracy table, save the heatmap."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -206,17 +227,26 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     test = make_batch(args.test_size, cfg, torch.Generator().manual_seed(12345))
     models, results = {}, {}
     for kind in args.kinds:
-        models[kind], results[kind] = train(kind, cfg, args, test)
+        runs = []
+        for seed in args.seeds:
+            model, metrics = train(kind, cfg, args, test, seed)
+            models.setdefault(kind, model)  # the heatmap shows the first seed's model
+            runs.append({"seed": seed, **metrics})
+        results[kind] = summarize(runs)
     chance = max(test.answer.float().mean().item(), 1 - test.answer.float().mean().item())
     print(
         f"\ncontiguous-span majority task: {args.steps} steps x {args.batch_size}, "
-        f"{args.test_size} test sequences, majority-class rate {chance:.3f}"
+        f"{args.test_size} test sequences, majority-class rate {chance:.3f}, "
+        f"seeds {args.seeds} (mean, [min, max])"
     )
     print("| attention | test accuracy | weight on span | total weight | train s |")
     print("|---|---|---|---|---|")
     for kind, m in results.items():
+        spread = (
+            f" [{m['accuracy_min']:.3f}, {m['accuracy_max']:.3f}]" if len(args.seeds) > 1 else ""
+        )
         print(
-            f"| {kind} | {m['accuracy']:.3f} | {m['weight_on_span']:.3f} | "
+            f"| {kind} | {m['accuracy']:.3f}{spread} | {m['weight_on_span']:.3f} | "
             f"{m['mean_total_weight']:.2f} | {m['train_seconds']:.1f} |"
         )
     heatmap(models, test, args.out / "attention_heatmap.png")

@@ -64,4 +64,13 @@ def test_smoke_run_writes_table_heatmap_and_results(example, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["structured"]["accuracy"] == pytest.approx(results["structured"]["accuracy"])
-    assert len(saved["structured"]["pairwise"]) == 2
+    assert len(saved["structured"]["runs"][0]["pairwise"]) == 2
+
+
+def test_smoke_run_with_ift_gradient_and_two_seeds(example, tmp_path):
+    args = ["--smoke", "--kinds", "structured", "--gradient", "ift", "--seeds", "0", "1"]
+    results = example.main([*args, "--out", str(tmp_path)])
+    runs = results["structured"]["runs"]
+    assert [r["seed"] for r in runs] == [0, 1]
+    assert results["structured"]["accuracy_min"] <= results["structured"]["accuracy"]
+    assert results["structured"]["accuracy"] <= results["structured"]["accuracy_max"]
