@@ -442,3 +442,178 @@ class TestSample:
         mask = (torch.arange(6)[None, :] < lengths[:, None])[..., None]
         sd = torch.sqrt(n * mu_u * (1 - mu_u))
         assert ((freq - n * mu_u).abs() <= 5 * sd + 1)[mask.expand_as(freq)].all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the scaled probability-space path against the log-space path, and its fallback
+# ---------------------------------------------------------------------------------------------
+
+
+def _shaped_binary(kind: str, B: int, T: int, Z: int, g: torch.Generator) -> torch.Tensor:
+    """Binary potentials in each broadcast form the kernels accept."""
+    shapes = {
+        "full": (B, T - 1, Z, Z),
+        "shared": (Z, Z),
+        "shared4": (1, 1, Z, Z),
+        "time": (T - 1, Z, Z),
+        "batch": (B, 1, Z, Z),
+    }
+    if kind == "expanded":
+        return torch.randn(1, 1, Z, Z, generator=g, dtype=F64).expand(B, T - 1, Z, Z)
+    return torch.randn(shapes[kind], generator=g, dtype=F64)
+
+
+BINARY_KINDS = ["full", "shared", "shared4", "time", "batch", "expanded"]
+
+
+class TestScaledPath:
+    @pytest.mark.parametrize("kind", BINARY_KINDS)
+    def test_every_broadcast_form_matches_brute_force(
+        self, kind: str, device: torch.device
+    ) -> None:
+        """Value and gradient (summed to the shape passed in) for each binary layout."""
+        g = torch.Generator().manual_seed(21)
+        B, T, Z = 3, 4, 3
+        unary = torch.randn(B, T, Z, generator=g, dtype=F64)
+        unary[1, 2, 0] = -INF
+        binary = _shaped_binary(kind, B, T, Z, g)
+        lengths = torch.tensor([4, 2, 3])
+        ref = brute_force(unary, binary.expand(B, T - 1, Z, Z), lengths)
+        u = unary.to(device).requires_grad_(True)
+        base = binary.to(device) if kind != "expanded" else binary[:1, :1].contiguous().to(device)
+        base.requires_grad_(True)
+        b = base.expand(B, T - 1, Z, Z) if kind == "expanded" else base
+        out = chain.log_partition(u, b, lengths.to(device))
+        torch.testing.assert_close(out.detach().cpu(), ref["log_z"])
+        gu, gb = torch.autograd.grad(out.sum(), (u, base))
+        torch.testing.assert_close(gu.cpu(), ref["mu_unary"])
+        expect = ref["mu_binary"]
+        if kind != "full":
+            expect = expect.sum(0, keepdim=True) if kind != "batch" else expect
+            expect = (
+                expect.sum(1, keepdim=True)
+                if kind in ("shared", "shared4", "batch", "expanded")
+                else expect
+            )
+        torch.testing.assert_close(gb.cpu(), expect.reshape(gb.shape))
+        mu_u, mu_b = chain.marginals(unary.to(device), b.detach(), lengths.to(device))
+        torch.testing.assert_close(mu_u.cpu(), ref["mu_unary"])
+        torch.testing.assert_close(mu_b.cpu(), ref["mu_binary"])
+
+    @pytest.mark.parametrize("kind", ["full", "shared", "time", "batch"])
+    @pytest.mark.parametrize("dtype", [torch.float32, F64])
+    def test_scaled_equals_log_space_and_is_certified(self, kind: str, dtype: torch.dtype) -> None:
+        """On moderate potentials every row takes the scaled path and matches log space."""
+        from structift.chain import _log, _scaled
+
+        g = torch.Generator().manual_seed(22)
+        B, T, Z = 4, 30, 6
+        unary = 4.0 * torch.randn(B, T, Z, generator=g, dtype=F64)
+        binary = 4.0 * _shaped_binary(kind, B, T, Z, g)
+        unary[unary < -6.0] = -INF  # hard constraints, about 7% of the states
+        lengths = torch.tensor([30, 17, 1, 29])
+        log_z, mu_u, mu_b = _log.forward_backward(unary, binary, lengths)
+        assert torch.isfinite(log_z).all()
+        _, state = _scaled.forward(unary.to(dtype), binary.to(dtype), lengths)
+        assert state.ok.all(), "moderate potentials must not need the log-space fallback"
+        out = chain.log_partition(unary.to(dtype), binary.to(dtype), lengths)
+        mine_u, mine_b = chain.marginals(unary.to(dtype), binary.to(dtype), lengths)
+        tol = {"atol": 1e-4, "rtol": 1e-5} if dtype == torch.float32 else {}
+        torch.testing.assert_close(out.double(), log_z, **tol)
+        torch.testing.assert_close(mine_u.double(), mu_u, **tol)
+        torch.testing.assert_close(mine_b.double(), mu_b, **tol)
+
+    def test_fallback_triggers_where_float32_underflows(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Row 0 needs a state whose weight exp(-100) is below float32's normal range.
+
+        Its only continuation is through that state, so probability space loses it (log Z
+        wrong or -inf); the certificate must reject the row and log space must redo it, while
+        row 1 (ordinary) stays on the scaled path.
+        """
+        from structift.chain import _scaled
+
+        Z, T = 3, 4
+        unary = torch.zeros(2, T, Z, dtype=F64)
+        unary[0, 0] = torch.tensor([0.0, -100.0, -INF])
+        binary = torch.zeros(2, T - 1, Z, Z, dtype=F64)
+        binary[0, 0, 0, :] = -110.0  # leaving state 0 costs more than the tiny state 1
+        lengths = torch.tensor([T, T])
+        ref = brute_force(unary, binary, lengths)
+        u32, b32 = unary.float(), binary.float()
+        _, state = _scaled.forward(u32, b32, lengths)
+        assert state.ok.tolist() == [False, True]
+        out = chain.log_partition(u32, b32, lengths)
+        torch.testing.assert_close(out.double(), ref["log_z"], atol=1e-4, rtol=1e-6)
+        mu_u, mu_b = chain.marginals(u32, b32, lengths)
+        torch.testing.assert_close(mu_u.double(), ref["mu_unary"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mu_b.double(), ref["mu_binary"], atol=1e-5, rtol=1e-5)
+        # Without the certificate (every row trusted) the scaled answer for row 0 is wrong.
+        monkeypatch.setattr(_scaled, "certified_threshold", lambda dtype: 0.0)
+        raw = chain.log_partition(u32, b32, lengths)
+        assert not torch.isclose(raw[0].double(), ref["log_z"][0], atol=1e-2)
+        torch.testing.assert_close(raw[1].double(), ref["log_z"][1], atol=1e-4, rtol=1e-6)
+
+    @pytest.mark.parametrize("kind", BINARY_KINDS)
+    def test_all_rows_through_fallback(self, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        """With nothing certified every row goes through log space and still matches."""
+        from structift.chain import _scaled
+
+        monkeypatch.setattr(_scaled, "certified_threshold", lambda dtype: INF)
+        g = torch.Generator().manual_seed(23)
+        B, T, Z = 3, 4, 3
+        unary = torch.randn(B, T, Z, generator=g, dtype=F64)
+        binary = _shaped_binary(kind, B, T, Z, g)
+        lengths = torch.tensor([4, 1, 3])
+        ref = brute_force(unary, binary.expand(B, T - 1, Z, Z), lengths)
+        u = unary.clone().requires_grad_(True)
+        w = torch.tensor([1.0, 2.0, -0.5], dtype=F64)
+        out = chain.log_partition(u, binary, lengths)
+        torch.testing.assert_close(out.detach(), ref["log_z"])
+        (gu,) = torch.autograd.grad((out * w).sum(), u)
+        torch.testing.assert_close(gu, ref["mu_unary"] * w[:, None, None])
+        mu_u, mu_b = chain.marginals(unary, binary, lengths)
+        torch.testing.assert_close(mu_u, ref["mu_unary"])
+        torch.testing.assert_close(mu_b, ref["mu_binary"])
+
+    @pytest.mark.parametrize("kind", ["full", "shared"])
+    def test_weighted_and_retained_backward(self, kind: str) -> None:
+        """Non-uniform output weights, and a second backward through a retained graph."""
+        g = torch.Generator().manual_seed(24)
+        B, T, Z = 3, 5, 3
+        unary = torch.randn(B, T, Z, generator=g, dtype=F64, requires_grad=True)
+        binary = _shaped_binary(kind, B, T, Z, g).requires_grad_(True)
+        lengths = torch.tensor([5, 3, 4])
+        ref = brute_force(unary.detach(), binary.detach().expand(B, T - 1, Z, Z), lengths)
+        w = torch.tensor([0.5, -1.0, 3.0], dtype=F64)
+        out = chain.log_partition(unary, binary, lengths)
+        (out * w).sum().backward(retain_graph=True)
+        (out * w).sum().backward()
+        expect_b = ref["mu_binary"] * w[:, None, None, None]
+        if kind == "shared":
+            expect_b = expect_b.sum((0, 1))
+        torch.testing.assert_close(unary.grad, 2 * ref["mu_unary"] * w[:, None, None])
+        torch.testing.assert_close(binary.grad, 2 * expect_b)
+
+    def test_extreme_but_safe_values(self) -> None:
+        """Potentials of +-500 (float32 exp overflows at 88) are handled by the shifts."""
+        unary, binary, lengths = random_chain(3, 6, 4, seed=25, scale=1.0)
+        unary = unary + 500.0
+        binary = binary - 500.0
+        ref_z = brute_force(unary, binary, lengths)["log_z"]
+        out = chain.log_partition(unary.float(), binary.float(), lengths)
+        torch.testing.assert_close(out.double(), ref_z, rtol=1e-6, atol=1e-3)
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    def test_low_precision_computes_in_float32(self, dtype: torch.dtype) -> None:
+        unary, binary, lengths = random_chain(2, 5, 3, seed=26)
+        ref = brute_force(unary, binary, lengths)
+        u = unary.to(dtype).requires_grad_(True)
+        out = chain.log_partition(u, binary.to(dtype), lengths)
+        assert out.dtype == dtype
+        (gu,) = torch.autograd.grad(out.sum(), u)
+        assert gu.dtype == dtype
+        tol = {"atol": 5e-2, "rtol": 1e-2}
+        torch.testing.assert_close(out.double(), ref["log_z"], **tol)
+        torch.testing.assert_close(gu.double(), ref["mu_unary"], **tol)

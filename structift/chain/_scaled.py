@@ -50,6 +50,11 @@ def certified_nats(dtype: torch.dtype) -> float:
     return -math.log(torch.finfo(dtype).tiny) - 37.0
 
 
+def certified_threshold(dtype: torch.dtype) -> float:
+    """Smallest certified normaliser ``exp(-certified_nats(dtype))``."""
+    return math.exp(-certified_nats(dtype))
+
+
 def _finite_or_zero(x: Tensor) -> Tensor:
     return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
@@ -203,7 +208,7 @@ def forward(
         norm[t] = torch.linalg.vecdot(alpha[t], bt)
 
     # Certificate (module docstring); NaN compares False, so NaN rows fail it too.
-    thr = math.exp(-certified_nats(u.dtype))
+    thr = certified_threshold(u.dtype)
     good = ((norm >= thr) | ~mask).all(0)
     if T > 1:
         good &= ((scale[1:] * norm[1:] >= thr) | ~mask[1:]).all(0)
