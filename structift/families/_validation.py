@@ -80,6 +80,12 @@ def check_log_potential(name: str, x: Tensor) -> None:
     Raises:
         ValueError: naming the first offending index.
     """
+    # One reduction decides the common case: a NaN or +inf entry makes the sum NaN or +inf,
+    # so a finite or -inf sum proves there is neither. Only otherwise (or on overflow) do we
+    # pay for the element-wise search that names the culprit.
+    total = x.sum()
+    if bool(torch.isfinite(total) | (total == float("-inf"))):
+        return
     bad = torch.isnan(x) | (x == float("inf"))
     if bool(bad.any()):
         index = tuple(int(i) for i in bad.nonzero()[0])

@@ -161,7 +161,9 @@ class LinearChainCRF(ExpFamily):
         """The marginals μ = ∇A(θ) as ``ChainMarginals(unary [B,T,Z], binary [B,T-1,Z,Z])``.
 
         Computed by forward-backward; differentiable in the potentials (for Hessian-vector
-        products) whenever gradients are enabled and a potential requires grad.
+        products) whenever gradients are enabled and a potential requires grad. That
+        differentiable path is much slower than the detached one: read the marginals under
+        ``torch.no_grad()`` when you do not differentiate through them.
         """
         create_graph = torch.is_grad_enabled() and (
             self.unary.requires_grad or self.binary.requires_grad

@@ -388,3 +388,17 @@ def test_validate_args_false_skips_every_check() -> None:
         torch.full((1, 2), 7),
         validate_args=False,
     )
+
+
+def test_nan_check_is_not_fooled_by_infinities_or_overflow() -> None:
+    """The one-reduction fast path: -inf next to +inf or NaN is still caught; overflow is not an error."""
+    unary = torch.zeros(1, 3, 2)
+    unary[0, 0, 0] = -INF
+    unary[0, 2, 1] = INF
+    with pytest.raises(ValueError, match=r"unary must be real or -inf.*inf at index \(0, 2, 1\)"):
+        st.LinearChainCRF(unary, torch.zeros(2, 2))
+    unary[0, 2, 1] = NAN
+    with pytest.raises(ValueError, match=r"unary must be real or -inf.*nan at index \(0, 2, 1\)"):
+        st.LinearChainCRF(unary, torch.zeros(2, 2))
+    huge = torch.full((1, 3, 2), 3e38)  # float32: the sum overflows to +inf, the entries are fine
+    st.LinearChainCRF(huge, torch.zeros(2, 2))
