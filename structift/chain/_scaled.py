@@ -167,45 +167,18 @@ def forward(
     if not expu.is_contiguous():
         expu = expu.contiguous()
 
-    alpha = torch.empty_like(expu)
-    alpha[0] = expu[0]
-    scales = [alpha[0].amax(-1, keepdim=True)]
-    alpha[0].div_(scales[0])
-    for t in range(1, T):
-        at = alpha[t]
-        trans.ensure(t - 1)
-        trans.vecmat(alpha[t - 1], t - 1, out=at)
-        at.mul_(expu[t])
-        s = at.amax(-1, keepdim=True)
-        at.div_(s)
-        scales.append(s)
-        if t >= min_len:
-            at.copy_(torch.where(mask[t, :, None], at, alpha[t - 1]))
-    scale = torch.cat(scales, dim=-1).T  # shape: (T, B)
-
+    alpha, scale = _alpha_pass(trans, expu, mask, min_len)
     inc = torch.log(scale) + u_shift.T
     if T > 1:
         inc[1:] += trans.shift.expand(B, T - 1).T
     log_z = torch.where(mask, inc, torch.zeros_like(inc)).sum(0) + torch.log(alpha[-1].sum(-1))
 
     eager = eager and trans.full
-    beta = torch.empty_like(expu)
-    beta[-1] = 1.0
-    norm = torch.empty_like(scale)
-    norm[-1] = alpha[-1].sum(-1)
-    for t in range(T - 2, -1, -1):
-        bt = beta[t]
-        r = expu[t + 1] * beta[t + 1]
-        if eager:
-            _marginal_step(trans.E[:, t], r, alpha[t], scale[t + 1] * norm[t + 1], out=bt)
-            if t + 1 >= min_len:  # padding may hold inf/NaN: zero it explicitly
-                trans.E[:, t].masked_fill_(~mask[t + 1, :, None, None], 0.0)
-        else:
-            trans.matvec(r, t, out=bt)
-        bt.div_(bt.amax(-1, keepdim=True))
-        if t + 1 >= min_len:
-            bt.masked_fill_(~mask[t + 1, :, None], 1.0)
-        norm[t] = torch.linalg.vecdot(alpha[t], bt)
+    if eager:
+        beta, norm = _beta_pass_eager(trans, expu, alpha, scale, mask, min_len)
+    else:
+        beta = _beta_pass(trans, expu, mask, min_len)
+        norm = torch.linalg.vecdot(alpha, beta)  # shape: (T, B)
 
     # Certificate (module docstring); NaN compares False, so NaN rows fail it too.
     thr = certified_threshold(u.dtype)
@@ -233,15 +206,92 @@ def forward(
     return log_z, state
 
 
-def _marginal_step(Et: Tensor, r: Tensor, alpha_t: Tensor, sd: Tensor, out: Tensor) -> None:
-    """Turn ``E_t`` into ``alpha_t[i] E_t[i, j] r[j] / sd`` in place; ``out = E_t @ r``.
+# The loops below run one small kernel per op and step, so they use pre-made views (`unbind`)
+# and `out=` arguments: per-step Python and allocation overhead is most of their cost on CPU.
 
-    ``r = e_{t+1} * beta_{t+1}`` and ``sd = S_{t+1} D_{t+1}`` (both per row). A row with
-    ``sd == 0`` (no finite path) gets inf/NaN: it is uncertified and overwritten afterwards.
+
+def _alpha_pass(
+    trans: Transitions, expu: Tensor, mask: Tensor, min_len: int
+) -> tuple[Tensor, Tensor]:
+    """Max-normalised forward messages ``alpha`` ``[T, B, Z]`` and their scales ``S`` ``[T, B]``."""
+    T, B, _ = expu.shape
+    alpha = torch.empty_like(expu)
+    scale = expu.new_empty(T, B, 1)
+    A, X, S, M = alpha.unbind(0), expu.unbind(0), scale.unbind(0), mask.unbind(0)
+    A[0].copy_(X[0])
+    torch.amax(A[0], -1, keepdim=True, out=S[0])
+    A[0].div_(S[0])
+    E0 = trans.E[0, 0] if trans.Bb == 1 and trans.Tb == 1 else None
+    for t in range(1, T):
+        at = A[t]
+        if E0 is not None:
+            torch.mm(A[t - 1], E0, out=at)
+        else:
+            trans.ensure(t - 1)
+            trans.vecmat(A[t - 1], t - 1, out=at)
+        at.mul_(X[t])
+        torch.amax(at, -1, keepdim=True, out=S[t])
+        at.div_(S[t])
+        if t >= min_len:  # padding keeps the last valid message
+            torch.where(M[t].unsqueeze(-1), at, A[t - 1], out=at)
+    return alpha, scale.squeeze(-1)
+
+
+def _beta_pass(trans: Transitions, expu: Tensor, mask: Tensor, min_len: int) -> Tensor:
+    """Max-normalised backward messages ``beta`` ``[T, B, Z]`` (ones from ``L-1`` on)."""
+    T, B, Z = expu.shape
+    beta = torch.empty_like(expu)
+    R, X, pad = beta.unbind(0), expu.unbind(0), (~mask).unsqueeze(-1).unbind(0)
+    R[-1].fill_(1.0)
+    tmp = expu.new_empty(B, Z)
+    E0T = trans.E[0, 0].T if trans.Bb == 1 and trans.Tb == 1 else None
+    for t in range(T - 2, -1, -1):
+        bt = R[t]
+        torch.mul(X[t + 1], R[t + 1], out=tmp)
+        if E0T is not None:
+            torch.mm(tmp, E0T, out=bt)
+        else:
+            trans.matvec(tmp, t, out=bt)
+        bt.div_(bt.amax(-1, keepdim=True))
+        if t + 1 >= min_len:
+            bt.masked_fill_(pad[t + 1], 1.0)
+    return beta
+
+
+def _beta_pass_eager(
+    trans: Transitions, expu: Tensor, alpha: Tensor, scale: Tensor, mask: Tensor, min_len: int
+) -> tuple[Tensor, Tensor]:
+    """``beta`` and ``D`` as ``_beta_pass``, turning each block ``E_t`` into the marginals.
+
+    ``E_t <- alpha_t[i] E_t[i, j] e_{t+1}[j] beta_{t+1}[j] / (S_{t+1} D_{t+1})`` while the block
+    is in cache; ``E_t @ (e_{t+1} beta_{t+1})`` is its row sum half-way. A row with no finite
+    path gets inf/NaN: it is uncertified and overwritten afterwards.
     """
-    Et.mul_(r.unsqueeze(1))
-    torch.sum(Et, dim=-1, out=out)
-    Et.mul_((alpha_t / sd.unsqueeze(-1)).unsqueeze(-1))
+    T, B, Z = expu.shape
+    beta = torch.empty_like(expu)
+    norm = scale.new_empty(T, B)
+    R, X, A, N, S = beta.unbind(0), expu.unbind(0), alpha.unbind(0), norm.unbind(0), scale.unbind(0)
+    pad = (~mask).unbind(0)
+    blocks = trans.E.unbind(1)
+    R[-1].fill_(1.0)
+    torch.sum(A[-1], -1, out=N[-1])
+    r = expu.new_empty(B, Z)
+    left = expu.new_empty(B, Z)
+    sd = scale.new_empty(B)
+    for t in range(T - 2, -1, -1):
+        Et, bt = blocks[t], R[t]
+        torch.mul(X[t + 1], R[t + 1], out=r)
+        Et.mul_(r.unsqueeze(1))
+        torch.sum(Et, -1, out=bt)
+        torch.mul(S[t + 1], N[t + 1], out=sd)
+        torch.div(A[t], sd.unsqueeze(-1), out=left)
+        Et.mul_(left.unsqueeze(-1))
+        bt.div_(bt.amax(-1, keepdim=True))
+        if t + 1 >= min_len:  # padding may hold inf/NaN: zero it explicitly
+            Et.masked_fill_(pad[t + 1][:, None, None], 0.0)
+            bt.masked_fill_(pad[t + 1].unsqueeze(-1), 1.0)
+        torch.linalg.vecdot(A[t], bt, out=N[t])
+    return beta, norm
 
 
 def backward(
