@@ -161,7 +161,7 @@ def child_memory(impl: str, B: int, T: int, Z: int, threads: int) -> None:
     torch.set_num_threads(threads)
     small, _ = build(impl, make_inputs(2, 4, 3, "cpu"))
     small()  # load libraries and lazy state before measuring
-    run, leaves = build(impl, make_inputs(B, T, Z, "cpu"))
+    run, _leaves = build(impl, make_inputs(B, T, Z, "cpu"))
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS counter (VmHWM)
