@@ -194,7 +194,13 @@ def _selection_crf(
     # shape: (N, T, 2) — potential 0 for "not selected", the score for "selected"
     unary = torch.stack([torch.zeros_like(flat), flat], dim=-1)
     N = flat.shape[0]
-    return st.LinearChainCRF(unary, binary.reshape(N, T - 1, 2, 2), lengths.reshape(N))
+    # Everything the family would check is checked above, except feasibility: with finite
+    # pairwise potentials the all-zero selection always has a finite score, so only -inf
+    # pairwise potentials need the family's check (it raises for sequences with A = -inf).
+    feasible = bool(torch.isfinite(binary).all())
+    return st.LinearChainCRF(
+        unary, binary.reshape(N, T - 1, 2, 2), lengths.reshape(N), validate_args=not feasible
+    )
 
 
 def _structured_weights(

@@ -425,3 +425,15 @@ def test_padded_garbage_is_not_an_error():
     for kind in ("structured", "softmax", "sparsemax"):
         w = attention_weights(s, torch.tensor([2]), kind=kind)
         assert torch.isfinite(w).all() and (w[:, 2:] == 0).all()
+
+
+def test_infeasible_pairwise_potentials_raise():
+    """With -inf pairwise potentials a sequence may have no selection of finite score."""
+    forbid_all = torch.full((2, 2), float("-inf"))
+    with pytest.raises(ValueError, match="finite score"):
+        attention_weights(torch.randn(1, 3), binary=forbid_all)
+    # forbidding only switches is feasible: all-0 or all-1, never NaN
+    stay = torch.tensor([[0.0, float("-inf")], [float("-inf"), 0.0]], dtype=torch.float64)
+    s = torch.randn(2, 4, dtype=torch.float64)
+    w = attention_weights(s, binary=stay)
+    torch.testing.assert_close(w, torch.sigmoid(s.sum(-1, keepdim=True)).expand(2, 4))
