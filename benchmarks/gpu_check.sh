@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# GPU check for the chain kernels, for a session with a lent CUDA device (about 5 minutes).
+#
+#   1. the GPU tests (`pytest -m gpu`: every test parametrised by the `device` fixture runs on CUDA);
+#   2. benchmarks/chain.py on CUDA at B=256, T=128, Z=32 against torch-struct and pytorch-crf,
+#      with the bandwidth-floor line: 3 x potential bytes / measured device copy bandwidth.
+#
+# Usage: bash benchmarks/gpu_check.sh   (PYTHON=... to pick the interpreter; output also in $OUT
+# when that variable names a directory, as on the lent machines).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-.venv/bin/python}"
+[ -x "$PY" ] || PY=python3
+LOG="${OUT:-/tmp}/gpu_check.log"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # structift from this checkout
+{
+  status=0
+  echo "== device"
+  "$PY" - <<'PYEOF'
+import torch
+assert torch.cuda.is_available(), "CUDA is not available: this script needs a GPU"
+print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())
+PYEOF
+  [ $? -eq 0 ] || exit 2
+
+  echo "== pytest -m gpu"
+  timeout 300 "$PY" -m pytest -m gpu -q -p no:cacheprovider || status=1
+
+  echo "== benchmark (CUDA, B=256 T=128 Z=32)"
+  timeout 180 "$PY" benchmarks/chain.py --device cuda -B 256 -T 128 -Z 32 \
+    --floor --repeats 20 --ts-work 1e12 || status=1
+  echo "== exit status $status"
+  exit "$status"
+} 2>&1 | tee "$LOG"
+exit "${PIPESTATUS[0]}"
