@@ -34,9 +34,12 @@ from torch import Tensor
 # Fraction of the distance to the boundary of the positive orthant a step may cover: keeps the
 # iterates strictly interior so W = s/λ stays finite and positive.
 _STEP_FRACTION = 0.99
-# Stop an element after this many iterations in a row that fail to halve its best residual:
-# rounding (mostly in float32) has ended progress.
+# Stop an element after this many iterations in a row that fail to lower its best merit by
+# the factor below: rounding (mostly in float32) has ended progress.
 _MAX_STALLS = 3
+_PROGRESS = 0.9
+# Iterative-refinement steps after the polishing solve.
+_REFINE_STEPS = 2
 
 
 class QPData(NamedTuple):
@@ -83,6 +86,8 @@ class IPMResult(NamedTuple):
     converged: Tensor  # BoolTensor [B], the residual reached tol
     infeasible: Tensor  # BoolTensor [B], a Farkas certificate of primal infeasibility was found
     broke_down: Tensor  # BoolTensor [B], a factorization failed (e.g. dependent constraints)
+    keep: Tensor  # BoolTensor [B, k], rows of UK in use (False: dropped inactive constraint)
+    polished: Tensor  # BoolTensor [B], z and UK come from `polish`
 
 
 def rmv(x: Tensor, Mt: Tensor) -> Tensor:
@@ -131,14 +136,21 @@ def factor_schur(data: QPData, W: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def kkt_solve(
-    data: QPData, UK: Tensor, rz: Tensor, rl: Tensor, rn: Tensor
+    data: QPData,
+    UK: Tensor,
+    rz: Tensor,
+    rl: Tensor,
+    rn: Tensor,
+    keep: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Solve Qx + Gᵀy + Aᵀw = rz, Gx − Wy = rl, Ax = rn with K = UKᵀ UK.
 
     Args:
         data: the batch.
-        UK: [B, k, k] from `factor_schur`.
+        UK: [B, k, k] from `factor_schur` or `factor_active`.
         rz: [B, n]; rl: [B, m]; rn: [B, p].
+        keep: optional BoolTensor [B, k]; rows outside it are dropped (their y is 0), which
+            is W = ∞ exactly; UK must then come from `factor_active` with the same mask.
 
     Returns:
         x [B, n], y [B, m], w [B, p].
@@ -146,11 +158,41 @@ def kkt_solve(
     # x = Q⁻¹(rz − [G; A]ᵀ[y; w]) and K [y; w] = [G; A] Q⁻¹ rz − [rl; rn], Q⁻¹ = Lq⁻ᵀ Lq⁻¹.
     u = torch.linalg.solve_triangular(data.Lq, rz.unsqueeze(-1), upper=False)  # shape: (B, n, 1)
     rhs = (u.mT @ data.M).mT - torch.cat([rl, rn], dim=-1).unsqueeze(-1)
+    if keep is not None:
+        rhs = rhs * keep.unsqueeze(-1)
     yw = torch.cholesky_solve(rhs, UK, upper=True)  # shape: (B, k, 1)
     u = u - (yw.mT @ data.Mt).mT
     x = torch.linalg.solve_triangular(data.Lq.mT, u, upper=True).squeeze(-1)
     m = rl.shape[-1]
     return x, yw[:, :m, 0], yw[:, m:, 0]
+
+
+def factor_active(data: QPData, active: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Factor the KKT system of the identified active set: W = 0 on it, W = ∞ off it.
+
+    At a strictly complementary solution this is the exact KKT Jacobian (active constraints
+    hold with equality, inactive ones have λ = 0 and drop out), free of the O(μ) smoothing
+    the interior-point iterate's W = s/λ carries.
+
+    Args:
+        data: the batch.
+        active: BoolTensor [B, m].
+
+    Returns:
+        The upper factor [B, k, k] of K restricted to active and equality rows (identity on
+        the dropped rows), the keep mask [B, k] for `kkt_solve`, and a BoolTensor [B] that is
+        False where that matrix is singular (dependent active constraints: a degenerate vertex).
+    """
+    B, k = data.C.shape[0], data.C.shape[-1]
+    keep = torch.cat([active, active.new_ones(B, k - active.shape[-1])], dim=-1)
+    both = keep.unsqueeze(-1) & keep.unsqueeze(-2)
+    K = torch.where(both, data.C, 0.0)
+    K.diagonal(dim1=-2, dim2=-1).add_((~keep).to(K.dtype))
+    UK, info = torch.linalg.cholesky_ex(K, upper=True)
+    piv = UK.diagonal(dim1=-2, dim2=-1).square()
+    # A tiny pivot relative to the largest one means (numerically) dependent active rows.
+    ok = (info == 0) & (piv.amin(-1) > 1e3 * torch.finfo(K.dtype).eps * piv.amax(-1))
+    return UK, keep, ok
 
 
 def _max_step(v: Tensor, dv: Tensor) -> Tensor:
@@ -178,6 +220,89 @@ def _inf_norm(x: Tensor) -> Tensor:
     return x.abs().amax(dim=-1)
 
 
+def _residuals(
+    data: QPData, z: Tensor, s: Tensor, lam: Tensor, nu: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Return rd, rp, re, Gᵀλ + Aᵀν, the scaled primal residual, the KKT residual and merit."""
+    q, h, b = data.q, data.h, data.b
+    n, m = q.shape[-1], h.shape[-1]
+    prods = rmv(z, data.QGAt)  # Q is symmetric: zᵀQ = (Qz)ᵀ
+    Qz, GAz = prods[:, :n], prods[:, n:]
+    GAt_mult = rmv(torch.cat([lam, nu], dim=-1), data.GA)
+    rd = Qz + q + GAt_mult
+    rp = GAz[:, :m] + s - h
+    re = GAz[:, m:] - b
+    gap = (s * lam).sum(-1)
+    obj = 0.5 * (z * Qz).sum(-1) + (q * z).sum(-1)
+    res_p = torch.maximum(
+        _inf_norm(rp) / (1.0 + _inf_norm(h)), _inf_norm(re) / (1.0 + _inf_norm(b))
+    )
+    parts = torch.stack([_inf_norm(rd) / (1.0 + _inf_norm(q)), res_p, gap / (1.0 + obj.abs())], -1)
+    # Progress merit: the sum, so that a shrinking gap counts while rounding holds the
+    # residuals at a floor (z still improves then, mostly in float32).
+    return rd, rp, re, GAt_mult, res_p, parts.amax(-1), parts.sum(-1)
+
+
+def polish(data: QPData, res: IPMResult, accept_tol: float) -> IPMResult:
+    """Replace each solved element by the exact solution on its identified active set.
+
+    The interior-point iterate is a point of the central path: a constraint with a small
+    multiplier keeps a slack of order μ/λ, which biases z and its Jacobian. Solving the
+    equality-constrained QP with the active set {i : λ_i > s_i} (one factorization, as OSQP's
+    polishing does) removes that bias. A result is kept only where it is primal and dual
+    feasible and its KKT residual is at most accept_tol; where not, up to two more rounds
+    move violated constraints into the set and constraints with negative multipliers out of
+    it (a primal-dual active-set step). The kept factor is the one the backward uses.
+
+    Args:
+        data: the batch.
+        res: the interior-point result.
+        accept_tol: polish elements whose residual is at most this (and not infeasible), and
+            accept results within it.
+    """
+    n, m = data.q.shape[-1], data.h.shape[-1]
+    if data.C.shape[-1] == 0:
+        return res  # unconstrained: the Newton step was already exact
+    todo = ~res.infeasible & (res.kkt_residual <= accept_tol)
+    slack_tol = (accept_tol * (1.0 + _inf_norm(data.h)))[:, None]
+    mult_tol = (accept_tol * (1.0 + _inf_norm(res.lam)))[:, None]
+    active = res.lam > res.s
+    for _ in range(3):
+        UK, keep, ok = factor_active(data, active)
+        z, lam, nu = kkt_solve(data, UK, -data.q, data.h, data.b, keep)
+        for _ in range(_REFINE_STEPS):
+            # Iterative refinement: the Schur-complement solve loses digits to cond(K), mostly
+            # in float32; re-solving for the residual with the same factor recovers them.
+            rd, rp, re = _residuals(data, z, torch.zeros_like(lam), lam, nu)[:3]
+            dz, dlam, dnu = kkt_solve(data, UK, -rd, -rp, -re, keep)
+            z, lam, nu = z + dz, lam + dlam, nu + dnu
+        s = data.h - rmv(z, data.QGAt)[:, n : n + m]
+        violated, negative = s < -slack_tol, lam < -mult_tol
+        s, lam = s.clamp(min=0.0), lam.clamp(min=0.0)
+        kkt = _residuals(data, z, s, lam, nu)[5]
+        feasible = ~(violated | negative).any(-1)
+        # In float32 the polished residual can exceed the interior point's (rounding in the
+        # Schur solve) while z is still several times more accurate: accept up to accept_tol.
+        accept = todo & ok & feasible & (kkt <= accept_tol)
+        if bool(accept.any()):
+            a1, a2 = accept[:, None], accept[:, None, None]
+            res = res._replace(
+                z=torch.where(a1, z, res.z),
+                s=torch.where(a1, s, res.s),
+                lam=torch.where(a1, lam, res.lam),
+                nu=torch.where(a1, nu, res.nu),
+                UK=torch.where(a2, UK, res.UK),
+                keep=torch.where(a1, keep, res.keep),
+                kkt_residual=torch.where(accept, kkt, res.kkt_residual),
+                polished=res.polished | accept,
+            )
+        todo = todo & ~accept & ok
+        if not bool(todo.any()):
+            break
+        active = (active | violated) & ~negative
+    return res
+
+
 def interior_point(data: QPData, tol: float, max_iter: int) -> IPMResult:
     """Run Mehrotra's predictor-corrector method on a batch of convex QPs.
 
@@ -193,9 +318,6 @@ def interior_point(data: QPData, tol: float, max_iter: int) -> IPMResult:
     """
     q, h, b = data.q, data.h, data.b
     B, n, m = q.shape[0], q.shape[-1], h.shape[-1]
-    scale_q = 1.0 + _inf_norm(q)
-    scale_h = 1.0 + _inf_norm(h)
-    scale_b = 1.0 + _inf_norm(b)
 
     # Start (as CVXOPT does): solve the KKT system with W = I, i.e. min ½zᵀQz + qᵀz + ½‖s‖²
     # subject to Gz + s = h, Az = b, then shift the slacks and multipliers into the interior.
@@ -214,31 +336,24 @@ def interior_point(data: QPData, tol: float, max_iter: int) -> IPMResult:
     iterations = torch.zeros(B, dtype=torch.long, device=q.device)
     best = (z, s, lam, nu)
     best_kkt = q.new_full((B,), float("inf"))
+    best_merit = q.new_full((B,), float("inf"))
     stalls = torch.zeros_like(iterations)
     for it in range(max_iter + 1):
-        prods = rmv(z, data.QGAt)  # Q is symmetric: zᵀQ = (Qz)ᵀ
-        Qz, GAz = prods[:, :n], prods[:, n:]
-        GAt_mult = rmv(torch.cat([lam, nu], dim=-1), data.GA)  # Gᵀλ + Aᵀν
-        rd = Qz + q + GAt_mult
-        rp = GAz[:, :m] + s - h
-        re = GAz[:, m:] - b
-        gap = (s * lam).sum(-1)
-        obj = 0.5 * (z * Qz).sum(-1) + (q * z).sum(-1)
-        res_p = torch.maximum(_inf_norm(rp) / scale_h, _inf_norm(re) / scale_b)
-        kkt = torch.stack([_inf_norm(rd) / scale_q, res_p, gap / (1.0 + obj.abs())], -1).amax(-1)
+        rd, rp, re, GAt_mult, res_p, kkt, merit = _residuals(data, z, s, lam, nu)
         W = s / lam
         UK, ok = factor_schur(data, W)
         # Rounding may end progress (a broken factorization, a stall): keep the best usable
         # iterate; its factor is the one the backward pass needs.
         usable = active & ok & kkt.isfinite()
         broke_down = broke_down | (active & ~usable)
-        better = usable & (kkt < best_kkt)
-        stalls = torch.where(usable & (kkt < 0.5 * best_kkt), 0, stalls + 1)
+        better = usable & (merit < best_merit)
+        stalls = torch.where(usable & (merit < _PROGRESS * best_merit), 0, stalls + 1)
         z_b, s_b, lam_b, nu_b = (
             torch.where(better[:, None], new, old) for new, old in zip((z, s, lam, nu), best)
         )
         best = (z_b, s_b, lam_b, nu_b)
         best_kkt = torch.where(better, kkt, best_kkt)
+        best_merit = torch.where(better, merit, best_merit)
         converged = converged | (usable & (kkt <= tol))
         if m > 0:
             # Farkas: λ ≥ 0, Gᵀλ + Aᵀν = 0, hᵀλ + bᵀν < 0 proves {Gz ≤ h, Az = b} is empty.
@@ -257,7 +372,7 @@ def interior_point(data: QPData, tol: float, max_iter: int) -> IPMResult:
             nu = torch.where(active[:, None], nu + dnu, nu)
             continue
 
-        mu = gap / m
+        mu = (s * lam).sum(-1) / m
 
         # Predictor (affine scaling) step.
         _, ds_a, dlam_a, _ = _newton(data, UK, s, lam, rd, rp, re, s * lam)
@@ -287,4 +402,8 @@ def interior_point(data: QPData, tol: float, max_iter: int) -> IPMResult:
         UK_best, _ = factor_schur(data, s / lam)
         UK = torch.where(stale[:, None, None], UK_best, UK)
     broke_down = broke_down & ~converged
-    return IPMResult(z, s, lam, nu, UK, iterations, best_kkt, converged, infeasible, broke_down)
+    keep = torch.ones(B, UK.shape[-1], dtype=torch.bool, device=q.device)
+    polished = torch.zeros_like(converged)
+    return IPMResult(
+        z, s, lam, nu, UK, iterations, best_kkt, converged, infeasible, broke_down, keep, polished
+    )

@@ -19,7 +19,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._ipm import IPMResult, QPData, interior_point, kkt_solve, prepare
+from ._ipm import IPMResult, QPData, interior_point, kkt_solve, polish, prepare
+from ._qp_checks import check_rank, factor_Q, validate
 
 __all__ = [
     "InfeasibleQPError",
@@ -44,6 +45,8 @@ class QPStatus(NamedTuple):
         converged: BoolTensor, the KKT residual reached the accepted tolerance.
         infeasible: BoolTensor, a certificate proved {z : Gz ≤ h, Az = b} empty.
         iterations: LongTensor, interior-point iterations taken.
+        polished: BoolTensor, z is the exact solution on the identified active set (see
+            `qp_solve`); False where the active set is degenerate or the solve failed.
         kkt_residual: the scaled KKT residual max(‖r_dual‖∞/(1+‖q‖∞), ‖r_primal‖∞/(1+‖h‖∞,
             1+‖b‖∞), sᵀλ/(1+|objective|)) at the returned point.
     """
@@ -51,6 +54,7 @@ class QPStatus(NamedTuple):
     converged: Tensor
     infeasible: Tensor
     iterations: Tensor
+    polished: Tensor
     kkt_residual: Tensor
 
 
@@ -94,98 +98,6 @@ class QPConvergenceError(RuntimeError):
         self.status = status
 
 
-def _as_tensor_arg(name: str, x: Any) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"qp_solve: {name} must be a torch.Tensor, got {type(x).__name__}")
-    return x
-
-
-def _validate(
-    Q: Any, q: Any, G: Any, h: Any, A: Any, b: Any
-) -> tuple[dict[str, Tensor], torch.Size, int, int, int]:
-    """Check types, dtypes, devices, shapes and finiteness; fill in absent constraints."""
-    Q, q = _as_tensor_arg("Q", Q), _as_tensor_arg("q", q)
-    if Q.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"qp_solve: Q must be float32 or float64, got {Q.dtype}")
-    if Q.dim() < 2 or Q.shape[-1] != Q.shape[-2]:
-        raise ValueError(f"qp_solve: Q must have shape [*B, n, n], got {tuple(Q.shape)}")
-    n = Q.shape[-1]
-    if n == 0:
-        raise ValueError("qp_solve: Q must have at least one variable (n ≥ 1), got n = 0")
-    for pair, (M, v) in {"G, h": (G, h), "A, b": (A, b)}.items():
-        if (M is None) != (v is None):
-            raise ValueError(f"qp_solve: give both of {pair} or neither")
-    args = {"Q": Q, "q": q}
-    for mname, vname, M, v in (("G", "h", G, h), ("A", "b", A, b)):
-        if M is None:
-            M, v = Q.new_zeros(0, n), Q.new_zeros(0)
-        args[mname], args[vname] = _as_tensor_arg(mname, M), _as_tensor_arg(vname, v)
-    for name, x in args.items():
-        if x.dtype != Q.dtype:
-            raise TypeError(
-                f"qp_solve: {name} has dtype {x.dtype} but Q has {Q.dtype}; use one dtype"
-            )
-        if x.device != Q.device:
-            raise ValueError(
-                f"qp_solve: {name} is on {x.device} but Q is on {Q.device}; move all to one device"
-            )
-    if q.dim() < 1 or q.shape[-1] != n:
-        raise ValueError(f"qp_solve: q must have shape [*B, n] with n = {n}, got {tuple(q.shape)}")
-    sizes = {}
-    for mname, vname, what in (("G", "h", "m"), ("A", "b", "p")):
-        M, v = args[mname], args[vname]
-        if M.dim() < 2 or M.shape[-1] != n:
-            raise ValueError(
-                f"qp_solve: {mname} must have shape [*B, {what}, n] with n = {n}, "
-                f"got {tuple(M.shape)}"
-            )
-        if v.dim() < 1 or v.shape[-1] != M.shape[-2]:
-            raise ValueError(
-                f"qp_solve: {vname} must have shape [*B, {what}] with {what} = {M.shape[-2]} "
-                f"(rows of {mname}), got {tuple(v.shape)}"
-            )
-        sizes[what] = M.shape[-2]
-    if sizes["p"] > n:
-        raise ValueError(
-            f"qp_solve: A has p = {sizes['p']} rows but only n = {n} variables; A must have full "
-            "row rank"
-        )
-    try:
-        batch = torch.broadcast_shapes(
-            *(x.shape[: x.dim() - (2 if name in "QGA" else 1)] for name, x in args.items())
-        )
-    except RuntimeError as e:
-        shapes = {name: tuple(x.shape) for name, x in args.items()}
-        raise ValueError(f"qp_solve: the batch dimensions do not broadcast: {shapes}") from e
-    for name, x in args.items():
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"qp_solve: {name} contains NaN or inf")
-    return args, batch, n, sizes["m"], sizes["p"]
-
-
-def _factor_Q(Q: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
-    """Symmetrize Q, add the ridge, and factor it; raise a clear error if it is not PD."""
-    eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
-    Qs = 0.5 * (Q + Q.mT) + ridge * eye
-    L, info = torch.linalg.cholesky_ex(Qs)
-    if bool((info == 0).all()):
-        return Qs, L
-    eig = torch.linalg.eigvalsh(Qs)  # only on the failure path
-    lo, hi = eig[..., 0], eig[..., -1].abs().clamp(min=1.0)
-    tol = torch.finfo(Q.dtype).eps ** 0.5
-    if bool((lo < -tol * hi).any()):
-        raise ValueError(
-            "qp_solve: Q is not positive semidefinite (smallest eigenvalue "
-            f"{lo.min().item():.3g}): the QP is non-convex and cannot be solved here"
-        )
-    raise ValueError(
-        "qp_solve: Q is singular (positive semidefinite but not definite, smallest eigenvalue "
-        f"{lo.min().item():.3g}), e.g. an LP with Q = 0. Its solution may sit at a vertex where "
-        "the gradient is zero or undefined. Pass ridge=ε > 0 to solve with Q + εI instead "
-        "(this biases z by O(ε) and makes it unique and differentiable)"
-    )
-
-
 def _flat(x: Tensor, batch: torch.Size, core: int) -> Tensor:
     """Broadcast x to [*batch, *core dims] and flatten the batch to one dim B."""
     core_shape = x.shape[x.dim() - core :]
@@ -198,6 +110,7 @@ def _status(res: IPMResult, batch: torch.Size, tol: float) -> QPStatus:
         converged.reshape(batch),
         res.infeasible.reshape(batch),
         res.iterations.reshape(batch),
+        res.polished.reshape(batch),
         res.kkt_residual.reshape(batch),
     )
 
@@ -228,21 +141,6 @@ def _raise_on_failure(status: QPStatus, tol: float, max_iter: int) -> None:
     )
 
 
-def _check_rank(S: Tensor, shape: torch.Size) -> None:
-    """Raise unless S = A Q⁻¹ Aᵀ [B, p, p] is numerically positive definite (A full row rank)."""
-    U, info = torch.linalg.cholesky_ex(S, upper=True)
-    piv = U.diagonal(dim1=-2, dim2=-1).square()
-    # A pivot this small relative to the largest one means a (numerically) dependent row.
-    small = piv.amin(-1) <= 100 * torch.finfo(S.dtype).eps * piv.amax(-1)
-    bad = (info != 0) | small | ~piv.isfinite().all(-1)
-    if bool(bad.any()):
-        raise ValueError(
-            f"qp_solve: A (shape {tuple(shape)}) does not have full row rank for "
-            f"{int(bad.sum())} of {S.shape[0]} problems; remove redundant or inconsistent "
-            "equality constraints"
-        )
-
-
 class _QPFunction(torch.autograd.Function):
     """z, λ, ν = QP(θ) with the KKT adjoint as backward (the forward's factor reused)."""
 
@@ -270,8 +168,9 @@ class _QPFunction(torch.autograd.Function):
                 _flat(Lq, batch, 2),
             )
         if A.shape[-2] > 0:
-            _check_rank(data.C[:, m:, m:], A.shape)
+            check_rank(data.C[:, m:, m:], A.shape)
         res = interior_point(data, tol, opts["max_iter"])
+        res = polish(data, res, _ACCEPT_FACTOR * tol)
         ctx.data, ctx.res, ctx.batch = data, res, batch
         ctx.shapes = [x.shape for x in theta]
         opts["status"] = _status(res, batch, tol)
@@ -286,10 +185,13 @@ class _QPFunction(torch.autograd.Function):
         data: QPData = ctx.data
         res: IPMResult = ctx.res
         B = res.z.shape[0]
-        # Adjoint KKT system (∂F/∂(z, λ, ν))ᵀ w = (gz, gλ, gν) with ŵλ = λ∘wλ; it has the same
-        # matrix as a Newton step, with W = s/λ at the returned iterate (Amos & Kolter 2017).
+        # Adjoint KKT system (∂F/∂(z, λ, ν))ᵀ w = (gz, gλ, gν) with ŵλ = λ∘wλ: the matrix of a
+        # Newton step, [[Q, Gᵀ, Aᵀ], [G, −W, 0], [A, 0, 0]] (Amos & Kolter 2017).
+        # The forward's final factor: where polished, W = 0 / ∞ on the active / inactive
+        # constraints (the exact Jacobian at a strictly complementary solution); elsewhere the
+        # interior-point iterate's W = s/λ (OptNet's choice).
         wz, wl, wn = kkt_solve(
-            data, res.UK, gz.reshape(B, -1), glam.reshape(B, -1), gnu.reshape(B, -1)
+            data, res.UK, gz.reshape(B, -1), glam.reshape(B, -1), gnu.reshape(B, -1), res.keep
         )
         z, lam, nu = res.z, res.lam, res.nu
         # ∂ℓ/∂θ = −(∂F/∂θ)ᵀ w; Q enters F through its symmetric part, so its gradient is symmetric.
@@ -344,7 +246,13 @@ def qp_solve(
     with a batched primal-dual interior-point method (Mehrotra predictor-corrector), and
     differentiates z⋆, λ⋆, ν⋆ by the implicit function theorem on the KKT conditions
     (Amos & Kolter 2017, arXiv:1703.00443), reusing the forward's last factorization: a
-    backward costs a few triangular solves.
+    backward costs a few triangular solves. The forward ends by polishing: one exact solve
+    of the equality-constrained QP on the identified active set {i : λ_i > s_i}, kept where
+    it is feasible. It removes the interior point's O(μ/λ) slack on constraints with small
+    multipliers, so z is exact to rounding and the backward differentiates the KKT system of
+    the solution itself (W = 0 on active, rows of inactive constraints dropped) rather than a
+    central-path point. Where the active rows are dependent (a degenerate vertex) the
+    interior-point iterate and its factor (W = s/λ) are kept.
 
     Any argument may omit the batch dimensions (it is then shared by every problem); the
     batch shape [*B] is the broadcast of the arguments' batch shapes. A shared argument gets
@@ -396,7 +304,7 @@ def qp_solve(
         >>> qp_solve(Q, q, G, h)
         tensor([0.5000, 0.5000], dtype=torch.float64)
     """
-    args, batch, _, _, _ = _validate(Q, q, G, h, A, b)
+    args, batch, _, _, _ = validate(Q, q, G, h, A, b)
     if not ridge >= 0.0:
         raise ValueError(f"qp_solve: ridge must be ≥ 0, got {ridge}")
     if not (isinstance(max_iter, int) and max_iter >= 1):
@@ -405,8 +313,14 @@ def qp_solve(
     if not tol_ > 0.0:
         raise ValueError(f"qp_solve: tol must be > 0, got {tol}")
     with torch.no_grad():
-        Qs, Lq = _factor_Q(args["Q"], ridge)
-    opts: dict[str, Any] = {"batch": batch, "tol": tol_, "max_iter": max_iter, "Qs": Qs, "Lq": Lq}
+        Qs, Lq = factor_Q(args["Q"], ridge)
+    opts: dict[str, Any] = {
+        "batch": batch,
+        "tol": tol_,
+        "max_iter": max_iter,
+        "Qs": Qs,
+        "Lq": Lq,
+    }
     theta = [args[k] for k in ("Q", "q", "G", "h", "A", "b")]
     z, lam, nu = _QPFunction.apply(opts, *theta)
     status: QPStatus = opts["status"]

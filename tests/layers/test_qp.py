@@ -30,6 +30,13 @@ class TestForward:
         assert bool(sol.status.converged.all())
         assert sol.status.kkt_residual.max() <= 1e-10
 
+    def test_polished_solution_is_exact_to_rounding(self) -> None:
+        P = known_qp(16, 12, 20, 3, generator=torch.Generator().manual_seed(8))
+        sol = qp_solve(*P.theta, full=True)
+        assert bool(sol.status.polished.all())
+        assert (sol.z - P.z).abs().max() <= 1e-12
+        assert (sol.lam - P.lam).abs().max() <= 1e-12
+
     def test_kkt_residual_is_zero_at_solution(self, device: torch.device) -> None:
         P = known_qp(8, 12, 20, 3, device=device, generator=torch.Generator().manual_seed(3))
         sol = qp_solve(*P.theta, full=True)
@@ -141,6 +148,27 @@ class TestBackward:
         fd = (loss(eps) - loss(-eps)) / (2 * eps)
         analytic = sum((g * d).sum() for g, d in zip(grads, dirs))
         assert abs(fd - analytic) <= 1e-5 * (1 + abs(fd))
+
+    def test_small_multipliers_do_not_bias_the_jacobian(self) -> None:
+        # An active constraint with λ ~ 1e-4 keeps a slack ~ μ/λ on the central path, which
+        # smooths W = s/λ by ~1e-5 relative to the Gram matrix; the polished solve removes it,
+        # so dz/dh matches finite differences tightly. (The kink where such a constraint
+        # releases is ~λ away, so the step must be smaller than that.)
+        P = known_qp(2, 8, 10, 0, generator=torch.Generator().manual_seed(9))
+        lam = torch.where(P.lam > 0, P.lam * torch.tensor([1e-4, 1.0], dtype=F64)[:, None], 0.0)
+        q = -((P.Q @ P.z[..., None])[..., 0] + (P.G.mT @ lam[..., None])[..., 0])
+        h = P.h.clone().requires_grad_()
+        z = qp_solve(P.Q, q, P.G, h)
+        torch.testing.assert_close(z, P.z, atol=1e-11, rtol=0)
+        (g,) = torch.autograd.grad(z.sum(), h)
+        step = 1e-7
+        for i in range(P.h.shape[-1]):
+            e = torch.zeros_like(P.h)
+            e[:, i] = step
+            fd = (qp_solve(P.Q, q, P.G, P.h + e) - qp_solve(P.Q, q, P.G, P.h - e)).sum(-1) / (
+                2 * step
+            )
+            torch.testing.assert_close(g[:, i], fd, atol=1e-7, rtol=0)
 
     def test_gradient_of_Q_is_symmetric(self) -> None:
         P = known_qp(3, 5, 6, 1)
