@@ -617,3 +617,26 @@ class TestScaledPath:
         tol = {"atol": 5e-2, "rtol": 1e-2}
         torch.testing.assert_close(out.double(), ref["log_z"], **tol)
         torch.testing.assert_close(gu.double(), ref["mu_unary"], **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+@pytest.mark.parametrize("kind", ["full", "shared"])
+def test_cuda_matches_cpu_float32(kind: str) -> None:
+    """A moderate float32 problem with padding and -inf gives the same answers on both devices."""
+    g = torch.Generator().manual_seed(27)
+    B, T, Z = 16, 40, 12
+    unary = 3.0 * torch.randn(B, T, Z, generator=g)
+    unary[unary < -5.0] = -INF
+    binary = _shaped_binary(kind, B, T, Z, g).float()
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    outs = []
+    for dev in ("cpu", "cuda"):
+        u = unary.to(dev).requires_grad_(True)
+        b = binary.to(dev).requires_grad_(True)
+        log_z = chain.log_partition(u, b, lengths.to(dev))
+        gu, gb = torch.autograd.grad(log_z.sum(), (u, b))
+        _, best = chain.viterbi(u.detach(), b.detach(), lengths.to(dev))
+        outs.append([x.cpu() for x in (log_z.detach(), gu, gb, best)])
+    for a, c in zip(*outs):
+        torch.testing.assert_close(a, c, atol=2e-4, rtol=1e-4)

@@ -86,7 +86,9 @@ class Transitions:
         self.E = torch.empty(base.shape, dtype=base.dtype, device=base.device)
         self.shift = base.new_empty(self.Bb, self.Tb)
         block_bytes = max(1, base[:, :1].numel() * base.element_size())
-        self.chunk = max(1, CHUNK_BYTES // block_bytes) if self.full else self.Tb
+        # Chunking pays on CPU (cache reuse); on an accelerator one launch per op is better.
+        on_cpu = base.device.type == "cpu"
+        self.chunk = max(1, CHUNK_BYTES // block_bytes) if self.full and on_cpu else self.Tb
         self.ready = 0
         if not self.full:
             self.ensure(0)
