@@ -76,13 +76,15 @@ class Structured:
     :class:`~structift.variational.StructuredChainSolve` (covariance recursions, O(T Z²)).
 
     Args:
-        check: measure the true KKT residual of the solve (one Jacobian-vector product) and
-            raise ``ValueError`` above ``rtol``; it exceeds ``rtol`` when the forward solution is
-            not exact, so turn the check off to study loose forward solves on purpose.
+        check: also solve the dual block and measure the true KKT residual of the solve, raising
+            ``ValueError`` above ``rtol``. The residual exceeds ``rtol`` when the forward
+            solution is not exact. Default (None): on for an :class:`Iterative` forward solver,
+            off for :class:`Exact` (whose solution is exact to rounding). Turn it off to study
+            loose forward solves on purpose.
         rtol: relative tolerance of the check (default sqrt(eps) of the dtype).
     """
 
-    check: bool = True
+    check: bool | None = None
     rtol: float | None = None
 
 
@@ -217,7 +219,8 @@ def _chain_argmax(
         def residual(z: ChainKKTPoint, u: Tensor, w: Tensor) -> ChainKKTPoint:
             return chain_kkt_residual(z, u, w, lengths, tau, support)
 
-        lin = StructuredChainSolve(point, lengths, tau, support, linear.check, linear.rtol)
+        check = isinstance(solver, Iterative) if linear.check is None else linear.check
+        lin = StructuredChainSolve(point, lengths, tau, support, check, linear.rtol)
         root = custom_root(residual, lin, batch_ndim=1, symmetric=True)
         return root(lambda u, w: point)(unary, binary)
 

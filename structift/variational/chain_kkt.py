@@ -100,12 +100,12 @@ def _entropy_coefficients(lengths: Tensor, T: int, dtype: torch.dtype) -> Tensor
     """Return c_t = deg(t) - 1 for each position, ``[B, T]`` (zero on padding)."""
     pos = torch.arange(T, device=lengths.device)
     deg = (pos[None, :] >= 1).to(dtype) + (pos[None, :] < lengths[:, None] - 1).to(dtype)
-    return torch.where(pos[None, :] < lengths[:, None], deg - 1, torch.zeros_like(deg))
+    return torch.where(pos[None, :] < lengths[:, None], deg - 1, 0.0)
 
 
 def _safe_log(x: Tensor, mask: Tensor) -> Tensor:
     # Double `where`: log is never evaluated at 0, so no inf * 0 = NaN in the backward pass.
-    return torch.log(torch.where(mask, x, torch.ones_like(x)))
+    return torch.log(torch.where(mask, x, 1.0))
 
 
 def chain_kkt_residual(
@@ -138,28 +138,23 @@ def chain_kkt_residual(
     tau = temperature
     T = m.shape[1]
     S = support if support is not None else chain_support(m.detach(), M.detach(), lengths)
-    node_pos, edge_pos = _masks(lengths, T)
     c = _entropy_coefficients(lengths, T, m.dtype)[..., None]  # shape: (B, T, 1)
-    a = torch.where(S.alpha, alpha, torch.zeros_like(alpha))
-    b = torch.where(S.beta, beta, torch.zeros_like(beta))
-    Ms = torch.where(S.edge, M, torch.zeros_like(M))
-    ms = torch.where(S.node, m, torch.zeros_like(m))
+    a = torch.where(S.alpha, alpha, 0.0)
+    b = torch.where(S.beta, beta, 0.0)
+    Ms = torch.where(S.edge, M, 0.0)
+    ms = torch.where(S.node, m, 0.0)
 
-    f_edge = (
-        torch.where(S.edge, binary, torch.zeros_like(binary))
-        - tau * (_safe_log(M, S.edge) + 1)
-        - a[..., :, None]
-        - b[..., None, :]
-    )
-    f_edge = torch.where(S.edge, f_edge, M)
+    # Few full-size [B, T-1, Z, Z] temporaries: on CPU their allocation dominates the cost.
+    shift = (a + tau)[..., :, None] + b[..., None, :]  # shape: (B, T-1, Z, Z)
+    f_edge = torch.sub(torch.where(S.edge, binary, 0.0), _safe_log(M, S.edge), alpha=tau)
+    f_edge = torch.where(S.edge, f_edge - shift, M)
 
-    duals_in = torch.zeros_like(m)
-    duals_in = duals_in + torch.nn.functional.pad(a, (0, 0, 0, 1))  # α_t at node t < L-1
+    duals_in = torch.nn.functional.pad(a, (0, 0, 0, 1))  # α_t at node t < L-1
     duals_in = duals_in + torch.nn.functional.pad(b, (0, 0, 1, 0))  # β_{t-1} at node t >= 1
     first = torch.zeros_like(m)
     first[:, 0] = 1.0
     f_node = (
-        torch.where(S.node, unary, torch.zeros_like(unary))
+        torch.where(S.node, unary, 0.0)
         + tau * c * (_safe_log(m, S.node) + 1)
         + duals_in
         - first * nu[:, None, None]
@@ -171,7 +166,6 @@ def chain_kkt_residual(
     f_beta = ms[:, 1:] - Ms.sum(-2)
     f_beta = torch.where(S.beta, f_beta, beta)
     f_nu = 1 - ms[:, 0].sum(-1)
-    del node_pos, edge_pos
     return ChainKKTPoint(f_node, f_edge, f_alpha, f_beta, f_nu)
 
 
@@ -199,8 +193,8 @@ def chain_duals(
     T = mu_unary.shape[1]
     S = chain_support(mu_unary, mu_binary, lengths)
     c = _entropy_coefficients(lengths, T, mu_unary.dtype)[..., None]
-    u = torch.where(S.node, unary, torch.zeros_like(unary))
-    w = torch.where(S.edge, binary, torch.zeros_like(binary))
+    u = torch.where(S.node, unary, 0.0)
+    w = torch.where(S.edge, binary, 0.0)
     base_node = u + tau * c * (_safe_log(mu_unary, S.node) + 1)  # F_m without the duals
     base_edge = w - tau * (_safe_log(mu_binary, S.edge) + 1)  # F_M without the duals
     alpha, beta, nu = dual_sweep(base_node, base_edge, mu_unary, mu_binary, S)
@@ -227,8 +221,8 @@ def dual_sweep(
     """
     S = support
     B, T, Z = mu_unary.shape
-    ms = torch.where(S.node, mu_unary, torch.zeros_like(mu_unary))
-    Ms = torch.where(S.edge, mu_binary, torch.zeros_like(mu_binary))
+    ms = torch.where(S.node, mu_unary, 0.0)
+    Ms = torch.where(S.edge, mu_binary, 0.0)
     m_prev = ms[:, :-1, :, None]
     weights = torch.where(m_prev > 0, Ms / torch.where(m_prev > 0, m_prev, 1.0), 0.0)
     zero = mu_unary.new_zeros(B, Z)
@@ -279,12 +273,12 @@ def chain_kkt_matvec(
     m, M = point.mu_unary, point.mu_binary
     dm, dM, da, db, dnu = direction
     c = _entropy_coefficients(lengths, m.shape[1], m.dtype)[..., None]
-    da_s = torch.where(S.alpha, da, torch.zeros_like(da))
-    db_s = torch.where(S.beta, db, torch.zeros_like(db))
-    dm_s = torch.where(S.node, dm, torch.zeros_like(dm))
-    dM_s = torch.where(S.edge, dM, torch.zeros_like(dM))
-    ones_m = torch.where(S.node, m, torch.ones_like(m))
-    ones_M = torch.where(S.edge, M, torch.ones_like(M))
+    da_s = torch.where(S.alpha, da, 0.0)
+    db_s = torch.where(S.beta, db, 0.0)
+    dm_s = torch.where(S.node, dm, 0.0)
+    dM_s = torch.where(S.edge, dM, 0.0)
+    ones_m = torch.where(S.node, m, 1.0)
+    ones_M = torch.where(S.edge, M, 1.0)
     k_edge = -tau * dM_s / ones_M - da_s[..., :, None] - db_s[..., None, :]
     duals_in = torch.nn.functional.pad(da_s, (0, 0, 0, 1)) + torch.nn.functional.pad(
         db_s, (0, 0, 1, 0)

@@ -32,10 +32,9 @@ from torch import Tensor
 __all__ = ["chain_covariance_vector_product"]
 
 
-def _ratio(num: Tensor, den: Tensor) -> Tensor:
-    """Return num / den with 0 where den == 0 (zero-mass conditioning events)."""
-    safe = torch.where(den > 0, den, torch.ones_like(den))
-    return torch.where(den > 0, num / safe, torch.zeros_like(num))
+def _reciprocal(m: Tensor) -> Tensor:
+    """Return 1/m with 0 where m == 0 (zero-mass conditioning events)."""
+    return torch.where(m > 0, 1 / torch.where(m > 0, m, 1.0), torch.zeros_like(m))
 
 
 def chain_covariance_vector_product(
@@ -59,6 +58,9 @@ def chain_covariance_vector_product(
         v_unary: direction on the node statistics, shape ``[B, T, Z]`` (finite).
         v_binary: direction on the edge statistics, shape ``[B, T-1, Z, Z]`` (finite).
 
+    The marginals must be exact (consistent) and zero on padding; the directions must be
+    finite (their padding entries are then ignored).
+
     Returns:
         ``(Cov v)_unary`` ``[B, T, Z]`` and ``(Cov v)_binary`` ``[B, T-1, Z, Z]``, zero on padding
         and wherever the marginal is zero (the product is supported on the support of p).
@@ -66,38 +68,35 @@ def chain_covariance_vector_product(
     T = mu_unary.shape[1]
     pos = torch.arange(T, device=mu_unary.device)
     node_mask = (pos[None, :] < lengths[:, None]).to(mu_unary.dtype)  # shape: (B, T)
-    edge_mask = (pos[None, : T - 1] < lengths[:, None] - 1).to(mu_unary.dtype)  # (B, T-1)
     m = mu_unary * node_mask[..., None]
-    M = mu_binary * edge_mask[..., None, None]
+    M = mu_binary  # zero beyond lengths - 1 by contract: every edge term below carries M
     vu = v_unary * node_mask[..., None]
-    vb = v_binary * edge_mask[..., None, None]
+    inv_m = _reciprocal(m)  # shape: (B, T, Z)
 
-    # Conditionals of the previous state given the next (forward) and of the next given the
-    # previous (backward); rows/columns of zero-mass states are zero.
-    prev_given_next = _ratio(M, m[:, 1:, None, :])  # shape: (B, T-1, Z_from, Z_to)
-    next_given_prev = _ratio(M, m[:, :-1, :, None])  # shape: (B, T-1, Z_from, Z_to)
-    # Edge-local parts of the recursions, computed for all t at once.
-    fwd_local = (prev_given_next * vb).sum(-2)  # shape: (B, T-1, Z_to)
-    bwd_local = (next_given_prev * (vb + vu[:, 1:, None, :])).sum(-1)  # shape: (B, T-1, Z_from)
+    # The conditionals M_t[i, j] / m_{t+1}[j] and M_t[i, j] / m_t[i] are never materialized:
+    # the recursions multiply by M and rescale the small [B, Z] vectors by 1/m instead.
+    Mv = M * v_binary  # shape: (B, T-1, Z, Z)
+    # E[v_edge[t] | y_{t+1} = j] and E[v_edge[t] + v_node[t+1] | y_t = i], for all t at once.
+    fwd_edge = Mv.sum(-2)  # shape: (B, T-1, Z)
+    fwd_local = fwd_edge * inv_m[:, 1:]
+    bwd_local = (Mv.sum(-1) + (M @ vu[:, 1:, :, None])[..., 0]) * inv_m[:, :-1]  # (B, T-1, Z)
 
     a = [vu[:, 0]]
     for t in range(1, T):
-        prev = torch.einsum("bij,bi->bj", prev_given_next[:, t - 1], a[-1])
+        prev = (a[-1][:, None, :] @ M[:, t - 1])[:, 0] * inv_m[:, t]
         a.append(vu[:, t] + fwd_local[:, t - 1] + prev)
     b = [torch.zeros_like(vu[:, 0])]
     for t in range(T - 2, -1, -1):
-        nxt = torch.einsum("bij,bj->bi", next_given_prev[:, t], b[-1])
+        nxt = (M[:, t] @ b[-1][:, :, None])[..., 0] * inv_m[:, t]
         b.append(bwd_local[:, t] + nxt)
     a_all = torch.stack(a, 1)  # shape: (B, T, Z)
     b_all = torch.stack(b[::-1], 1)  # shape: (B, T, Z)
 
-    mean = (m * vu).sum((1, 2)) + (M * vb).sum((1, 2, 3))  # ⟨v, μ⟩, shape: (B,)
-    out_unary = m * (a_all + b_all - mean[:, None, None])
-    out_binary = M * (
-        a_all[:, :-1, :, None]
-        + vb
-        + vu[:, 1:, None, :]
-        + b_all[:, 1:, None, :]
-        - mean[:, None, None, None]
-    )
+    mean = (m * vu).sum((1, 2)) + fwd_edge.sum((1, 2))  # ⟨v, μ⟩, shape: (B,)
+    centered = a_all - mean[:, None, None]
+    out_unary = m * (centered + b_all)
+    right = (vu + b_all)[:, 1:]  # shape: (B, T-1, Z)
+    # M * (a_t[i] − ⟨v, μ⟩ + v_edge + v_node[t+1, j] + b_{t+1}[j]), built in one buffer.
+    out_binary = centered[:, :-1, :, None] + right[:, :, None, :]
+    out_binary = out_binary.mul_(M).add_(Mv)
     return out_unary, out_binary

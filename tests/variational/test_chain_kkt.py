@@ -144,7 +144,7 @@ def test_kkt_matrix_is_symmetric_nonsingular_and_solved_exactly(p, tau: float, s
     n_mu = m[0].numel() + M[0].numel()
     rhs = torch.zeros_like(flat)
     rhs[:, :n_mu] = torch.randn(flat.shape[0], n_mu, dtype=torch.float64, generator=gen)
-    x = StructuredChainSolve(z, lengths, tau, S).solve(op, rhs).solution
+    x = StructuredChainSolve(z, lengths, tau, S, check=True).solve(op, rhs).solution
     ref = d * torch.linalg.solve(K_scaled, d * rhs)
     torch.testing.assert_close(x, ref, atol=1e-9, rtol=1e-9)
 
