@@ -252,7 +252,7 @@ class GMRES(_Krylov):
         atol: float = 0.0,
         max_iters: int = 1000,
         on_failure: OnFailure = "raise",
-        restart: int = 30,
+        restart: int = 20,
     ) -> None:
         super().__init__(rtol, atol, max_iters, on_failure)
         if restart < 1:
@@ -266,10 +266,15 @@ class GMRES(_Krylov):
         tol = self._tol(rhs)
         x = torch.zeros_like(rhs)
         used = 0
+        best = torch.full_like(tol, float("inf"))
         while used < self.max_iters:
             r = rhs - op.mv(x)
-            if (_norm(r) <= tol).all():
+            rnorm = _norm(r)
+            if (rnorm <= tol).all():
                 break
+            if not (rnorm < 0.999 * best).any():
+                break  # a whole cycle without progress: stagnated (reported by _finish)
+            best = torch.minimum(best, rnorm)
             x, steps = self._cycle(op, r, x, tol, min(self.restart, self.max_iters - used))
             used += steps
         return self._finish(op, rhs, x, used)
@@ -289,6 +294,7 @@ class GMRES(_Krylov):
         j = 0
         for j in range(m):
             w = op.mv(V[j])
+            wnorm = _norm(w)
             h = []
             for vi in V:
                 hij = _dot(vi, w)
@@ -316,6 +322,10 @@ class GMRES(_Krylov):
             g[:, j + 1] = -s * g[:, j]
             g[:, j] = c * g[:, j]
             if (g[:, j + 1].abs() <= tol).all():
+                break
+            # Krylov space numerically exhausted (happy breakdown up to rounding): further
+            # Arnoldi vectors are noise, so restart from the true residual instead.
+            if (hnext <= 100 * eps * wnorm).all():
                 break
         k = j + 1
         y = torch.linalg.solve_triangular(R[:, :k, :k], g[:, :k].unsqueeze(-1), upper=True)

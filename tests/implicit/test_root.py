@@ -264,3 +264,13 @@ def test_no_grad_needed_returns_plain_tensor() -> None:
     theta = torch.tensor([0.2, 0.4], dtype=DT)
     x = custom_root(circle_residual, batch_ndim=1)(upper_circle)(theta)
     assert not x.requires_grad and x.grad_fn is None
+
+
+def test_custom_root_on_device(device: torch.device) -> None:
+    theta = torch.tensor([0.3, -0.6], dtype=DT, device=device, requires_grad=True)
+    for solver in (Dense(), CG(), MINRES(), GMRES()):
+        f = custom_root(circle_residual, solver, batch_ndim=1, symmetric=True)(upper_circle)
+        x = f(theta)
+        (g,) = torch.autograd.grad(x.sum(), theta)
+        assert g.device == theta.device
+        torch.testing.assert_close(g, -theta.detach() / x.detach())

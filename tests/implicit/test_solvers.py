@@ -221,3 +221,23 @@ def test_bad_inputs_raise() -> None:
         CG(on_failure="ignore")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="alpha"):
         Neumann(alpha=0.0)
+
+
+def test_gmres_stagnation_raises_early() -> None:
+    # GMRES(1) on a rotation makes no progress at all: it must stop and raise, not spin.
+    A = torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=DT)
+    b = torch.tensor([[1.0, 0.0]], dtype=DT)
+    with pytest.raises(ConvergenceError, match="did not converge in 1 iterations"):
+        GMRES(restart=1, max_iters=500).solve(MatrixOperator(A), b)
+    sol = GMRES(restart=2).solve(MatrixOperator(A), b)
+    torch.testing.assert_close(sol.solution, torch.linalg.solve(A, b[0]).unsqueeze(0))
+
+
+@pytest.mark.parametrize("make", [Dense, CG, MINRES, GMRES], ids=lambda c: c.__name__)
+def test_solvers_on_device(make: Callable[[], AbstractLinearSolver], device: torch.device) -> None:
+    A = spd(2, 5).to(device)
+    b = torch.randn(2, 5, dtype=DT, device=device)
+    solver = make()
+    sol = solver.solve(solver.init(MatrixOperator(A, symmetric=True)), b)
+    assert sol.solution.device == b.device and (sol.residual_norm < 1e-8).all()
+    torch.testing.assert_close(sol.solution, torch.linalg.solve(A, b))
