@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(json.dumps(run_once(method, n, K, args.rho, args.device, dtype)))
         return []
     rows = []
-    header = f"| n | K | unrolled peak | IFT peak | ratio | unrolled s | IFT s | unrolled grad err | IFT grad err |"
+    header = "| n | K | unrolled peak | IFT peak | ratio | unrolled s | IFT s | unrolled grad err | IFT grad err |"
     print(header)
     print("|" + "---|" * 9)
     for n in args.n:
