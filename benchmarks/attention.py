@@ -8,10 +8,11 @@ sequence), ragged lengths in [T/2, T], shared 2×2 pairwise potentials, a random
 * ``structured/ift``: the variational IFT backward (structift.variational), when available.
 * ``softmax`` and ``sparsemax``: for scale.
 
-"fwd" times the weights without gradient tracking; "fwd+bwd" times weights + backward of
-⟨cotangent, weights⟩ to the scores and pairwise potentials. Peak memory is that of fwd+bwd
+"fwd" times the weights with the autograd graph built; "bwd" times the backward of
+⟨cotangent, weights⟩ to the scores and the pairwise potentials. Peak memory is that of fwd+bwd
 above what was allocated before (CUDA: the caching allocator's peak; CPU: the profiler's
-allocation trace). Times are medians over --repeats after one warm-up.
+allocation trace). Times are medians over --repeats after one warm-up; the repeats of all
+methods are interleaved so that load from other processes hits them alike.
 
 Run:
     python benchmarks/attention.py                       # CPU, default shapes
@@ -24,6 +25,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -42,19 +44,6 @@ def sync(device: torch.device) -> None:
     """Wait for queued device work so timings are honest."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median wall time of ``fn`` after one warm-up call."""
-    fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
@@ -87,35 +76,66 @@ def make_inputs(B: int, T: int, device: torch.device, dtype: torch.dtype, seed: 
     return scores, binary, lengths, cotangent
 
 
-def bench_one(method: str, B: int, T: int, args: argparse.Namespace) -> dict[str, float] | str:
-    """Measure one method on one shape; return its numbers or why it could not run."""
+class Case:
+    """One method on one set of inputs: a timed forward (graph built) and a timed backward."""
+
+    def __init__(self, method: str, inputs: tuple[torch.Tensor, ...]) -> None:
+        self.options = dict(METHODS[method])
+        self.structured = self.options["kind"] == "structured"
+        self.scores, self.binary, self.lengths, self.cotangent = inputs
+
+    def forward(self) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        s = self.scores.detach().requires_grad_(True)
+        p = self.binary.detach().requires_grad_(True)
+        extra = {"binary": p} if self.structured else {}
+        w = attention_weights(s, self.lengths, **self.options, **extra)  # type: ignore[arg-type]
+        return (w * self.cotangent).sum(), ((s, p) if self.structured else (s,))
+
+    def backward(self, loss: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> None:
+        torch.autograd.grad(loss, inputs)
+
+    def forward_backward(self) -> None:
+        self.backward(*self.forward())
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """Seconds ``fn`` takes (device work included) and its result."""
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def bench_shape(B: int, T: int, args: argparse.Namespace) -> dict[str, dict[str, float] | str]:
+    """Measure every method on one shape, interleaving the repeats so load hits all alike."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    scores, binary, lengths, cotangent = make_inputs(B, T, device, dtype)
-    options = dict(METHODS[method])
-    structured = options["kind"] == "structured"
-
-    def forward() -> torch.Tensor:
-        with torch.no_grad():
-            extra = {"binary": binary} if structured else {}
-            return attention_weights(scores, lengths, **options, **extra)  # type: ignore[arg-type]
-
-    def forward_backward() -> None:
-        s = scores.detach().requires_grad_(True)
-        p = binary.detach().requires_grad_(True)
-        extra = {"binary": p} if structured else {}
-        w = attention_weights(s, lengths, **options, **extra)  # type: ignore[arg-type]
-        inputs = (s, p) if structured else (s,)
-        torch.autograd.grad((w * cotangent).sum(), inputs)
-
-    try:
-        forward_backward()
-    except (NotImplementedError, ImportError) as err:
-        return f"not available ({str(err).split(';')[0]})"
-    return {
-        "fwd_ms": 1e3 * median_seconds(forward, device, args.repeats),
-        "fwdbwd_ms": 1e3 * median_seconds(forward_backward, device, args.repeats),
-        "peak_mib": peak_bytes(forward_backward, device) / 2**20,
-    }
+    inputs = make_inputs(B, T, device, dtype)
+    cases: dict[str, Case] = {}
+    results: dict[str, dict[str, float] | str] = {}
+    for method in METHODS:
+        case = Case(method, inputs)
+        try:
+            case.forward_backward()  # warm-up, and availability
+        except (NotImplementedError, ImportError) as err:
+            results[method] = f"not available ({str(err).split(';')[0]})"
+            continue
+        cases[method] = case
+    fwd: dict[str, list[float]] = {m: [] for m in cases}
+    bwd: dict[str, list[float]] = {m: [] for m in cases}
+    for _ in range(args.repeats):
+        for method, case in cases.items():
+            seconds, (loss, leaves) = timed(case.forward, device)
+            fwd[method].append(seconds)
+            seconds, _ = timed(lambda c=case, l=loss, x=leaves: c.backward(l, x), device)
+            bwd[method].append(seconds)
+    for method, case in cases.items():
+        results[method] = {
+            "fwd_ms": 1e3 * statistics.median(fwd[method]),
+            "bwd_ms": 1e3 * statistics.median(bwd[method]),
+            "peak_mib": peak_bytes(case.forward_backward, device) / 2**20,
+        }
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,29 +144,32 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--shapes", nargs="+", default=["64x64", "256x128", "32x512"])
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"device {name}, {args.dtype}, torch {torch.__version__}, threads {args.threads}")
     base = "structured/autograd"
-    print("| B×T | method | fwd ms | fwd+bwd ms | peak MiB | time / autograd | memory / autograd |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| B×T | method | fwd ms | bwd ms | peak MiB | bwd / autograd | fwd+bwd / autograd "
+        "| memory / autograd |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for shape in args.shapes:
         B, T = (int(x) for x in shape.split("x"))
-        rows = {m: bench_one(m, B, T, args) for m in METHODS}
+        rows = bench_shape(B, T, args)
         ref = rows[base]
+        assert isinstance(ref, dict), ref
         for method, r in rows.items():
             if isinstance(r, str):
-                print(f"| {B}×{T} | {method} | {r} | | | | |")
+                print(f"| {B}×{T} | {method} | {r} | | | | | |")
                 continue
-            assert isinstance(ref, dict)
-            t_ratio = r["fwdbwd_ms"] / ref["fwdbwd_ms"]
-            m_ratio = r["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] > 0 else float("nan")
+            total = (r["fwd_ms"] + r["bwd_ms"]) / (ref["fwd_ms"] + ref["bwd_ms"])
             print(
-                f"| {B}×{T} | {method} | {r['fwd_ms']:.2f} | {r['fwdbwd_ms']:.2f} | "
-                f"{r['peak_mib']:.2f} | {t_ratio:.3g} | {m_ratio:.3g} |"
+                f"| {B}×{T} | {method} | {r['fwd_ms']:.2f} | {r['bwd_ms']:.2f} | "
+                f"{r['peak_mib']:.2f} | {r['bwd_ms'] / ref['bwd_ms']:.3g} | {total:.3g} | "
+                f"{r['peak_mib'] / ref['peak_mib']:.3g} |"
             )
 
 
