@@ -130,6 +130,17 @@ def factor_schur(data: QPData, W: Tensor) -> tuple[Tensor, Tensor]:
     # no transposed copies, markedly faster on CPU.
     UK, info = torch.linalg.cholesky_ex(K, upper=True)
     ok = (info == 0) & UK.diagonal(dim1=-2, dim2=-1).isfinite().all(-1)
+    if not bool(ok.all()) and m > 0:
+        # Dependent active inequalities (a degenerate vertex) make K singular as W → 0 on
+        # them: retry with W + δ, δ = √eps · scale. The Newton step is then slightly inexact,
+        # which the next iteration's exact residuals correct.
+        diag_C = data.C.diagonal(dim1=-2, dim2=-1)
+        delta = torch.finfo(W.dtype).eps ** 0.5 * (1.0 + diag_C.amax(-1, keepdim=True))
+        K.diagonal(dim1=-2, dim2=-1)[:, :m] += delta
+        UK2, info2 = torch.linalg.cholesky_ex(K, upper=True)
+        ok2 = ~ok & (info2 == 0) & UK2.diagonal(dim1=-2, dim2=-1).isfinite().all(-1)
+        UK = torch.where(ok2[:, None, None], UK2, UK)
+        ok = ok | ok2
     if not bool(ok.all()):
         UK = torch.where(ok[:, None, None], UK, torch.eye(k, dtype=W.dtype, device=W.device))
     return UK, ok

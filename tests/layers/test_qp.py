@@ -88,6 +88,15 @@ class TestForward:
         (g,) = torch.autograd.grad(z.sum(), y)
         torch.testing.assert_close(g, ((y > -1) & (y < 1)).to(F64), atol=1e-7, rtol=0)
 
+    def test_degenerate_vertex_converges(self) -> None:
+        # z ≤ 0 and −z ≤ 0 twice over: four dependent active constraints at z = 0 (LICQ fails).
+        Q = torch.eye(2, dtype=F64)
+        q = torch.tensor([[-1.0, 2.0], [1.0, 1.0]], dtype=F64)
+        G = torch.cat([torch.eye(2, dtype=F64), -torch.eye(2, dtype=F64)])
+        sol = qp_solve(Q, q, G, torch.zeros(4, dtype=F64), full=True)
+        torch.testing.assert_close(sol.z, torch.zeros(2, 2, dtype=F64), atol=1e-8, rtol=0)
+        assert bool(sol.status.converged.all())
+
     def test_qplayer_module(self) -> None:
         P = known_qp(3, 4, 5, 1)
         layer = QPLayer(tol=1e-11)
