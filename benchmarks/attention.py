@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             total = (r["fwd_ms"] + r["bwd_ms"]) / (ref["fwd_ms"] + ref["bwd_ms"])
             print(
                 f"| {B}×{T} | {method} | {r['fwd_ms']:.2f} | {r['bwd_ms']:.2f} | "
-                f"{r['peak_mib']:.2f} | {r['bwd_ms'] / ref['bwd_ms']:.3g} | {total:.3g} | "
+                f"{r['peak_mib']:.3g} | {r['bwd_ms'] / ref['bwd_ms']:.3g} | {total:.3g} | "
                 f"{r['peak_mib'] / ref['peak_mib']:.3g} |"
             )
 
