@@ -51,8 +51,8 @@ def valid_mask(
             f"lengths must be an integer tensor, got {type(lengths).__name__} "
             f"{getattr(lengths, 'dtype', '')}."
         )
-    if lengths.device != scores.device:
-        raise ValueError(f"lengths is on {lengths.device}, scores on {scores.device}: move one.")
+    # lengths are indices, often built on the CPU: follow the scores instead of refusing
+    lengths = lengths.to(scores.device)
     if lengths.shape != batch:
         if lengths.dim() == 1 and len(batch) >= 1 and lengths.shape[0] == batch[0]:
             # one length per sequence, shared by all of its queries

@@ -153,8 +153,8 @@ def attention_weights(
         scores: Query–key scores, shape ``[B, T]`` or ``[B, M, T]`` (M queries per sequence).
             Must not be NaN or +inf at valid keys; -inf switches a key off.
         lengths: Number of valid keys per sequence, LongTensor ``[B]`` (or the batch shape of
-            ``scores``), values in ``[1, T]``. Keys beyond the length are padding and get
-            weight exactly 0. Defaults to all keys valid.
+            ``scores``), values in ``[1, T]``, on any device. Keys beyond the length are
+            padding and get weight exactly 0. Defaults to all keys valid.
         mask: Alternative to ``lengths``: BoolTensor ``[B, T]`` (or the batch shape of
             ``scores`` plus T), True on a prefix of valid keys.
         kind: ``"softmax"``, ``"sparsemax"`` or ``"structured"``.

@@ -255,6 +255,15 @@ def test_mask_equals_lengths(device):
         torch.testing.assert_close(a, b)
 
 
+def test_cpu_lengths_follow_the_scores(device):
+    scores, binary, lengths = random_problem(3, 1, 5, device)
+    for kind, extra in (("structured", {"binary": binary}), ("softmax", {}), ("sparsemax", {})):
+        a = attention_weights(scores, lengths, kind=kind, **extra)
+        b = attention_weights(scores, lengths.cpu(), kind=kind, **extra)
+        assert b.device == scores.device
+        torch.testing.assert_close(a, b)
+
+
 # ------------------------------------------------------------------------------------------
 # softmax and sparsemax kinds
 
