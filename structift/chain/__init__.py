@@ -25,7 +25,11 @@ No validation beyond cheap asserts happens here: the families validate.
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from structift.chain import _log, _scaled
@@ -56,14 +60,100 @@ def _sum_to_shape(x: Tensor, shape: torch.Size) -> Tensor:
     return x.sum(dim=dims, keepdim=True) if dims else x
 
 
+def _fast_marginals(unary: Tensor, binary: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """Marginals by the scaled path, detached, ``mu_binary`` at full shape ``[B, T-1, Z, Z]``."""
+    B, T, Z = unary.shape
+    with torch.no_grad():
+        u, b = _work(unary), _work(binary)
+        _, state = _scaled.forward(u, b, lengths, eager=True)
+        mu_u, mu_b = _scaled.backward(state, u, b, lengths, u.new_ones(B), (B, T - 1, Z, Z))
+    assert mu_b is not None
+    return mu_u.to(unary.dtype), mu_b.to(unary.dtype)
+
+
+@functools.cache
+def _load_forward_ad() -> None:
+    """Load torch's forward-AD decompositions once, silencing torch's own deprecation notice.
+
+    On first use of forward AD, torch builds its JVP decompositions with ``torch.jit.script``,
+    which warns (a torch-internal ``DeprecationWarning``, not something callers can act on).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r".*torch\.jit\.script.*", DeprecationWarning)
+        with fwAD.dual_level():
+            fwAD.make_dual(torch.zeros(()), torch.zeros(()))
+
+
+def _hvp(
+    unary: Tensor, binary: Tensor, lengths: Tensor, v_u: Tensor | None, v_b: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Hessian-vector product ``(H v)`` of ``A`` in the expanded space, by forward-mode AD.
+
+    ``mu = grad A`` has the symmetric Jacobian ``H = Cov[phi]``, so the vector-Jacobian product
+    that autograd asks of ``marginals`` equals the Jacobian-vector product ``d mu(theta + e v)/de``.
+    Forward mode through the log-space path keeps no tape.
+    """
+    _load_forward_ad()
+    B, T, Z = unary.shape
+    u0 = unary.detach()
+    b0 = binary.detach().expand(B, T - 1, Z, Z).contiguous()
+    tu = torch.zeros_like(u0) if v_u is None else v_u.to(u0.dtype).contiguous()
+    tb = torch.zeros_like(b0) if v_b is None else v_b.to(b0.dtype).contiguous()
+    with fwAD.dual_level():
+        _, mu_u, mu_b = _log.forward_backward(
+            fwAD.make_dual(u0, tu), fwAD.make_dual(b0, tb), lengths
+        )
+        h_u, h_b = fwAD.unpack_dual(mu_u).tangent, fwAD.unpack_dual(mu_b).tangent
+    if h_u is None:  # no path depends on the direction
+        h_u = torch.zeros_like(u0)
+    if h_b is None:
+        h_b = torch.zeros_like(b0)
+    return h_u, h_b
+
+
+class _Marginals(torch.autograd.Function):
+    """``mu(theta) = grad A(theta)``: fast forward, exact Hessian-vector products backward.
+
+    Forward: the scaled path (no graph). Backward: ``H v`` by forward-mode AD through the
+    log-space path; if a graph is requested (third derivatives), autograd through that path.
+    """
+
+    @staticmethod
+    def forward(ctx, unary: Tensor, binary: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(unary, binary, lengths)
+        return _fast_marginals(unary, binary, lengths)
+
+    @staticmethod
+    def backward(
+        ctx, v_u: Tensor | None, v_b: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, None]:
+        unary, binary, lengths = ctx.saved_tensors
+        need_u, need_b = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():
+            _, mu_u, mu_b = _log.forward_backward(unary, binary, lengths)
+            inputs = [x for x, n in ((unary, need_u), (binary, need_b)) if n]
+            pairs = [(m, v) for m, v in ((mu_u, v_u), (mu_b, v_b)) if v is not None]
+            grads = torch.autograd.grad(
+                [m for m, _ in pairs], inputs, [v for _, v in pairs], create_graph=True
+            )
+            it = iter(grads)
+            return (next(it) if need_u else None), (next(it) if need_b else None), None
+        h_u, h_b = _hvp(unary, binary, lengths, v_u, v_b)
+        return (
+            h_u.to(unary.dtype) if need_u else None,
+            _sum_to_shape(h_b, binary.shape).to(binary.dtype) if need_b else None,
+            None,
+        )
+
+
 class _LogPartition(torch.autograd.Function):
     """``A(theta)`` whose backward returns the forward-backward marginals.
 
     Forward: the scaled forward pass plus the backward messages needed to certify each row; it
     keeps ``alpha`` ``[B, T, Z]``, a few ``[B, T]`` scalars and ``exp(binary)`` at its
     broadcast shape, no autograd graph. First-order backward: turns those buffers into the
-    marginals in place. Double backward (``create_graph=True``): recomputes the marginals
-    through the differentiable log-space path, so Hessian-vector products are exact.
+    marginals in place. Double backward (``create_graph=True``): the marginals come from
+    ``_Marginals``, whose own backward is an exact Hessian-vector product.
     """
 
     @staticmethod
@@ -79,8 +169,7 @@ class _LogPartition(torch.autograd.Function):
         unary, binary, lengths = ctx.saved_tensors
         need_u, need_b = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():
-            # create_graph: a differentiable path (keeps the per-step graph, by necessity).
-            _, mu_u, mu_b = _log.forward_backward(unary, binary, lengths)
+            mu_u, mu_b = _Marginals.apply(unary, binary, lengths)
             g_u = grad[:, None, None] * mu_u if need_u else None
             g_b = _sum_to_shape(grad[:, None, None, None] * mu_b, binary.shape) if need_b else None
             return g_u, g_b, None
@@ -126,9 +215,10 @@ def marginals(
         unary: ``[B, T, Z]`` log-potentials.
         binary: ``[B, T-1, Z, Z]`` (or broadcastable) log-potentials laid out ``[from, to]``.
         lengths: LongTensor ``[B]``, ``1 <= lengths[b] <= T``.
-        create_graph: If ``True`` the result is differentiable w.r.t. ``unary`` and ``binary``
-            (Hessian-vector products of ``A``; log-space path, keeps a per-step graph);
-            otherwise it is detached (fast scaled path).
+        create_graph: If ``True`` the result is differentiable w.r.t. ``unary`` and ``binary``:
+            its backward is the exact Hessian-vector product of ``A`` (forward-mode AD through
+            the log-space recursions, no tape). Otherwise it is detached. The values come from
+            the fast scaled path either way.
 
     Returns:
         ``(mu_unary [B, T, Z], mu_binary [B, T-1, Z, Z])``, zero beyond each length and for
@@ -136,13 +226,5 @@ def marginals(
     """
     _check(unary, binary, lengths)
     if create_graph:
-        _, mu_u, mu_b = _log.forward_backward(unary, binary, lengths)
-        return mu_u, mu_b
-    B, T, Z = unary.shape
-    with torch.no_grad():
-        u, b = _work(unary), _work(binary)
-        _, state = _scaled.forward(u, b, lengths, eager=True)
-        ones = u.new_ones(B)
-        mu_u, mu_b_opt = _scaled.backward(state, u, b, lengths, ones, (B, T - 1, Z, Z))
-    assert mu_b_opt is not None
-    return mu_u.to(unary.dtype), mu_b_opt.to(unary.dtype)
+        return _Marginals.apply(unary, binary, lengths)
+    return _fast_marginals(unary, binary, lengths)
