@@ -157,10 +157,14 @@ def test_structured_gradgradcheck(device):
     assert gradgradcheck(lambda s, p: attention_weights(s, lengths, binary=p), (scores, binary))
 
 
-@given(T=hs.integers(1, 6), seed=hs.integers(0, 2**16))
-def test_ift_and_autograd_gradients_agree(T, seed):
+@given(T=hs.integers(1, 6), seed=hs.integers(0, 2**16), off=hs.integers(-1, 5))
+def test_ift_and_autograd_gradients_agree(T, seed, off):
+    """Same weights and gradients, also with a key switched off by a -inf score (key `off`)."""
     g = torch.Generator().manual_seed(seed)
-    scores = torch.randn(2, T, generator=g, dtype=torch.float64, requires_grad=True)
+    scores = torch.randn(2, T, generator=g, dtype=torch.float64)
+    if 0 <= off < T:
+        scores[0, off] = float("-inf")
+    scores.requires_grad_(True)
     binary = torch.randn(2, T - 1, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
     lengths = torch.randint(1, T + 1, (2,), generator=g)
     cotangent = torch.randn(2, T, generator=g, dtype=torch.float64)
