@@ -338,7 +338,7 @@ def backward(
         keep = live[1:, :, None]
         left = torch.where(keep, alpha[:-1] * w_b[..., None], zero)  # shape: (T-1, B, Z)
         right = torch.where(keep, expu[1:] * beta[1:], zero)  # shape: (T-1, B, Z)
-        G = _binary_marginals(trans, left, right, shape4, state.min_len, mask)
+        G = _binary_marginals(trans, left, right, shape4)
     mu_u = beta.mul_(alpha).mul_(w_u[..., None])  # alpha_t beta_t grad / D_t
     mu_u = mu_u.transpose(0, 1).contiguous()  # shape: (B, T, Z)
 
@@ -377,30 +377,15 @@ def _backward_eager(
     return mu_u, gb
 
 
-def _binary_marginals(
-    trans: Transitions,
-    left: Tensor,
-    right: Tensor,
-    shape4: tuple[int, ...],
-    min_len: int,
-    mask: Tensor,
-) -> Tensor:
+def _binary_marginals(trans: Transitions, left: Tensor, right: Tensor, shape4: tuple) -> Tensor:
     """``sum over broadcast dims of left[t, b, i] E_t[i, j] right[t, b, j]``, shape ``shape4``.
 
-    ``left``/``right`` ``[T-1, B, Z]`` are zero on padding and uncertified rows.
+    ``left``/``right`` ``[T-1, B, Z]`` are zero on padding and uncertified rows. (One block per
+    (b, t) is handled in place by the eager path instead.)
     """
     Bg, Tg, Z = shape4[0], shape4[1], shape4[-1]
-    Tm1 = left.shape[0]
-    if Tm1 == 0:  # T == 1: no transitions, an all-zero gradient of the requested shape
+    if left.shape[0] == 0:  # T == 1: no transitions, an all-zero gradient of the requested shape
         return left.new_zeros(shape4)
-    E = trans.E
-    if trans.full and tuple(E.shape) == shape4:
-        # One block per (b, t): the exp buffer becomes the marginals, no other big allocation.
-        E.mul_(left.permute(1, 0, 2)[..., :, None]).mul_(right.permute(1, 0, 2)[..., None, :])
-        if min_len < Tm1 + 1:  # padding may hold inf/NaN: zero it explicitly
-            pad = ~mask[min_len:].T  # shape: (B, T-min_len)
-            E[:, min_len - 1 :].masked_fill_(pad[..., None, None], 0.0)
-        return E
     if Bg == 1 and Tg == 1:
         out = (left.reshape(-1, Z).T @ right.reshape(-1, Z)).reshape(1, 1, Z, Z)
     elif Bg == 1:
@@ -409,4 +394,4 @@ def _binary_marginals(
         out = torch.bmm(left.permute(1, 2, 0), right.transpose(0, 1)).unsqueeze(1)
     else:
         out = left.permute(1, 0, 2)[..., :, None] * right.permute(1, 0, 2)[..., None, :]
-    return out.mul_(E)
+    return out.mul_(trans.E)
