@@ -1,0 +1,163 @@
+"""The tagger: sparse features + a small word/character BiLSTM, with a CRF or softmax output.
+
+Emission scores are the sum of two parts, both ``[B, T, Z]``:
+
+* a linear model over sparse crfsuite-style features (an ``nn.EmbeddingBag`` whose rows are
+  per-feature tag weights; summing the rows of a token's features is a sparse dot product);
+* a neural part: lower-cased word embeddings and a character CNN, a BiLSTM, a linear layer.
+
+With ``head="crf"`` the emissions are the unary potentials of :class:`structift.LinearChainCRF`
+with learned transition scores (plus start/end scores folded into the first/last unary), the
+loss is the negative log-likelihood ``A(θ) − ⟨θ, φ(y)⟩`` and decoding is Viterbi
+(``crf.argmax``). With ``head="softmax"`` each token is classified independently (the
+ablation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import structift as st
+from tagger.features import Batch
+
+
+@dataclass
+class TaggerConfig:
+    """Model sizes; defaults are the configuration the README reports."""
+
+    n_words: int
+    n_chars: int
+    n_feats: int
+    n_tags: int
+    head: str = "crf"
+    sparse: bool = True
+    neural: bool = True
+    word_dim: int = 64
+    char_dim: int = 24
+    char_filters: int = 48
+    hidden: int = 96
+    dropout: float = 0.3
+    word_dropout: float = 0.05
+    feature_dropout: float = 0.2
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class CharCNN(nn.Module):
+    """Max-pooled width-3 convolution over a word's characters: ``[N, C] → [N, filters]``."""
+
+    def __init__(self, n_chars: int, dim: int, filters: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(n_chars, dim, padding_idx=0)
+        self.conv = nn.Conv1d(dim, filters, kernel_size=3, padding=1)
+
+    def forward(self, chars: torch.Tensor) -> torch.Tensor:
+        x = self.embed(chars).transpose(1, 2)  # shape: (N, dim, C)
+        h = self.conv(x)  # shape: (N, filters, C)
+        # Padding characters must not win the max: push them to -inf first.
+        h = h.masked_fill((chars == 0).unsqueeze(1), float("-inf"))
+        h = h.amax(dim=2)
+        return torch.where(torch.isfinite(h), h, torch.zeros_like(h))
+
+
+class Tagger(nn.Module):
+    """Sequence tagger; ``forward(batch)`` returns the mean per-token training loss."""
+
+    def __init__(self, config: TaggerConfig) -> None:
+        super().__init__()
+        if config.head not in ("crf", "softmax"):
+            raise ValueError(f"head={config.head!r}; expected 'crf' or 'softmax'")
+        if not (config.sparse or config.neural):
+            raise ValueError("at least one of sparse and neural features must be on")
+        self.config = config
+        Z = config.n_tags
+        if config.sparse:
+            # Rows are per-feature tag weights; zero init = the empty linear model.
+            self.feat_weights = nn.EmbeddingBag(config.n_feats, Z, mode="sum", padding_idx=0)
+            nn.init.zeros_(self.feat_weights.weight)
+        if config.neural:
+            self.word_embed = nn.Embedding(config.n_words, config.word_dim, padding_idx=0)
+            self.char_cnn = CharCNN(config.n_chars, config.char_dim, config.char_filters)
+            self.lstm = nn.LSTM(
+                config.word_dim + config.char_filters,
+                config.hidden,
+                batch_first=True,
+                bidirectional=True,
+            )
+            self.dropout = nn.Dropout(config.dropout)
+            self.proj = nn.Linear(2 * config.hidden, Z)
+        if config.head == "crf":
+            self.transitions = nn.Parameter(torch.zeros(Z, Z))  # [from, to]
+            self.start = nn.Parameter(torch.zeros(Z))
+            self.end = nn.Parameter(torch.zeros(Z))
+
+    def emissions(self, batch: Batch) -> torch.Tensor:
+        """Return per-token tag scores ``[B, T, Z]``."""
+        B, T = batch.words.shape
+        scores = torch.zeros(B, T, self.config.n_tags, device=batch.words.device)
+        if self.config.sparse:
+            flat = batch.feats.reshape(B * T, -1)
+            if self.training and self.config.feature_dropout > 0:
+                # Dropping sparse features at random (index 0 = the zero padding row) keeps
+                # the linear part from leaning on a few rare features that fit the training
+                # set exactly, and makes it use suffix and shape features on every word.
+                keep = torch.rand(flat.shape, device=flat.device) >= self.config.feature_dropout
+                flat = flat * keep
+            scores = scores + self.feat_weights(flat).view(B, T, -1)
+        if self.config.neural:
+            words = batch.words
+            if self.training and self.config.word_dropout > 0:
+                # Replace words by <unk> at random so the <unk> embedding learns to stand in
+                # for words never seen in training.
+                drop = torch.rand(words.shape, device=words.device) < self.config.word_dropout
+                words = torch.where(drop & (words > 0), torch.ones_like(words), words)
+            chars = self.char_cnn(batch.chars.reshape(B * T, -1)).view(B, T, -1)
+            x = self.dropout(torch.cat([self.word_embed(words), chars], dim=-1))
+            packed = nn.utils.rnn.pack_padded_sequence(
+                x, batch.lengths.cpu(), batch_first=True, enforce_sorted=False
+            )
+            out, _ = self.lstm(packed)
+            h, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T)
+            scores = scores + self.proj(self.dropout(h))
+        return scores
+
+    def crf(self, batch: Batch) -> st.LinearChainCRF:
+        """Return the chain CRF over the batch (CRF head only)."""
+        unary = self.emissions(batch)
+        B, T, Z = unary.shape
+        first = torch.zeros(B, T, 1, device=unary.device)
+        first[:, 0] = 1.0
+        last = torch.zeros(B, T, 1, device=unary.device)
+        last[torch.arange(B), batch.lengths - 1] = 1.0
+        unary = unary + first * self.start + last * self.end  # shape: (B, T, Z)
+        binary = self.transitions.expand(B, max(T - 1, 0), Z, Z)
+        return st.LinearChainCRF(unary, binary, batch.lengths)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Return the training loss: NLL (CRF) or cross-entropy (softmax) per token."""
+        n_tokens = batch.lengths.sum()
+        if self.config.head == "crf":
+            tags = batch.tags.clamp(min=0)
+            return -self.crf(batch).log_prob(tags).sum() / n_tokens
+        scores = self.emissions(batch)
+        return (
+            F.cross_entropy(
+                scores.reshape(-1, scores.shape[-1]),
+                batch.tags.reshape(-1),
+                ignore_index=-1,
+                reduction="sum",
+            )
+            / n_tokens
+        )
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> torch.Tensor:
+        """Return predicted tags ``[B, T]`` (Viterbi for the CRF head)."""
+        if self.config.head == "crf":
+            return self.crf(batch).argmax
+        return self.emissions(batch).argmax(dim=-1)

@@ -1,0 +1,211 @@
+"""Training loop, evaluation, checkpoints and DistributedDataParallel plumbing."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tagger.features import Encoded, Vocab, collate, length_sorted_batches
+from tagger.model import Tagger, TaggerConfig
+
+
+@dataclass
+class Dist:
+    """Where this process sits in a torchrun job (world of one without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the torchrun process group if ``WORLD_SIZE`` > 1 (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    return Dist(rank=rank, world=world, local_rank=local_rank)
+
+
+@dataclass
+class Scores:
+    """Token accuracy overall and on words seen / not seen in training."""
+
+    correct: int = 0
+    total: int = 0
+    known_correct: int = 0
+    known_total: int = 0
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.total, 1)
+
+    @property
+    def known(self) -> float:
+        return self.known_correct / max(self.known_total, 1)
+
+    @property
+    def unknown(self) -> float:
+        return (self.correct - self.known_correct) / max(self.total - self.known_total, 1)
+
+    @property
+    def unknown_total(self) -> int:
+        return self.total - self.known_total
+
+
+@torch.no_grad()
+def evaluate(
+    model: Tagger, items: Sequence[Encoded], batch_size: int, device: torch.device
+) -> tuple[Scores, list[list[int]]]:
+    """Tag ``items`` and score against their gold tags (unknown gold tags count as errors)."""
+    was_training = model.training
+    model.eval()
+    scores = Scores()
+    predictions: list[list[int]] = [[] for _ in items]
+    for idx in length_sorted_batches(items, batch_size):
+        batch = collate([items[i] for i in idx]).to(device)
+        pred = model.predict(batch)
+        mask = torch.arange(batch.words.shape[1], device=device) < batch.lengths.unsqueeze(1)
+        hit = (pred == batch.tags) & mask
+        scores.correct += int(hit.sum())
+        scores.total += int(mask.sum())
+        scores.known_correct += int((hit & batch.known).sum())
+        scores.known_total += int((mask & batch.known).sum())
+        for row, i in enumerate(idx):
+            predictions[i] = pred[row, : int(batch.lengths[row])].tolist()
+    model.train(was_training)
+    return scores, predictions
+
+
+@dataclass
+class History:
+    """Per-epoch learning curve."""
+
+    epoch: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    test_accuracy: list[float] = field(default_factory=list)
+    train_seconds: list[float] = field(default_factory=list)
+
+
+def save_checkpoint(
+    path: Path,
+    model: Tagger,
+    optimizer: torch.optim.Optimizer,
+    vocab: Vocab,
+    history: History,
+    epochs: int,
+) -> None:
+    """Write everything needed to resume training or tag new text, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(
+        {
+            "config": model.config.to_dict(),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "vocab": vocab.state_dict(),
+            "history": history.__dict__,
+            "epochs": epochs,
+        },
+        tmp,
+    )
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict[str, object]:
+    """Load a checkpoint written by :func:`save_checkpoint` (plain tensors and containers)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--checkpoint {str(path)!r} does not exist; train first")
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def model_from_checkpoint(state: dict[str, object], device: torch.device) -> tuple[Tagger, Vocab]:
+    config = TaggerConfig(**state["config"])  # type: ignore[arg-type]
+    model = Tagger(config).to(device)
+    model.load_state_dict(state["model"])  # type: ignore[arg-type]
+    vocab = Vocab.from_state_dict(state["vocab"])  # type: ignore[arg-type]
+    return model, vocab
+
+
+def param_groups(model: Tagger, lr: float, sparse_lr: float) -> list[dict[str, object]]:
+    """Give the sparse feature weights their own, larger step.
+
+    Each sparse feature is active on few tokens, so its weight gets few updates per epoch;
+    the neural part sees every token and wants a small step.
+    """
+    sparse = [p for n, p in model.named_parameters() if n.startswith("feat_weights")]
+    other = [p for n, p in model.named_parameters() if not n.startswith("feat_weights")]
+    groups: list[dict[str, object]] = [{"params": other, "lr": lr, "base_lr": lr}]
+    if sparse:
+        groups.append({"params": sparse, "lr": sparse_lr, "base_lr": sparse_lr})
+    return groups
+
+
+def learning_rate(base: float, step: int, total: int) -> float:
+    """Linear decay to 10% of ``base`` over training (a short warm-up is not needed)."""
+    return base * (1.0 - 0.9 * min(step / max(total, 1), 1.0))
+
+
+def train_one_epoch(
+    model: Tagger,
+    wrapped: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    items: Sequence[Encoded],
+    batches: list[list[int]],
+    device: torch.device,
+    step0: int,
+    total_steps: int,
+    progress: object | None = None,
+) -> float:
+    """Run one pass over ``batches``; return the mean training loss."""
+    model.train()
+    total, count = 0.0, 0
+    for k, idx in enumerate(batches):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(group["base_lr"], step0 + k, total_steps)
+        batch = collate([items[i] for i in idx]).to(device)
+        loss = wrapped(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        total += float(loss.detach())
+        count += 1
+        if progress is not None:
+            progress.update(1)  # type: ignore[attr-defined]
+            progress.set_postfix(loss=f"{total / count:.3f}")  # type: ignore[attr-defined]
+    return total / max(count, 1)
+
+
+def epoch_batches(
+    items: Sequence[Encoded], batch_size: int, seed: int, epoch: int, d: Dist
+) -> list[list[int]]:
+    """Every rank derives the same shuffled batches, then takes an equal share of them."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    batches = length_sorted_batches(items, batch_size, generator=g)
+    per_rank = len(batches) // d.world
+    return batches[d.rank : per_rank * d.world : d.world]
+
+
+class Timer:
+    """Wall-clock stopwatch."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.start

@@ -1,0 +1,295 @@
+"""The CRF tagger example: units (features, batching, scoring, the CRF head's NLL) and
+end-to-end runs in smoke mode (train, resume, tag, CoNLL files, 2-process DDP on CPU)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "examples" / "crf_tagger.py"
+sys.path.insert(0, str(ROOT / "examples"))
+
+from tagger.features import (  # noqa: E402
+    Vocab,
+    collate,
+    encode,
+    length_sorted_batches,
+    token_features,
+    word_shape,
+)
+from tagger.model import Tagger, TaggerConfig  # noqa: E402
+from tagger.training import Dist, Scores, epoch_batches, evaluate  # noqa: E402
+
+SHARED = Path(os.environ.get("STRUCTIFT_DATA", "/work/shared/data"))
+HAVE_SHARED = (SHARED / "brown" / "cats.txt").is_file()
+
+TOY = [
+    [("The", "at"), ("jury", "nn"), ("said", "vbd"), ("it", "pps"), (".", ".")],
+    [("A", "at"), ("dog", "nn"), ("ran", "vbd"), (".", ".")],
+    [("It", "pps"), ("said", "vbd"), ("no", "at"), ("dog", "nn"), ("ran", "vbd"), (".", ".")],
+]
+
+
+class TestFeatures:
+    def test_word_shape(self) -> None:
+        assert word_shape("Atlanta's") == "Xx'x"
+        assert word_shape("1,119") == "d,d"
+        assert word_shape("over-all") == "x-x"
+
+    def test_token_features_window(self) -> None:
+        feats = token_features(["The", "jury", "said"], 0)
+        assert "w=the" in feats and "w[-1]=<s>" in feats and "w[-2]=<s>" in feats
+        assert "w[1]=jury" in feats and "w[2]=said" in feats and "suf3=the" in feats
+        last = token_features(["The", "jury", "said"], 2)
+        assert "w[1]=</s>" in last and "w[-2]=the" in last and "title=0" in last
+
+    def test_encode_marks_unknown_words_and_tags(self) -> None:
+        vocab = Vocab.build(TOY)
+        e = encode(vocab, [("The", "at"), ("cat", "nn"), ("sat", "xx")])
+        assert e.known == [True, False, False]
+        assert e.tags[:2] == [vocab.tags.index("at"), vocab.tags.index("nn")] and e.tags[2] == -1
+        assert all(len(f) > 0 for f in e.feats) and all(i > 0 for f in e.feats for i in f)
+
+    def test_collate_pads(self) -> None:
+        vocab = Vocab.build(TOY)
+        b = collate([encode(vocab, s) for s in TOY])
+        assert b.words.shape == (3, 6) and b.lengths.tolist() == [5, 4, 6]
+        assert (b.tags[1, 4:] == -1).all() and (b.words[1, 4:] == 0).all()
+        assert (b.feats[1, 4:] == 0).all() and not b.known[1, 4:].any()
+
+    def test_batches_cover_everything_once_and_share_out_across_ranks(self) -> None:
+        vocab = Vocab.build(TOY)
+        items = [encode(vocab, s) for s in TOY * 7]
+        batches = length_sorted_batches(items, 4, torch.Generator().manual_seed(1))
+        assert sorted(i for b in batches for i in b) == list(range(21))
+        for b in batches:  # sorted by length inside a batch: little padding
+            lengths = [len(items[i].words) for i in b]
+            assert max(lengths) - min(lengths) <= 2
+        shares = [epoch_batches(items, 4, 0, 3, Dist(rank=r, world=2)) for r in range(2)]
+        assert len(shares[0]) == len(shares[1]) == 3
+        assert not {i for b in shares[0] for i in b} & {i for b in shares[1] for i in b}
+
+
+class TestModel:
+    def test_crf_loss_is_brute_force_nll(self) -> None:
+        torch.manual_seed(0)
+        vocab = Vocab.build(TOY)
+        sents = [TOY[1][:3], TOY[0][:2]]
+        batch = collate([encode(vocab, s) for s in sents])
+        config = TaggerConfig(
+            len(vocab.words),
+            len(vocab.chars),
+            len(vocab.feats),
+            len(vocab.tags),
+            word_dim=4,
+            char_filters=4,
+            hidden=3,
+            dropout=0.0,
+            word_dropout=0.0,
+        )
+        model = Tagger(config).double().eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_()
+        loss = model(batch)
+        emissions = model.emissions(batch)
+        Z = len(vocab.tags)
+        nll = 0.0
+        for b, length in enumerate(batch.lengths.tolist()):
+
+            def score(tags: tuple[int, ...], b: int = b) -> torch.Tensor:
+                s = model.start[tags[0]] + model.end[tags[-1]]
+                s = s + sum(emissions[b, t, z] for t, z in enumerate(tags))
+                return s + sum(model.transitions[i, j] for i, j in itertools.pairwise(tags))
+
+            all_scores = torch.stack([score(y) for y in itertools.product(range(Z), repeat=length)])
+            gold = tuple(batch.tags[b, :length].tolist())
+            nll = nll + torch.logsumexp(all_scores, 0) - score(gold)
+            # Viterbi = brute-force argmax.
+            best = max(
+                itertools.product(range(Z), repeat=length), key=lambda y: float(score(y).detach())
+            )
+            assert model.predict(batch)[b, :length].tolist() == list(best)
+        torch.testing.assert_close(loss, nll / batch.lengths.sum())
+
+    def test_scores_known_unknown(self) -> None:
+        vocab = Vocab.build(TOY[:2])
+        model = Tagger(
+            TaggerConfig(
+                len(vocab.words),
+                len(vocab.chars),
+                len(vocab.feats),
+                len(vocab.tags),
+                head="softmax",
+                neural=False,
+            )
+        )
+        with torch.no_grad():  # tag every token "nn"
+            model.feat_weights.weight.zero_()
+            model.feat_weights.weight[:, vocab.tags.index("nn")] = 1.0
+        items = [encode(vocab, s) for s in TOY]
+        scores, preds = evaluate(model, items, 2, torch.device("cpu"))
+        gold = [t for s in TOY for _, t in s]
+        known = [w.lower() in vocab.words for s in TOY for w, _ in s]
+        assert scores.total == len(gold) and scores.known_total == sum(known)
+        assert all(t == vocab.tags.index("nn") for p in preds for t in p)
+        assert scores.correct == gold.count("nn")
+        unknown_nn = sum(1 for g, k in zip(gold, known) if g == "nn" and not k)
+        assert scores.unknown == pytest.approx(unknown_nn / (len(gold) - sum(known)))
+        assert Scores().accuracy == 0.0
+
+    def test_bad_head(self) -> None:
+        with pytest.raises(ValueError, match="head="):
+            Tagger(TaggerConfig(3, 3, 3, 2, head="hmm"))
+
+
+def run(*args: str, cwd: Path, timeout: float = 300, env_extra: dict | None = None) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STRUCTIFT_DATA": str(SHARED), **(env_extra or {})}
+    proc = subprocess.run(
+        [*args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def write_conll(path: Path, sents: list) -> None:
+    path.write_text("".join("".join(f"{w} X {t}\n" for w, t in s) + "\n" for s in sents))
+
+
+def toy_corpus(n: int, seed: int) -> list:
+    g = torch.Generator().manual_seed(seed)
+    dets, nouns, verbs = ["the", "a", "no"], ["dog", "cat", "jury", "city"], ["ran", "said", "sat"]
+    sents = []
+    for _ in range(n):
+        pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=g))]  # noqa: E731
+        sents.append(
+            [(pick(dets), "DET"), (pick(nouns), "NOUN"), (pick(verbs), "VERB"), (".", ".")]
+        )
+    return sents
+
+
+class TestEndToEnd:
+    @pytest.mark.skipif(not HAVE_SHARED, reason="the shared Brown corpus folder is not present")
+    def test_brown_smoke_train_resume_tag(self, tmp_path: Path) -> None:
+        py = sys.executable
+        out = run(
+            py,
+            str(SCRIPT),
+            "--smoke",
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+            cwd=tmp_path,
+        )
+        assert "200 training / 40 test sentences" in out
+        assert "structift LinearChainCRF (this run)" in out and "softmax ablation (this run)" in out
+        assert "0.9476" in out and "(reference)" in out
+        for name in ("crf.pt", "softmax.pt", "learning_curve.png"):
+            assert (tmp_path / name).stat().st_size > 0
+        assert (tmp_path / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+        out = run(
+            py,
+            str(SCRIPT),
+            "--smoke",
+            "--epochs",
+            "2",
+            "--head",
+            "crf",
+            "--resume",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+            cwd=tmp_path,
+        )
+        assert "resumed from" in out and "after epoch 1" in out
+        assert "[crf] epoch 2:" in out and "[crf] epoch 1:" not in out
+        state = torch.load(tmp_path / "crf.pt", weights_only=True)
+        assert state["history"]["epoch"] == [1, 2]
+        out = run(
+            py,
+            str(SCRIPT),
+            "--tag",
+            "The jury said it .",
+            "--checkpoint",
+            str(tmp_path / "crf.pt"),
+            cwd=tmp_path,
+        )
+        tokens = out.split()
+        assert [t.rsplit("/", 1)[0] for t in tokens] == ["The", "jury", "said", "it", "."]
+        assert all(t.rsplit("/", 1)[1] in state["vocab"]["tags"] for t in tokens)
+        proc = subprocess.run(
+            [sys.executable, str(SCRIPT), "--tag", "hi", "--checkpoint", str(tmp_path / "x.pt")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode != 0 and "does not exist" in proc.stderr
+
+    def test_conll_files_learn_a_toy_language(self, tmp_path: Path) -> None:
+        write_conll(tmp_path / "train.conll", toy_corpus(200, 0))
+        write_conll(tmp_path / "test.conll", toy_corpus(40, 1))
+        out = run(
+            sys.executable,
+            str(SCRIPT),
+            "--smoke",
+            "--head",
+            "crf",
+            "--no-progress",
+            "--lr",
+            "0.05",
+            "--train",
+            str(tmp_path / "train.conll"),
+            "--test",
+            str(tmp_path / "test.conll"),
+            "--out",
+            str(tmp_path / "run"),
+            cwd=tmp_path,
+        )
+        assert "train.conll / test.conll" in out and "(reference)" not in out
+        row = next(line for line in out.splitlines() if line.startswith("structift"))
+        assert float(row.split()[-5]) > 0.95  # overall accuracy
+
+    def test_torchrun_two_processes_gloo(self, tmp_path: Path) -> None:
+        write_conll(tmp_path / "train.conll", toy_corpus(120, 0))
+        write_conll(tmp_path / "test.conll", toy_corpus(20, 1))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out = run(
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            str(SCRIPT),
+            "--smoke",
+            "--epochs",
+            "1",
+            "--head",
+            "crf",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--train",
+            str(tmp_path / "train.conll"),
+            "--test",
+            str(tmp_path / "test.conll"),
+            "--out",
+            str(tmp_path / "run"),
+            cwd=tmp_path,
+        )
+        assert "2 process(es) on cpu" in out
+        assert out.count("structift LinearChainCRF (this run)") == 1  # rank 0 reports alone
+        assert (tmp_path / "run" / "crf.pt").is_file()
