@@ -323,11 +323,13 @@ class GMRES(_Krylov):
             g[:, j] = c * g[:, j]
             if (g[:, j + 1].abs() <= tol).all():
                 break
-            # Krylov space numerically exhausted (happy breakdown up to rounding): further
-            # Arnoldi vectors are noise, so restart from the true residual instead.
-            if (hnext <= 100 * eps * wnorm).all():
+            # Krylov space numerically exhausted (happy breakdown up to rounding, which in
+            # float32 with large N is ~sqrt(N)·eps): further Arnoldi vectors are mostly noise,
+            # so restart from the true residual instead (iterative refinement).
+            if (hnext <= eps**0.5 * wnorm).all():
                 break
         k = j + 1
         y = torch.linalg.solve_triangular(R[:, :k, :k], g[:, :k].unsqueeze(-1), upper=True)
-        basis = torch.stack(V[:k], 1)  # shape: (B, k, N)
-        return x + (y.mT @ basis).squeeze(1), k
+        for i in range(k):  # x + V y without stacking V (saves k·B·N memory)
+            x = x + y[:, i] * V[i]
+        return x, k
