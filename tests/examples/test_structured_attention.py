@@ -65,6 +65,8 @@ def test_smoke_run_writes_table_heatmap_and_results(example, tmp_path, capsys):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["structured"]["accuracy"] == pytest.approx(results["structured"]["accuracy"])
     assert len(saved["structured"]["runs"][0]["pairwise"]) == 2
+    assert 0.0 <= saved["hand_set_reference"]["accuracy"] <= 1.0
+    assert "hand-set potentials" in out
 
 
 def test_smoke_run_with_ift_gradient_and_two_seeds(example, tmp_path):
