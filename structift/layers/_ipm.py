@@ -111,6 +111,14 @@ def prepare(Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, Lq
     return QPData(Q, q, GA, QGAt, h, b, Lq, M, M.mT.contiguous(), M.mT @ M)
 
 
+def _cholesky_(K: Tensor) -> tuple[Tensor, Tensor]:
+    """Factor K = UᵀU in place (K is overwritten by U); return U and LAPACK's info [B]."""
+    # The upper factor of a row-major matrix is LAPACK's native (column-major) lower one, and
+    # writing it over K saves the copy cholesky_ex makes otherwise: both matter on CPU.
+    info = torch.empty(K.shape[:-2], dtype=torch.int32, device=K.device)
+    return torch.linalg.cholesky_ex(K, upper=True, out=(K, info))
+
+
 def factor_schur(data: QPData, W: Tensor) -> tuple[Tensor, Tensor]:
     """Factor K = C + diag(W, 0) as K = Uᵀ U.
 
@@ -126,9 +134,7 @@ def factor_schur(data: QPData, W: Tensor) -> tuple[Tensor, Tensor]:
     k, m = data.C.shape[-1], W.shape[-1]
     K = data.C.clone()
     K.diagonal(dim1=-2, dim2=-1)[:, :m] += W
-    # The upper factor of a row-major matrix is LAPACK's native (column-major) lower one:
-    # no transposed copies, markedly faster on CPU.
-    UK, info = torch.linalg.cholesky_ex(K, upper=True)
+    UK, info = _cholesky_(K)
     ok = (info == 0) & UK.diagonal(dim1=-2, dim2=-1).isfinite().all(-1)
     if not bool(ok.all()) and m > 0:
         # Dependent active inequalities (a degenerate vertex) make K singular as W → 0 on
@@ -136,8 +142,9 @@ def factor_schur(data: QPData, W: Tensor) -> tuple[Tensor, Tensor]:
         # which the next iteration's exact residuals correct.
         diag_C = data.C.diagonal(dim1=-2, dim2=-1)
         delta = torch.finfo(W.dtype).eps ** 0.5 * (1.0 + diag_C.amax(-1, keepdim=True))
-        K.diagonal(dim1=-2, dim2=-1)[:, :m] += delta
-        UK2, info2 = torch.linalg.cholesky_ex(K, upper=True)
+        K = data.C.clone()
+        K.diagonal(dim1=-2, dim2=-1)[:, :m] += W + delta
+        UK2, info2 = _cholesky_(K)
         ok2 = ~ok & (info2 == 0) & UK2.diagonal(dim1=-2, dim2=-1).isfinite().all(-1)
         UK = torch.where(ok2[:, None, None], UK2, UK)
         ok = ok | ok2
@@ -166,16 +173,33 @@ def kkt_solve(
     Returns:
         x [B, n], y [B, m], w [B, p].
     """
-    # x = Q⁻¹(rz − [G; A]ᵀ[y; w]) and K [y; w] = [G; A] Q⁻¹ rz − [rl; rn], Q⁻¹ = Lq⁻ᵀ Lq⁻¹.
-    u = torch.linalg.solve_triangular(data.Lq, rz.unsqueeze(-1), upper=False)  # shape: (B, n, 1)
-    rhs = (u.mT @ data.M).mT - torch.cat([rl, rn], dim=-1).unsqueeze(-1)
+    u, Mtu = _reduce_rz(data, rz)
+    y, w, yw = _solve_multipliers(UK, Mtu, rl, rn, keep)
+    return _recover_x(data, u, yw), y, w
+
+
+def _reduce_rz(data: QPData, rz: Tensor) -> tuple[Tensor, Tensor]:
+    """Return u = Lq⁻¹ rz [B, n, 1] and [G; A] Q⁻¹ rz = Mᵀu [B, k, 1]."""
+    u = torch.linalg.solve_triangular(data.Lq, rz.unsqueeze(-1), upper=False)
+    return u, (u.mT @ data.M).mT
+
+
+def _solve_multipliers(
+    UK: Tensor, Mtu: Tensor, rl: Tensor, rn: Tensor, keep: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Solve K [y; w] = [G; A] Q⁻¹ rz − [rl; rn]; return y [B, m], w [B, p], [y; w] [B, k, 1]."""
+    rhs = Mtu - torch.cat([rl, rn], dim=-1).unsqueeze(-1)
     if keep is not None:
         rhs = rhs * keep.unsqueeze(-1)
     yw = torch.cholesky_solve(rhs, UK, upper=True)  # shape: (B, k, 1)
-    u = u - (yw.mT @ data.Mt).mT
-    x = torch.linalg.solve_triangular(data.Lq.mT, u, upper=True).squeeze(-1)
     m = rl.shape[-1]
-    return x, yw[:, :m, 0], yw[:, m:, 0]
+    return yw[:, :m, 0], yw[:, m:, 0], yw
+
+
+def _recover_x(data: QPData, u: Tensor, yw: Tensor) -> Tensor:
+    """Return x = Q⁻¹(rz − [G; A]ᵀ[y; w]) = Lq⁻ᵀ(u − M [y; w]) as [B, n]."""
+    u = u - (yw.mT @ data.Mt).mT
+    return torch.linalg.solve_triangular(data.Lq.mT, u, upper=True).squeeze(-1)
 
 
 def factor_active(data: QPData, active: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -199,7 +223,7 @@ def factor_active(data: QPData, active: Tensor) -> tuple[Tensor, Tensor, Tensor]
     both = keep.unsqueeze(-1) & keep.unsqueeze(-2)
     K = torch.where(both, data.C, 0.0)
     K.diagonal(dim1=-2, dim2=-1).add_((~keep).to(K.dtype))
-    UK, info = torch.linalg.cholesky_ex(K, upper=True)
+    UK, info = _cholesky_(K)
     piv = UK.diagonal(dim1=-2, dim2=-1).square()
     # A tiny pivot relative to the largest one means (numerically) dependent active rows.
     ok = (info == 0) & (piv.amin(-1) > 1e3 * torch.finfo(K.dtype).eps * piv.amax(-1))
@@ -212,16 +236,17 @@ def _max_step(v: Tensor, dv: Tensor) -> Tensor:
     return ratio.amin(dim=-1).clamp(max=1.0)
 
 
-def _newton(
-    data: QPData, UK: Tensor, s: Tensor, lam: Tensor, rd: Tensor, rp: Tensor, re: Tensor, rc: Tensor
+def _newton_multipliers(
+    UK: Tensor, Mtu: Tensor, s: Tensor, lam: Tensor, rp: Tensor, re: Tensor, rc: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Return the Newton step (dz, ds, dλ, dν) for the residuals rd, rp, re.
+    """Return (ds, dλ, dν, [dλ; dν]) of the Newton step for the residuals rp, re.
 
     The complementarity row is λ∘ds + s∘dλ = −rc; ds is eliminated, which leaves the system of
-    `kkt_solve` with W = s/λ (already factored in UK).
+    `kkt_solve` with W = s/λ (factored in UK) and rz = −rd (already reduced to Mtu). dz is
+    recovered separately (`_recover_x`) only when needed: the predictor does not need it.
     """
-    dz, dlam, dnu = kkt_solve(data, UK, -rd, -rp + rc / lam, -re)
-    return dz, -(rc + s * dlam) / lam, dlam, dnu
+    dlam, dnu, yw = _solve_multipliers(UK, Mtu, -rp + rc / lam, -re, None)
+    return -(rc + s * dlam) / lam, dlam, dnu, yw
 
 
 def _inf_norm(x: Tensor) -> Tensor:
@@ -268,13 +293,15 @@ def polish(data: QPData, res: IPMResult, accept_tol: float) -> IPMResult:
     Args:
         data: the batch.
         res: the interior-point result.
-        accept_tol: polish elements whose residual is at most this (and not infeasible), and
-            accept results within it.
+        accept_tol: polish elements whose residual is at most its square root (and not
+            infeasible); accept polished points whose own residual is at most accept_tol.
     """
     n, m = data.q.shape[-1], data.h.shape[-1]
     if data.C.shape[-1] == 0:
         return res  # unconstrained: the Newton step was already exact
-    todo = ~res.infeasible & (res.kkt_residual <= accept_tol)
+    # Polish where the interior point is close enough to have found the active set; the
+    # result is judged on its own residual.
+    todo = ~res.infeasible & (res.kkt_residual <= accept_tol**0.5)
     slack_tol = (accept_tol * (1.0 + _inf_norm(data.h)))[:, None]
     mult_tol = (accept_tol * (1.0 + _inf_norm(res.lam)))[:, None]
     active = res.lam > res.s
@@ -314,13 +341,28 @@ def polish(data: QPData, res: IPMResult, accept_tol: float) -> IPMResult:
     return res
 
 
-def interior_point(data: QPData, tol: float, max_iter: int) -> IPMResult:
+def merge(mask: Tensor, new: IPMResult, old: IPMResult) -> IPMResult:
+    """Return ``new`` where the BoolTensor mask [B] is set, ``old`` elsewhere."""
+    return IPMResult(
+        *(torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b_) for a, b_ in zip(new, old))
+    )
+
+
+def interior_point(
+    data: QPData,
+    tol: float,
+    max_iter: int,
+    start: IPMResult | None = None,
+    only: Tensor | None = None,
+) -> IPMResult:
     """Run Mehrotra's predictor-corrector method on a batch of convex QPs.
 
     Args:
         data: the batch from `prepare`; [G; A] must have linearly independent active rows.
         tol: stop an element once its scaled KKT residual is at most ``tol``.
         max_iter: iteration cap.
+        start: resume from this result's iterate (strictly interior where ``only`` is set).
+        only: BoolTensor [B]: iterate on these elements only (the rest is returned as is).
 
     Returns:
         For every element its best iterate (lowest residual), the Schur factor there, and
@@ -330,21 +372,28 @@ def interior_point(data: QPData, tol: float, max_iter: int) -> IPMResult:
     q, h, b = data.q, data.h, data.b
     B, n, m = q.shape[0], q.shape[-1], h.shape[-1]
 
-    # Start (as CVXOPT does): solve the KKT system with W = I, i.e. min ½zᵀQz + qᵀz + ½‖s‖²
-    # subject to Gz + s = h, Az = b, then shift the slacks and multipliers into the interior.
-    UK, ok = factor_schur(data, torch.ones_like(h))
-    z, _, nu = kkt_solve(data, UK, -q, h, b)
-    r = rmv(z, data.QGAt)[:, n : n + m] - h
-    s, lam = -r, r.clone()
-    if m > 0:
-        s = s + (1.0 - s.amin(-1, keepdim=True)).clamp(min=0.0)
-        lam = lam + (1.0 - lam.amin(-1, keepdim=True)).clamp(min=0.0)
+    if start is None:
+        # Start (as CVXOPT does): solve the KKT system with W = I, i.e. min ½zᵀQz + qᵀz + ½‖s‖²
+        # s.t. Gz + s = h, Az = b, then shift the slacks and multipliers into the interior.
+        UK, ok = factor_schur(data, torch.ones_like(h))
+        z, _, nu = kkt_solve(data, UK, -q, h, b)
+        r = rmv(z, data.QGAt)[:, n : n + m] - h
+        s, lam = -r, r.clone()
+        if m > 0:
+            s = s + (1.0 - s.amin(-1, keepdim=True)).clamp(min=0.0)
+            lam = lam + (1.0 - lam.amin(-1, keepdim=True)).clamp(min=0.0)
+        iterations = torch.zeros(B, dtype=torch.long, device=q.device)
+    else:
+        z, s, lam, nu, UK = start.z, start.s, start.lam, start.nu, start.UK
+        ok = torch.ones(B, dtype=torch.bool, device=q.device)
+        iterations = start.iterations
+    if only is not None:
+        ok = ok & only
 
     broke_down = ~ok
     active = ok.clone()
     converged = torch.zeros_like(active)
     infeasible = torch.zeros_like(active)
-    iterations = torch.zeros(B, dtype=torch.long, device=q.device)
     best = (z, s, lam, nu)
     best_kkt = q.new_full((B,), float("inf"))
     best_merit = q.new_full((B,), float("inf"))
@@ -386,13 +435,16 @@ def interior_point(data: QPData, tol: float, max_iter: int) -> IPMResult:
         mu = (s * lam).sum(-1) / m
 
         # Predictor (affine scaling) step.
-        _, ds_a, dlam_a, _ = _newton(data, UK, s, lam, rd, rp, re, s * lam)
+        # −rd is the same for both steps: reduce it once.
+        u, Mtu = _reduce_rz(data, -rd)
+        ds_a, dlam_a, _, _ = _newton_multipliers(UK, Mtu, s, lam, rp, re, s * lam)
         alpha_a = torch.minimum(_max_step(s, ds_a), _max_step(lam, dlam_a))[:, None]
         mu_a = ((s + alpha_a * ds_a) * (lam + alpha_a * dlam_a)).sum(-1) / m
         sigma = (mu_a / mu).clamp(0.0, 1.0).nan_to_num(1.0) ** 3
         # Corrector: centering plus the second-order term ds_a∘dλ_a.
         rc = s * lam + ds_a * dlam_a - (sigma * mu)[:, None]
-        dz, ds, dlam, dnu = _newton(data, UK, s, lam, rd, rp, re, rc)
+        ds, dlam, dnu, yw = _newton_multipliers(UK, Mtu, s, lam, rp, re, rc)
+        dz = _recover_x(data, u, yw)
         alpha = torch.minimum(_max_step(s, ds), _max_step(lam, dlam))
         alpha = (_STEP_FRACTION * alpha).clamp(max=1.0)
         finite = torch.stack(

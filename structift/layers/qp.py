@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._ipm import IPMResult, QPData, interior_point, kkt_solve, polish, prepare
+from ._ipm import IPMResult, QPData, interior_point, kkt_solve, merge, polish, prepare
 from ._qp_checks import check_rank, factor_Q, validate
 
 __all__ = [
@@ -33,6 +33,8 @@ __all__ = [
 
 # Default stopping tolerances on the scaled KKT residual (see `qp_solve`).
 _DEFAULT_TOL = {torch.float64: 1e-12, torch.float32: 1e-7}
+# The interior point first runs to this residual, then polishes (see `_QPFunction.forward`).
+_COARSE_TOL = {torch.float64: 1e-8, torch.float32: 1e-7}
 # An element whose progress stalls (rounding) before `tol` still counts as solved within this
 # factor of `tol`.
 _ACCEPT_FACTOR = 100.0
@@ -169,8 +171,16 @@ class _QPFunction(torch.autograd.Function):
             )
         if A.shape[-2] > 0:
             check_rank(data.C[:, m:, m:], A.shape)
-        res = interior_point(data, tol, opts["max_iter"])
-        res = polish(data, res, _ACCEPT_FACTOR * tol)
+        # Polishing makes z exact once the active set is identified, which a coarser residual
+        # already does on most problems: stop there, polish, and resume the interior point
+        # only where polishing fails (a misidentified or degenerate active set).
+        coarse = max(tol, _COARSE_TOL[Q.dtype])
+        res = polish(data, interior_point(data, coarse, opts["max_iter"]), _ACCEPT_FACTOR * tol)
+        redo = ~res.polished & ~res.infeasible & ~res.broke_down
+        left = opts["max_iter"] - int(res.iterations.max())
+        if coarse > tol and left > 0 and bool(redo.any()):
+            more = interior_point(data, tol, left, start=res, only=redo)
+            res = merge(redo, polish(data, more, _ACCEPT_FACTOR * tol), res)
         ctx.data, ctx.res, ctx.batch = data, res, batch
         ctx.shapes = [x.shape for x in theta]
         opts["status"] = _status(res, batch, tol)
