@@ -31,6 +31,17 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ._kkt import (
+    QPData,
+    factor_active,
+    factor_schur,
+    kkt_solve,
+    recover_x,
+    reduce_rz,
+    rmv,
+    solve_multipliers,
+)
+
 # Fraction of the distance to the boundary of the positive orthant a step may cover: keeps the
 # iterates strictly interior so W = s/λ stays finite and positive.
 _STEP_FRACTION = 0.99
@@ -40,35 +51,6 @@ _MAX_STALLS = 3
 _PROGRESS = 0.9
 # Iterative-refinement steps after the polishing solve.
 _REFINE_STEPS = 2
-
-
-class QPData(NamedTuple):
-    """A batch of QPs with the factorization of Q and the constraint Gram matrix.
-
-    Attributes:
-        Q: [B, n, n] symmetric positive definite.
-        q: [B, n].
-        GA: [B, k, n], G stacked over A (k = m + p).
-        QGAt: [B, n, n + k], [Q, [G; A]ᵀ] contiguous: one row-vector product gives Qz and
-            [G; A]z (row-vector products are faster than matrix-vector ones in torch).
-        h: [B, m].
-        b: [B, p].
-        Lq: [B, n, n], lower Cholesky factor of Q.
-        M: [B, n, k], Lq⁻¹ [G; A]ᵀ.
-        Mt: [B, k, n], its transpose, contiguous.
-        C: [B, k, k], [G; A] Q⁻¹ [G; A]ᵀ.
-    """
-
-    Q: Tensor
-    q: Tensor
-    GA: Tensor
-    QGAt: Tensor
-    h: Tensor
-    b: Tensor
-    Lq: Tensor
-    M: Tensor
-    Mt: Tensor
-    C: Tensor
 
 
 class IPMResult(NamedTuple):
@@ -90,146 +72,6 @@ class IPMResult(NamedTuple):
     polished: Tensor  # BoolTensor [B], z and UK come from `polish`
 
 
-def rmv(x: Tensor, Mt: Tensor) -> Tensor:
-    """Return M x for x [B, c] given Mt = Mᵀ [B, c, r] (a row-vector product, fast in torch)."""
-    return (x.unsqueeze(-2) @ Mt).squeeze(-2)
-
-
-def prepare(Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, Lq: Tensor) -> QPData:
-    """Precompute [G; A] Q⁻¹ [G; A]ᵀ from the Cholesky factor Lq of Q.
-
-    Args:
-        Q: [B, n, n]; q: [B, n]; G: [B, m, n]; h: [B, m]; A: [B, p, n]; b: [B, p].
-        Lq: [B, n, n], lower Cholesky factor of Q.
-
-    Returns:
-        The batch with its factorization data.
-    """
-    GA = torch.cat([G, A], dim=-2)  # shape: (B, k, n)
-    QGAt = torch.cat([Q, GA.mT], dim=-1)  # shape: (B, n, n + k)
-    M = torch.linalg.solve_triangular(Lq, GA.mT, upper=False)  # shape: (B, n, k)
-    return QPData(Q, q, GA, QGAt, h, b, Lq, M, M.mT.contiguous(), M.mT @ M)
-
-
-def _cholesky_(K: Tensor) -> tuple[Tensor, Tensor]:
-    """Factor K = UᵀU in place (K is overwritten by U); return U and LAPACK's info [B]."""
-    # The upper factor of a row-major matrix is LAPACK's native (column-major) lower one, and
-    # writing it over K saves the copy cholesky_ex makes otherwise: both matter on CPU.
-    info = torch.empty(K.shape[:-2], dtype=torch.int32, device=K.device)
-    return torch.linalg.cholesky_ex(K, upper=True, out=(K, info))
-
-
-def factor_schur(data: QPData, W: Tensor) -> tuple[Tensor, Tensor]:
-    """Factor K = C + diag(W, 0) as K = Uᵀ U.
-
-    Args:
-        data: the batch.
-        W: [B, m] nonnegative.
-
-    Returns:
-        The upper Cholesky factor U [B, k, k] and a BoolTensor [B] that is False where K is not
-        numerically positive definite (that element gets an identity factor so NaNs never reach
-        the rest of the batch).
-    """
-    k, m = data.C.shape[-1], W.shape[-1]
-    K = data.C.clone()
-    K.diagonal(dim1=-2, dim2=-1)[:, :m] += W
-    UK, info = _cholesky_(K)
-    ok = (info == 0) & UK.diagonal(dim1=-2, dim2=-1).isfinite().all(-1)
-    if not bool(ok.all()) and m > 0:
-        # Dependent active inequalities (a degenerate vertex) make K singular as W → 0 on
-        # them: retry with W + δ, δ = √eps · scale. The Newton step is then slightly inexact,
-        # which the next iteration's exact residuals correct.
-        diag_C = data.C.diagonal(dim1=-2, dim2=-1)
-        delta = torch.finfo(W.dtype).eps ** 0.5 * (1.0 + diag_C.amax(-1, keepdim=True))
-        K = data.C.clone()
-        K.diagonal(dim1=-2, dim2=-1)[:, :m] += W + delta
-        UK2, info2 = _cholesky_(K)
-        ok2 = ~ok & (info2 == 0) & UK2.diagonal(dim1=-2, dim2=-1).isfinite().all(-1)
-        UK = torch.where(ok2[:, None, None], UK2, UK)
-        ok = ok | ok2
-    if not bool(ok.all()):
-        UK = torch.where(ok[:, None, None], UK, torch.eye(k, dtype=W.dtype, device=W.device))
-    return UK, ok
-
-
-def kkt_solve(
-    data: QPData,
-    UK: Tensor,
-    rz: Tensor,
-    rl: Tensor,
-    rn: Tensor,
-    keep: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Solve Qx + Gᵀy + Aᵀw = rz, Gx − Wy = rl, Ax = rn with K = UKᵀ UK.
-
-    Args:
-        data: the batch.
-        UK: [B, k, k] from `factor_schur` or `factor_active`.
-        rz: [B, n]; rl: [B, m]; rn: [B, p].
-        keep: optional BoolTensor [B, k]; rows outside it are dropped (their y is 0), which
-            is W = ∞ exactly; UK must then come from `factor_active` with the same mask.
-
-    Returns:
-        x [B, n], y [B, m], w [B, p].
-    """
-    u, Mtu = _reduce_rz(data, rz)
-    y, w, yw = _solve_multipliers(UK, Mtu, rl, rn, keep)
-    return _recover_x(data, u, yw), y, w
-
-
-def _reduce_rz(data: QPData, rz: Tensor) -> tuple[Tensor, Tensor]:
-    """Return u = Lq⁻¹ rz [B, n, 1] and [G; A] Q⁻¹ rz = Mᵀu [B, k, 1]."""
-    u = torch.linalg.solve_triangular(data.Lq, rz.unsqueeze(-1), upper=False)
-    return u, (u.mT @ data.M).mT
-
-
-def _solve_multipliers(
-    UK: Tensor, Mtu: Tensor, rl: Tensor, rn: Tensor, keep: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Solve K [y; w] = [G; A] Q⁻¹ rz − [rl; rn]; return y [B, m], w [B, p], [y; w] [B, k, 1]."""
-    rhs = Mtu - torch.cat([rl, rn], dim=-1).unsqueeze(-1)
-    if keep is not None:
-        rhs = rhs * keep.unsqueeze(-1)
-    yw = torch.cholesky_solve(rhs, UK, upper=True)  # shape: (B, k, 1)
-    m = rl.shape[-1]
-    return yw[:, :m, 0], yw[:, m:, 0], yw
-
-
-def _recover_x(data: QPData, u: Tensor, yw: Tensor) -> Tensor:
-    """Return x = Q⁻¹(rz − [G; A]ᵀ[y; w]) = Lq⁻ᵀ(u − M [y; w]) as [B, n]."""
-    u = u - (yw.mT @ data.Mt).mT
-    return torch.linalg.solve_triangular(data.Lq.mT, u, upper=True).squeeze(-1)
-
-
-def factor_active(data: QPData, active: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Factor the KKT system of the identified active set: W = 0 on it, W = ∞ off it.
-
-    At a strictly complementary solution this is the exact KKT Jacobian (active constraints
-    hold with equality, inactive ones have λ = 0 and drop out), free of the O(μ) smoothing
-    the interior-point iterate's W = s/λ carries.
-
-    Args:
-        data: the batch.
-        active: BoolTensor [B, m].
-
-    Returns:
-        The upper factor [B, k, k] of K restricted to active and equality rows (identity on
-        the dropped rows), the keep mask [B, k] for `kkt_solve`, and a BoolTensor [B] that is
-        False where that matrix is singular (dependent active constraints: a degenerate vertex).
-    """
-    B, k = data.C.shape[0], data.C.shape[-1]
-    keep = torch.cat([active, active.new_ones(B, k - active.shape[-1])], dim=-1)
-    both = keep.unsqueeze(-1) & keep.unsqueeze(-2)
-    K = torch.where(both, data.C, 0.0)
-    K.diagonal(dim1=-2, dim2=-1).add_((~keep).to(K.dtype))
-    UK, info = _cholesky_(K)
-    piv = UK.diagonal(dim1=-2, dim2=-1).square()
-    # A tiny pivot relative to the largest one means (numerically) dependent active rows.
-    ok = (info == 0) & (piv.amin(-1) > 1e3 * torch.finfo(K.dtype).eps * piv.amax(-1))
-    return UK, keep, ok
-
-
 def _max_step(v: Tensor, dv: Tensor) -> Tensor:
     """Return the largest α ∈ (0, 1] with v + α dv ≥ 0 for every row of v [B, m] > 0."""
     ratio = torch.where(dv < 0, v / (-dv).clamp(min=torch.finfo(v.dtype).tiny), 1.0)
@@ -243,9 +85,9 @@ def _newton_multipliers(
 
     The complementarity row is λ∘ds + s∘dλ = −rc; ds is eliminated, which leaves the system of
     `kkt_solve` with W = s/λ (factored in UK) and rz = −rd (already reduced to Mtu). dz is
-    recovered separately (`_recover_x`) only when needed: the predictor does not need it.
+    recovered separately (`recover_x`) only when needed: the predictor does not need it.
     """
-    dlam, dnu, yw = _solve_multipliers(UK, Mtu, -rp + rc / lam, -re, None)
+    dlam, dnu, yw = solve_multipliers(UK, Mtu, -rp + rc / lam, -re, None)
     return -(rc + s * dlam) / lam, dlam, dnu, yw
 
 
@@ -436,7 +278,7 @@ def interior_point(
 
         # Predictor (affine scaling) step.
         # −rd is the same for both steps: reduce it once.
-        u, Mtu = _reduce_rz(data, -rd)
+        u, Mtu = reduce_rz(data, -rd)
         ds_a, dlam_a, _, _ = _newton_multipliers(UK, Mtu, s, lam, rp, re, s * lam)
         alpha_a = torch.minimum(_max_step(s, ds_a), _max_step(lam, dlam_a))[:, None]
         mu_a = ((s + alpha_a * ds_a) * (lam + alpha_a * dlam_a)).sum(-1) / m
@@ -444,7 +286,7 @@ def interior_point(
         # Corrector: centering plus the second-order term ds_a∘dλ_a.
         rc = s * lam + ds_a * dlam_a - (sigma * mu)[:, None]
         ds, dlam, dnu, yw = _newton_multipliers(UK, Mtu, s, lam, rp, re, rc)
-        dz = _recover_x(data, u, yw)
+        dz = recover_x(data, u, yw)
         alpha = torch.minimum(_max_step(s, ds), _max_step(lam, dlam))
         alpha = (_STEP_FRACTION * alpha).clamp(max=1.0)
         finite = torch.stack(

@@ -19,7 +19,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._ipm import IPMResult, QPData, interior_point, kkt_solve, merge, polish, prepare
+from ._ipm import IPMResult, interior_point, merge, polish
+from ._kkt import QPData, kkt_solve, prepare
 from ._qp_checks import check_rank, factor_Q, validate
 
 __all__ = [
