@@ -23,7 +23,8 @@ Run:
     python benchmarks/variational.py                         # CPU: B=32, T=128, Z=32 and larger
     python benchmarks/variational.py --shapes 32x128x32 --iters 8 32 128
     python benchmarks/variational.py --device cuda --shapes 32x128x32 32x512x64
-    python benchmarks/variational.py --curve                 # gradient error vs forward tol
+    python benchmarks/variational.py --curve --figure docs/variational/tolerance.png
+    python benchmarks/variational.py --errors                # check_ift error table
 """
 
 from __future__ import annotations
@@ -228,6 +229,55 @@ def tolerance_curve(args: argparse.Namespace) -> None:
         print(f"\nfigure written to {args.figure}")
 
 
+def error_table(args: argparse.Namespace) -> None:
+    """check_ift's relative errors per family, linear solver, forward solver, dtype and τ."""
+    g = torch.Generator().manual_seed(0)
+    B, T, Z, V = 4, 12, 5, 7
+    lengths = torch.tensor([12, 9, 5, 1])
+    unary = torch.randn(B, T, Z, generator=g, dtype=torch.float64) * 3
+    binary = torch.randn(B, T - 1, Z, Z, generator=g, dtype=torch.float64) * 3
+    binary[:, :, 0, 1] = float("-inf")  # hard constraints: the transition 0 -> 1 is forbidden
+    logits = torch.randn(B, 10, generator=g, dtype=torch.float64) * 3
+    logits[:, 3] = float("-inf")
+    obs = torch.randint(0, V, (B, T), generator=g)
+    hmm_params = [torch.randn(*s, generator=g, dtype=torch.float64) for s in ((Z,), (Z, Z), (Z, V))]
+
+    def family(name: str, dtype: torch.dtype):
+        if name == "Categorical [4, 10]":
+            return sf.Categorical(logits.to(dtype))
+        if name == "LinearChainCRF [4, 12, 5]":
+            return sf.LinearChainCRF(unary.to(dtype), binary.to(dtype), lengths)
+        return sf.HMM(*(p.to(dtype) for p in hmm_params), obs, lengths)
+
+    taus = (0.1, 1.0, 10.0)
+    configs = [
+        ("exact", "structured"),
+        ("exact", "dense"),
+        ("exact", MINRES(rtol=1e-12, max_iters=20_000)),
+        (Iterative(tol=1e-13), "structured"),
+    ]
+    names = ["Categorical [4, 10]", "LinearChainCRF [4, 12, 5]", "HMM [4, 12, 5], V=7"]
+    print("\n### check_ift: max relative error of the IFT VJP vs autograd through A(θ)\n")
+    header = " | ".join(f"τ={t}" for t in taus)
+    print(f"| family | dtype | forward | linear solver | {header} | max KKT residual |")
+    print("|---|---|---|---|" + "---|" * len(taus) + "---|")
+    for name in names:
+        for dtype in (torch.float64, torch.float32):
+            for solver, linear in configs:
+                if dtype == torch.float32 and not (solver == "exact" and linear == "structured"):
+                    continue
+                errs, res = [], 0.0
+                for tau in taus:
+                    gen = torch.Generator().manual_seed(1)
+                    out = check_ift(family(name, dtype), tau, solver, linear, 4, gen)
+                    errs.append(f"{out.max_rel_error:.1e}")
+                    res = max(res, out.forward_residual)
+                fwd = "exact" if solver == "exact" else "iterative"
+                lin = linear if isinstance(linear, str) else "minres"
+                dt = str(dtype).replace("torch.", "")
+                print(f"| {name} | {dt} | {fwd} | {lin} | {' | '.join(errs)} | {res:.1e} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -239,12 +289,16 @@ def main() -> None:
     parser.add_argument("--minres-iters", type=int, default=2000)
     parser.add_argument("--skip-minres", action="store_true")
     parser.add_argument("--curve", action="store_true", help="only the tolerance curve")
+    parser.add_argument("--errors", action="store_true", help="only the check_ift error table")
     parser.add_argument("--figure", default="", help="write the curve's PNG here")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.curve:
         tolerance_curve(args)
+        return
+    if args.errors:
+        error_table(args)
         return
     if args.smoke:
         args.shapes, args.iters, args.repeats = ["2x8x3"], [4], 1

@@ -12,6 +12,7 @@ from structift.variational.chain_kkt import ChainKKTPoint, chain_duals, chain_kk
 from structift.variational.check import IFTCheck, check_ift
 from structift.variational.covariance import chain_covariance_vector_product
 from structift.variational.message_passing import chain_message_passing, simplex_mirror_descent
+from structift.variational.normal import NormalEquations
 from structift.variational.structured import StructuredChainSolve
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "IFTCheck",
     "Iterative",
     "KKTResidual",
+    "NormalEquations",
     "Structured",
     "StructuredChainSolve",
     "chain_covariance_vector_product",

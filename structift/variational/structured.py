@@ -61,8 +61,9 @@ class StructuredChainSolve(AbstractLinearSolver):
         support: the support masks the residual was restricted to.
         check: also solve for the dual block, measure the true residual ‖rhs − K x‖ (one
             explicit KKT product, no autograd) and raise if it exceeds ``rtol``·‖rhs‖. Off, only
-            the primal block is computed (the dual block is returned as zeros and the residual
-            as NaN): that is all the IFT needs, because ∂F/∂θ vanishes on the dual rows.
+            the primal block on the support is computed (the dual block is returned as zeros,
+            off-support edge entries as ≈0, and the residual as NaN): that is all the IFT needs,
+            because ∂F/∂θ vanishes on the dual rows and off the support.
         rtol: relative tolerance of that check (default sqrt(eps) of the dtype).
     """
 
@@ -146,7 +147,11 @@ class StructuredChainSolve(AbstractLinearSolver):
         v_node = torch.where(S.node, r_node, 0.0)
         cu, cw = chain_covariance_vector_product(m, M, self.lengths, v_node, r_edge)
         x_node = torch.where(S.node, cu.mul_(-1 / tau), r_node)
-        x_edge = torch.where(S.edge, cw.mul_(-1 / tau), r_edge)
+        x_edge = cw.mul_(-1 / tau)
+        if self.check:
+            # Exact identity rows off the support (without the check only the support block is
+            # used: θ's cotangent −(∂F/∂θ)ᵀ x is zero off the support whatever x holds there).
+            x_edge = torch.where(S.edge, x_edge, r_edge)
         return [x_node, x_edge]
 
     def _solve_dual(

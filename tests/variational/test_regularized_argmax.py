@@ -10,9 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import structift as sf
-from structift.implicit import MINRES, Dense, Identity
+from structift.implicit import CG, MINRES, ConvergenceError, Dense, Identity, Neumann
 from structift.variational import (
     Iterative,
+    NormalEquations,
     Structured,
     check_ift,
     kkt_residual,
@@ -244,3 +245,13 @@ def test_bad_solver_names_and_types() -> None:
         regularized_argmax(torch.distributions.Normal(0.0, 1.0))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="damping"):
         regularized_argmax(cat, solver=Iterative(damping=0.0))
+
+
+def test_neumann_diverges_on_the_kkt_system_and_cg_on_normal_equations_converges() -> None:
+    crf = sf.LinearChainCRF(
+        torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    )
+    with pytest.raises(ConvergenceError, match="diverges"):
+        check_ift(crf, 1.0, linear_solver=Neumann(terms=50, alpha=0.5))
+    cg = NormalEquations(CG(rtol=1e-13, max_iters=5000))
+    _assert_close(check_ift(crf, 1.0, linear_solver=cg, generator=_gen()), 1e-10)
