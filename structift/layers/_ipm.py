@@ -49,8 +49,8 @@ _STEP_FRACTION = 0.99
 # the factor below: rounding (mostly in float32) has ended progress.
 _MAX_STALLS = 3
 _PROGRESS = 0.9
-# Iterative-refinement steps after the polishing solve.
-_REFINE_STEPS = 2
+# Iterative-refinement steps after the polishing solve (float64 needs none in practice).
+_REFINE_STEPS = {torch.float32: 2, torch.float64: 0}
 
 
 class IPMResult(NamedTuple):
@@ -150,9 +150,9 @@ def polish(data: QPData, res: IPMResult, accept_tol: float) -> IPMResult:
     for _ in range(3):
         UK, keep, ok = factor_active(data, active)
         z, lam, nu = kkt_solve(data, UK, -data.q, data.h, data.b, keep)
-        for _ in range(_REFINE_STEPS):
-            # Iterative refinement: the Schur-complement solve loses digits to cond(K), mostly
-            # in float32; re-solving for the residual with the same factor recovers them.
+        for _ in range(_REFINE_STEPS[z.dtype]):
+            # Iterative refinement: the Schur-complement solve loses digits to cond(K), which
+            # matters in float32; re-solving for the residual with the same factor recovers them.
             rd, rp, re = _residuals(data, z, torch.zeros_like(lam), lam, nu)[:3]
             dz, dlam, dnu = kkt_solve(data, UK, -rd, -rp, -re, keep)
             z, lam, nu = z + dz, lam + dlam, nu + dnu

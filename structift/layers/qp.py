@@ -35,7 +35,7 @@ __all__ = [
 # Default stopping tolerances on the scaled KKT residual (see `qp_solve`).
 _DEFAULT_TOL = {torch.float64: 1e-12, torch.float32: 1e-7}
 # The interior point first runs to this residual, then polishes (see `_QPFunction.forward`).
-_COARSE_TOL = {torch.float64: 1e-8, torch.float32: 1e-7}
+_COARSE_TOL = {torch.float64: 1e-6, torch.float32: 1e-7}
 # An element whose progress stalls (rounding) before `tol` still counts as solved within this
 # factor of `tol`.
 _ACCEPT_FACTOR = 100.0
