@@ -44,6 +44,7 @@ def _check(unary: Tensor, binary: Tensor, lengths: Tensor) -> None:
     assert unary.dim() == 3, f"unary must be [B, T, Z], got {tuple(unary.shape)}"
     assert binary.dim() <= 4, f"binary must broadcast to [B, T-1, Z, Z], got {tuple(binary.shape)}"
     assert lengths.dim() == 1, f"lengths must be [B], got {tuple(lengths.shape)}"
+    assert unary.dtype == binary.dtype, f"dtype mismatch: {unary.dtype} vs {binary.dtype}"
 
 
 def _work(x: Tensor) -> Tensor:
