@@ -6,9 +6,10 @@ Every library gets the same inputs in the same process. Reported per library: ti
 --repeats), peak memory, max |z − z*| and the relative error of the directional derivative
 ⟨∇_q ℓ, v⟩ + ⟨∇_h ℓ, v'⟩ against central finite differences of a float64 structift solve.
 
-Peak memory: on CUDA torch.cuda.max_memory_allocated; on CPU the peak resident-set growth over
-the run, sampled every millisecond from /proc/self/statm (an approximation: the allocator
-may reuse memory freed by an earlier run).
+Peak memory: on CUDA torch.cuda.max_memory_allocated; on CPU the peak resident-set growth
+(ru_maxrss) of one forward + backward in a fresh child process per library and size, over the
+same process after building the inputs (in one shared process the allocator's reuse of memory
+freed by an earlier run would hide it).
 
 Run (one thread by default):
     .venv/bin/python benchmarks/qp.py                       # n ∈ {10, 50, 100}, float32/64
@@ -20,8 +21,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
-import threading
+import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -62,34 +64,28 @@ def qpth_solver(Q, q, G, h, A, b):
     return QPFunction(verbose=-1)(Q, q, G, h, A, b)
 
 
-class PeakRSS:
-    """Sample the resident set size every millisecond; report the peak growth in bytes."""
+def cpu_peak_memory(library: str, n: int, p: int, batch: int, dtype: str) -> int:
+    """Return the peak RSS growth (bytes) of one forward + backward in a fresh process."""
+    cmd = [sys.executable, __file__, "--memory-probe", library, "--n", str(n), "--p", str(p)]
+    cmd += ["--batch", str(batch), "--dtype", dtype]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return int(out.strip().splitlines()[-1])
 
-    def __enter__(self) -> PeakRSS:
-        self.page = os.sysconf("SC_PAGE_SIZE")
-        self.base = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
 
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.base
+def memory_probe(library: str, n: int, p: int, batch: int, dtype_name: str) -> None:
+    """Child process: build the inputs, warm up on a tiny problem, print the RSS growth."""
+    torch.set_num_threads(1)
+    dtype = getattr(torch, dtype_name)
+    solve = {"structift": structift_solver, "qpth": qpth_solver}[library]
+    tiny = {k: v.to(dtype) for k, v in known_qp(2, 3, 3, 0, seed=0).items()}
+    run_once(solve, tiny, torch.ones(2, 3, dtype=dtype), torch.device("cpu"))
+    data = {k: v.to(dtype) for k, v in known_qp(batch, n, n, p, seed=n).items()}
+    w = torch.randn(
+        batch, n, generator=torch.Generator().manual_seed(n + 1), dtype=torch.float64
+    ).to(dtype)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run_once(solve, data, w, torch.device("cpu"))
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
 
 
 def run_once(solve: Solver, data: dict[str, torch.Tensor], w: torch.Tensor, device: torch.device):
@@ -121,14 +117,9 @@ def bench(
     run_once(solve, data, w, device)  # warm-up
     times, mems = [], []
     for _ in range(repeats):
-        if device.type == "cpu":
-            with PeakRSS() as rss:
-                t, _, z, gq, gh = run_once(solve, data, w, device)
-            mems.append(rss.growth)
-        else:
-            t, mem, z, gq, gh = run_once(solve, data, w, device)
-            mems.append(mem)
+        t, mem, z, gq, gh = run_once(solve, data, w, device)
         times.append(t)
+        mems.append(mem)
     return {"time": min(times), "mem": max(mems), "z": z, "gq": gq, "gh": gh}
 
 
@@ -153,7 +144,11 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch threads (0: leave torch's default)"
     )
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.memory_probe:
+        memory_probe(args.memory_probe, args.n[0], args.p, args.batch, args.dtype[0])
+        return
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -194,10 +189,11 @@ def main() -> None:
                 )
                 derr = abs(dd - fd) / max(abs(fd), 1e-12)
                 ratio_t = results["qpth"]["time"] / r["time"]
-                ratio_m = results["qpth"]["mem"] / max(r["mem"], 1)
+                small = min(results["qpth"]["mem"], r["mem"]) < 2**20  # below RSS resolution
+                ratio_m = "—" if small else f"{results['qpth']['mem'] / r['mem']:.2f}"
                 print(
                     f"| {n} | {n} | {args.p} | {dtype_name} | {name} | {r['time']:.4f} | {r['mem'] / 2**20:.1f} |"
-                    f" {zerr:.1e} | {derr:.1e} | {ratio_t:.2f} | {ratio_m:.2f} |"
+                    f" {zerr:.1e} | {derr:.1e} | {ratio_t:.2f} | {ratio_m} |"
                 )
 
 

@@ -286,9 +286,11 @@ def qp_solve(
         A: [*B, p, n] equality matrix with full row rank, or None.
         b: [*B, p], or None.
         ridge: ε ≥ 0 added to Q's diagonal (see above).
-        tol: stopping tolerance on the scaled KKT residual (see `QPStatus`); default 1e-12 in
-            float64 and 1e-7 in float32. If rounding ends progress earlier, a residual up to
-            100·tol is accepted.
+        tol: tolerance on the scaled KKT residual (see `QPStatus`); default 1e-12 in float64
+            and 1e-7 in float32. The interior point first runs to max(tol, 1e-6) (float64),
+            then polishes; a polished point counts as solved when its own residual is at most
+            100·tol, and elements whose polishing fails go on to ``tol``. If rounding ends
+            progress earlier, a residual up to 100·tol is accepted.
         max_iter: interior-point iteration cap.
         full: return a `QPSolution` (z, λ, ν, status) instead of z alone; λ and ν are
             differentiable too.
