@@ -107,6 +107,15 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["eager", "lazy"])
+def binary_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run on both ways of forming per-(b, t) binary marginals (CPU default: eager)."""
+    from structift.chain import _scaled
+
+    monkeypatch.setattr(_scaled, "eager_on", lambda device: request.param == "eager")
+    return request.param
+
+
 # ---------------------------------------------------------------------------------------------
 # log_partition and marginals
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +296,7 @@ class TestNaNSafety:
         (g,) = torch.autograd.grad(out.sum(), u)
         torch.testing.assert_close(g, ref["mu_unary"])
 
-    def test_padding_is_ignored_even_if_nan(self, device: torch.device) -> None:
+    def test_padding_is_ignored_even_if_nan(self, device: torch.device, binary_mode: str) -> None:
         unary, binary, lengths = random_chain(3, 5, 3, seed=13, lengths=[5, 2, 1], device=device)
         dirty_u, dirty_b = unary.clone(), binary.clone()
         dirty_u[1, 2:] = float("nan")
@@ -484,7 +493,7 @@ BINARY_KINDS = ["full", "shared", "shared4", "time", "batch", "expanded"]
 class TestScaledPath:
     @pytest.mark.parametrize("kind", BINARY_KINDS)
     def test_every_broadcast_form_matches_brute_force(
-        self, kind: str, device: torch.device
+        self, kind: str, device: torch.device, binary_mode: str
     ) -> None:
         """Value and gradient (summed to the shape passed in) for each binary layout."""
         g = torch.Generator().manual_seed(21)
@@ -539,7 +548,7 @@ class TestScaledPath:
         torch.testing.assert_close(mine_b.double(), mu_b, **tol)
 
     def test_fallback_triggers_where_float32_underflows(
-        self, monkeypatch: pytest.MonkeyPatch
+        self, monkeypatch: pytest.MonkeyPatch, binary_mode: str
     ) -> None:
         """Row 0 needs a state whose weight exp(-100) is below float32's normal range.
 
@@ -571,7 +580,9 @@ class TestScaledPath:
         torch.testing.assert_close(raw[1].double(), ref["log_z"][1], atol=1e-4, rtol=1e-6)
 
     @pytest.mark.parametrize("kind", BINARY_KINDS)
-    def test_all_rows_through_fallback(self, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_all_rows_through_fallback(
+        self, kind: str, monkeypatch: pytest.MonkeyPatch, binary_mode: str
+    ) -> None:
         """With nothing certified every row goes through log space and still matches."""
         from structift.chain import _scaled
 
@@ -593,7 +604,7 @@ class TestScaledPath:
         torch.testing.assert_close(mu_b, ref["mu_binary"])
 
     @pytest.mark.parametrize("kind", ["full", "shared"])
-    def test_weighted_and_retained_backward(self, kind: str) -> None:
+    def test_weighted_and_retained_backward(self, kind: str, binary_mode: str) -> None:
         """Non-uniform output weights, and a second backward through a retained graph."""
         g = torch.Generator().manual_seed(24)
         B, T, Z = 3, 5, 3
