@@ -100,7 +100,9 @@ class Transitions:
         on_cpu = base.device.type == "cpu"
         self.chunk = max(1, CHUNK_BYTES // block_bytes) if self.full and on_cpu else self.Tb
         self.ready = 0
-        if not self.full:
+        # A single shared block is read directly by the passes (no per-step ensure), so it must
+        # be exponentiated now even when it is also "full" (B == 1 and T == 2).
+        if not self.full or (self.Bb == 1 and self.Tb == 1):
             self.ensure(0)
 
     def ensure(self, t: int) -> None:
