@@ -26,10 +26,11 @@ row is certified when every ``D_t`` and every ``S_{t+1} D_{t+1}`` is at least
 ``exp(-certified_nats(dtype))`` (50 nats in float32, 671 in float64), which bounds the relative
 error from underflow by ``T Z exp(-37)``. Rows that fail (extreme dynamic range combined with
 ``-inf`` masks, a sequence without finite path, NaN) are recomputed in log space. Without ``-inf``
-entries ``alpha_t >= exp(-span(E_{t-1}))`` and ``beta_t >= exp(-span(E_t))`` entrywise, so
-``D_t >= exp(-span(E_t))`` and ``S_{t+1} D_{t+1} >= exp(-span(E_t) - span(E_{t+1}))``: a row is
-guaranteed certified when every transition block spans at most 25 nats (float32; the unary
-spans do not enter). In practice random potentials spanning 60 nats per block pass.
+entries ``beta_t >= exp(-span(E_t))`` entrywise and ``max alpha_t = 1``, so
+``D_t >= exp(-span(E_t))``, ``S_{t+1} >= exp(-span(E_t))`` and
+``S_{t+1} D_{t+1} >= exp(-span(E_t) - span(E_{t+1}))``: a row is guaranteed certified when
+every transition block spans at most 25 nats (float32; the unary spans do not enter). In
+practice random potentials spanning 60 nats per block pass.
 """
 
 from __future__ import annotations
