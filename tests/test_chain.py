@@ -666,3 +666,19 @@ def test_cuda_matches_cpu_float32(kind: str) -> None:
         outs.append([x.cpu() for x in (log_z.detach(), gu, gb, best)])
     for a, c in zip(*outs):
         torch.testing.assert_close(a, c, atol=2e-4, rtol=1e-4)
+
+
+def test_certificate_guarantee_without_masks() -> None:
+    """Transition blocks spanning < 25 nats are always certified in float32, whatever the unary
+    span (here up to 400 nats), as the bound in structift/chain/_scaled.py promises."""
+    from structift.chain import _log, _scaled
+
+    g = torch.Generator().manual_seed(29)
+    B, T, Z = 16, 20, 8
+    unary = 200.0 * (2 * torch.rand(B, T, Z, generator=g, dtype=F64) - 1)
+    binary = 24.9 * torch.rand(B, T - 1, Z, Z, generator=g, dtype=F64)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    log_z, state = _scaled.forward(unary.float(), binary.float(), lengths)
+    assert state.ok.all()
+    ref = _log.log_partition(unary, binary, lengths)
+    torch.testing.assert_close(log_z.double(), ref, rtol=1e-6, atol=1e-3)
