@@ -230,15 +230,17 @@ def run_config(B: int, T: int, Z: int, args: argparse.Namespace) -> list[dict]:
     del runs, values, inp
     gc.collect()
     for n in notes:
-        print(f"  note: B={B} T={T} Z={Z}: {n}")
+        print(f"{B:>4} {T:>4} {Z:>4}  note: {n}")
     return rows
 
 
+HEADER = (
+    f"{'B':>4} {'T':>4} {'Z':>4}  {'implementation':<15} {'time ms':>9} {'extra MiB':>10}"
+    f" {'x potentials':>12} {'time / structift':>16} {'mem / structift':>15} {'|dlogZ|':>9}"
+)
+
+
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
-    print(
-        f"\n{'B':>4} {'T':>4} {'Z':>4}  {'implementation':<15} {'time ms':>9} {'extra MiB':>10}"
-        f" {'x potentials':>12} {'time / structift':>16} {'mem / structift':>15} {'|dlogZ|':>9}"
-    )
     by_cfg: dict[tuple, dict] = {}
     for r in rows:
         by_cfg.setdefault((r["B"], r["T"], r["Z"]), {})[r["impl"]] = r
@@ -303,12 +305,12 @@ def main() -> None:
         f"device={args.device} threads={args.threads} torch={torch.__version__} repeats={args.repeats}"
         + (f" copy bandwidth={args.bandwidth / 1e9:.1f} GB/s" if args.floor else "")
     )
-    rows = []
+    print(HEADER, flush=True)
     for B in args.B:
         for T in args.T:
             for Z in args.Z:
-                rows += run_config(B, T, Z, args)
-    print_table(rows, args)
+                print_table(run_config(B, T, Z, args), args)
+                sys.stdout.flush()
 
 
 if __name__ == "__main__":
