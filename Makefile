@@ -20,9 +20,9 @@ $(VENV)/.test-stamp: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH) -e '.[test,docs,examples]'
 	touch $@
 
-## The main job.
+## The main job: a CRF part-of-speech tagger trained on the Brown corpus (examples/crf_tagger.py).
 run: $(VENV)/.run-stamp
-	$(BIN)/python examples/demo.py
+	$(BIN)/python examples/crf_tagger.py
 
 demo: $(VENV)/.run-stamp
 	$(BIN)/python examples/demo.py

@@ -66,10 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--word-dim", type=int, default=64)
     model.add_argument("--dropout", type=float, default=0.3)
     model.add_argument(
-        "--feature-dropout", type=float, default=0.2, help="drop sparse features in training"
+        "--feature-dropout", type=float, default=0.0, help="drop sparse features in training"
     )
     train = p.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=4)
+    train.add_argument("--epochs", type=int, default=5)
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--lr", type=float, default=3e-3, help="Adam step for the neural part")
     train.add_argument(

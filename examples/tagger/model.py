@@ -42,7 +42,7 @@ class TaggerConfig:
     hidden: int = 96
     dropout: float = 0.3
     word_dropout: float = 0.05
-    feature_dropout: float = 0.2
+    feature_dropout: float = 0.0
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -133,7 +133,7 @@ class Tagger(nn.Module):
         first = torch.zeros(B, T, 1, device=unary.device)
         first[:, 0] = 1.0
         last = torch.zeros(B, T, 1, device=unary.device)
-        last[torch.arange(B), batch.lengths - 1] = 1.0
+        last[torch.arange(B, device=unary.device), batch.lengths - 1] = 1.0
         unary = unary + first * self.start + last * self.end  # shape: (B, T, Z)
         binary = self.transitions.expand(B, max(T - 1, 0), Z, Z)
         return st.LinearChainCRF(unary, binary, batch.lengths)
