@@ -6,10 +6,10 @@ Every library gets the same inputs in the same process. Reported per library: ti
 --repeats), peak memory, max |z − z*| and the relative error of the directional derivative
 ⟨∇_q ℓ, v⟩ + ⟨∇_h ℓ, v'⟩ against central finite differences of a float64 structift solve.
 
-Peak memory: on CUDA torch.cuda.max_memory_allocated; on CPU the peak resident-set growth
-(ru_maxrss) of one forward + backward in a fresh child process per library and size, over the
-same process after building the inputs (in one shared process the allocator's reuse of memory
-freed by an earlier run would hide it).
+Peak memory: on CUDA torch.cuda.max_memory_allocated; on CPU the peak resident-set growth of
+one forward + backward (sampled every 0.5 ms from /proc/self/statm) in a fresh child process
+per library and size that loads the very same inputs: in one shared process the allocator's
+reuse of memory freed by an earlier run would hide it.
 
 Run (one thread by default):
     .venv/bin/python benchmarks/qp.py                       # n ∈ {10, 50, 100}, float32/64
@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import resource
+import os
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 
@@ -64,28 +66,48 @@ def qpth_solver(Q, q, G, h, A, b):
     return QPFunction(verbose=-1)(Q, q, G, h, A, b)
 
 
-def cpu_peak_memory(library: str, n: int, p: int, batch: int, dtype: str) -> int:
-    """Return the peak RSS growth (bytes) of one forward + backward in a fresh process."""
-    cmd = [sys.executable, __file__, "--memory-probe", library, "--n", str(n), "--p", str(p)]
-    cmd += ["--batch", str(batch), "--dtype", dtype]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+def cpu_peak_memory(library: str, data: dict[str, torch.Tensor], w: torch.Tensor) -> int:
+    """Return the peak RSS growth (bytes) of one forward + backward in a fresh process.
+
+    The child loads the very inputs (saved here) so that nothing but the solve raises its
+    high-water mark after the baseline.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "inputs.pt")
+        torch.save({"data": data, "w": w}, path)
+        cmd = [sys.executable, __file__, "--memory-probe", library, "--inputs", path]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return int(out.strip().splitlines()[-1])
 
 
-def memory_probe(library: str, n: int, p: int, batch: int, dtype_name: str) -> None:
-    """Child process: build the inputs, warm up on a tiny problem, print the RSS growth."""
+def memory_probe(library: str, path: str) -> None:
+    """Child process: warm up on a tiny problem, load the inputs, print the RSS growth."""
     torch.set_num_threads(1)
-    dtype = getattr(torch, dtype_name)
     solve = {"structift": structift_solver, "qpth": qpth_solver}[library]
-    tiny = {k: v.to(dtype) for k, v in known_qp(2, 3, 3, 0, seed=0).items()}
-    run_once(solve, tiny, torch.ones(2, 3, dtype=dtype), torch.device("cpu"))
-    data = {k: v.to(dtype) for k, v in known_qp(batch, n, n, p, seed=n).items()}
-    w = torch.randn(
-        batch, n, generator=torch.Generator().manual_seed(n + 1), dtype=torch.float64
-    ).to(dtype)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    saved = torch.load(path)
+    data, w = saved["data"], saved["w"]
+    tiny = {k: v.to(w.dtype) for k, v in known_qp(2, 3, 3, 0, seed=0).items()}
+    run_once(solve, tiny, torch.ones(2, 3, dtype=w.dtype), torch.device("cpu"))
+    # ru_maxrss keeps the transient peak of importing torch; sample the current RSS instead.
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    base, peak, done = rss(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
     run_once(solve, data, w, torch.device("cpu"))
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+    done.set()
+    thread.join()
+    print(max(peak[0], rss()) - base)
 
 
 def run_once(solve: Solver, data: dict[str, torch.Tensor], w: torch.Tensor, device: torch.device):
@@ -145,9 +167,10 @@ def main() -> None:
     )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--inputs", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_probe:
-        memory_probe(args.memory_probe, args.n[0], args.p, args.batch, args.dtype[0])
+        memory_probe(args.memory_probe, args.inputs)
         return
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -182,6 +205,9 @@ def main() -> None:
             results = {
                 name: bench(name, fn, data, w, args.repeats, device) for name, fn in peers.items()
             }
+            if device.type == "cpu":
+                for name in results:
+                    results[name]["mem"] = cpu_peak_memory(name, data, w)
             for name, r in results.items():
                 zerr = (r["z"].double().cpu() - base["z"]).abs().max().item()
                 dd = float(
