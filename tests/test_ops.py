@@ -57,3 +57,29 @@ class TestLengthsToMask:
     @pytest.mark.parametrize("T", [1, 5])
     def test_full_lengths_give_all_true(self, T: int) -> None:
         assert lengths_to_mask(torch.full((2,), T), T).all()
+
+
+class TestSemirings:
+    def test_matvec(self) -> None:
+        from structift.semiring import Log, Max
+
+        alpha = torch.randn(2, 3, dtype=torch.float64)
+        w = torch.randn(2, 3, 4, dtype=torch.float64)
+        w[0, :, 1] = -INF
+        scores = alpha[:, :, None] + w
+        torch.testing.assert_close(Log.matvec(alpha, w), torch.logsumexp(scores, dim=1))
+        torch.testing.assert_close(Max.matvec(alpha, w), scores.amax(dim=1))
+        assert Log.zero == Max.zero == -INF and Log.one == Max.one == 0.0
+
+    def test_max_semiring_forward_gives_viterbi_score(self) -> None:
+        from structift import chain
+        from structift.chain import _log
+        from structift.semiring import Max
+
+        g = torch.Generator().manual_seed(3)
+        unary = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
+        binary = torch.randn(3, 4, 4, 4, generator=g, dtype=torch.float64)
+        lengths = torch.tensor([5, 3, 1])
+        alpha = _log.forward(unary, binary, lengths_to_mask(lengths, 5), Max)
+        _, best = chain.viterbi(unary, binary, lengths)
+        torch.testing.assert_close(alpha[:, -1].amax(-1), best)
