@@ -35,7 +35,7 @@ __all__ = [
 # Default stopping tolerances on the scaled KKT residual (see `qp_solve`).
 _DEFAULT_TOL = {torch.float64: 1e-12, torch.float32: 1e-7}
 # The interior point first runs to this residual, then polishes (see `_QPFunction.forward`).
-_COARSE_TOL = {torch.float64: 1e-6, torch.float32: 1e-7}
+_COARSE_TOL = {torch.float64: 1e-6, torch.float32: 1e-6}
 # An element whose progress stalls (rounding) before `tol` still counts as solved within this
 # factor of `tol`.
 _ACCEPT_FACTOR = 100.0
@@ -287,7 +287,7 @@ def qp_solve(
         b: [*B, p], or None.
         ridge: ε ≥ 0 added to Q's diagonal (see above).
         tol: tolerance on the scaled KKT residual (see `QPStatus`); default 1e-12 in float64
-            and 1e-7 in float32. The interior point first runs to max(tol, 1e-6) (float64),
+            and 1e-7 in float32. The interior point first runs to max(tol, 1e-6),
             then polishes; a polished point counts as solved when its own residual is at most
             100·tol, and elements whose polishing fails go on to ``tol``. If rounding ends
             progress earlier, a residual up to 100·tol is accepted.
