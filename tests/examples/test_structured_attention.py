@@ -69,8 +69,8 @@ def test_smoke_run_writes_table_heatmap_and_results(example, tmp_path, capsys):
     assert "hand-set potentials" in out
 
 
-def test_smoke_run_with_ift_gradient_and_two_seeds(example, tmp_path):
-    args = ["--smoke", "--kinds", "structured", "--gradient", "ift", "--seeds", "0", "1"]
+def test_smoke_run_with_autograd_gradient_and_two_seeds(example, tmp_path):
+    args = ["--smoke", "--kinds", "structured", "--gradient", "autograd", "--seeds", "0", "1"]
     results = example.main([*args, "--out", str(tmp_path)])
     runs = results["structured"]["runs"]
     assert [r["seed"] for r in runs] == [0, 1]
