@@ -104,6 +104,8 @@ CASES = [
     (3, 3, 4, 0.3, 2),
     (5, 4, 3, 0.4, 3),
     (2, 1, 5, 0.2, 4),
+    (1, 2, 3, 0.0, 30),  # B=1, T=2: the single transition block is both "full" and "shared"
+    (1, 4, 3, 0.2, 31),
 ]
 
 
