@@ -42,7 +42,8 @@ def known_qp(B: int, n: int, m: int, p: int, seed: int) -> dict[str, torch.Tenso
     Q = L @ L.mT / n + 0.5 * torch.eye(n, dtype=f)
     G, A = torch.randn(B, m, n, generator=g, dtype=f), torch.randn(B, p, n, generator=g, dtype=f)
     z, nu = torch.randn(B, n, generator=g, dtype=f), torch.randn(B, p, generator=g, dtype=f)
-    active = torch.rand(B, m, generator=g) < min(0.5, (n - p - 1) / max(m, 1))
+    # About half of the n - p degrees of freedom pinned by active constraints (LICQ holds).
+    active = torch.rand(B, m, generator=g) < min(0.5, 0.5 * (n - p) / max(m, 1))
     lam = torch.where(active, 0.2 + torch.rand(B, m, generator=g, dtype=f), 0.0)
     s = torch.where(active, 0.0, 0.2 + torch.rand(B, m, generator=g, dtype=f))
     h = (G @ z[..., None])[..., 0] + s
