@@ -130,25 +130,26 @@ def hmm_posterior(
 ) -> Enumeration:
     """Enumerate p(z | x) of an HMM (one sequence) from the generative definition.
 
-    Scores are log p(x, z) = log[π(z_0) Π A(z_t, z_{t+1}) Π E(z_t, x_t)] computed from the
-    softmax-normalised probability tables, so the log-partition is log p(x).
+    Scores are log p(x, z) = log π(z_0) + Σ log A(z_t, z_{t+1}) + Σ log E(z_t, x_t) with the
+    softmax-normalised tables, summed in log space (products underflow for large logit
+    spreads), so the log-partition is log p(x).
 
     Args:
         init_logits: ``[Z]``; transition_logits ``[Z, Z]`` (from, to); emission_logits
             ``[Z, V]``; observations LongTensor ``[T]``; length L.
     """
-    pi = torch.softmax(init_logits, -1)
-    A = torch.softmax(transition_logits, -1)
-    E = torch.softmax(emission_logits, -1)
-    Z = pi.shape[0]
+    log_pi = torch.log_softmax(init_logits, -1)
+    log_A = torch.log_softmax(transition_logits, -1)
+    log_E = torch.log_softmax(emission_logits, -1)
+    Z = log_pi.shape[0]
     T = observations.shape[0]
     seqs = sequences(Z, length, T)
     scores = []
     for z in seqs.tolist():
-        p = pi[z[0]] * E[z[0], observations[0]]
+        s = log_pi[z[0]] + log_E[z[0], observations[0]]
         for t in range(1, length):
-            p = p * A[z[t - 1], z[t]] * E[z[t], observations[t]]
-        scores.append(torch.log(p))
+            s = s + log_A[z[t - 1], z[t]] + log_E[z[t], observations[t]]
+        scores.append(s)
     return Enumeration(
         seqs, torch.stack(scores), _chain_features(seqs, length, Z, init_logits.dtype)
     )
