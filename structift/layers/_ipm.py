@@ -16,10 +16,11 @@ and is solved through the Schur complement on the multipliers,
 
     K = [G; A] Q⁻¹ [G; A]ᵀ + diag(W, 0)      (k × k, k = m + p).
 
-With Q positive definite, [G; A] Q⁻¹ [G; A]ᵀ is computed once per solve, so an iteration costs
-one k × k Cholesky factorization. This form stays well conditioned near the solution (W → 0
-on active constraints, W → ∞ on inactive ones only grows a diagonal), unlike the primal form
-Q + Gᵀ diag(λ/s) G whose entries blow up; that is what makes float32 usable.
+With Q positive definite, [G; A] Q⁻¹ [G; A]ᵀ and the elimination of its equality block are
+computed once per solve, so an iteration costs one m × m Cholesky factorization (`_kkt`).
+This form stays well conditioned near the solution (W → 0 on active constraints, W → ∞ on
+inactive ones only grows a diagonal), unlike the primal form Q + Gᵀ diag(λ/s) G whose
+entries blow up; that is what makes float32 usable.
 
 All tensors here are already validated, broadcast and flattened to one batch dimension B.
 """
@@ -60,7 +61,7 @@ class IPMResult(NamedTuple):
     s: Tensor  # [B, m]
     lam: Tensor  # [B, m]
     nu: Tensor  # [B, p]
-    UK: Tensor  # [B, k, k], upper Cholesky factor of K at the returned iterate
+    UK: Tensor  # [B, m, m], upper Cholesky factor of C̃ + W at the returned iterate
     iterations: Tensor  # LongTensor [B]
     kkt_residual: (
         Tensor  # [B], scaled max of primal, dual, complementarity residuals (best iterate)
@@ -79,7 +80,14 @@ def _max_step(v: Tensor, dv: Tensor) -> Tensor:
 
 
 def _newton_multipliers(
-    UK: Tensor, Mtu: Tensor, s: Tensor, lam: Tensor, rp: Tensor, re: Tensor, rc: Tensor
+    data: QPData,
+    UK: Tensor,
+    Mtu: Tensor,
+    s: Tensor,
+    lam: Tensor,
+    rp: Tensor,
+    re: Tensor,
+    rc: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Return (ds, dλ, dν, [dλ; dν]) of the Newton step for the residuals rp, re.
 
@@ -87,7 +95,7 @@ def _newton_multipliers(
     `kkt_solve` with W = s/λ (factored in UK) and rz = −rd (already reduced to Mtu). dz is
     recovered separately (`recover_x`) only when needed: the predictor does not need it.
     """
-    dlam, dnu, yw = solve_multipliers(UK, Mtu, -rp + rc / lam, -re, None)
+    dlam, dnu, yw = solve_multipliers(data, UK, Mtu, -rp + rc / lam, -re, None)
     return -(rc + s * dlam) / lam, dlam, dnu, yw
 
 
@@ -279,13 +287,13 @@ def interior_point(
         # Predictor (affine scaling) step.
         # −rd is the same for both steps: reduce it once.
         u, Mtu = reduce_rz(data, -rd)
-        ds_a, dlam_a, _, _ = _newton_multipliers(UK, Mtu, s, lam, rp, re, s * lam)
+        ds_a, dlam_a, _, _ = _newton_multipliers(data, UK, Mtu, s, lam, rp, re, s * lam)
         alpha_a = torch.minimum(_max_step(s, ds_a), _max_step(lam, dlam_a))[:, None]
         mu_a = ((s + alpha_a * ds_a) * (lam + alpha_a * dlam_a)).sum(-1) / m
         sigma = (mu_a / mu).clamp(0.0, 1.0).nan_to_num(1.0) ** 3
         # Corrector: centering plus the second-order term ds_a∘dλ_a.
         rc = s * lam + ds_a * dlam_a - (sigma * mu)[:, None]
-        ds, dlam, dnu, yw = _newton_multipliers(UK, Mtu, s, lam, rp, re, rc)
+        ds, dlam, dnu, yw = _newton_multipliers(data, UK, Mtu, s, lam, rp, re, rc)
         dz = recover_x(data, u, yw)
         alpha = torch.minimum(_max_step(s, ds), _max_step(lam, dlam))
         alpha = (_STEP_FRACTION * alpha).clamp(max=1.0)
@@ -307,7 +315,7 @@ def interior_point(
         UK_best, _ = factor_schur(data, s / lam)
         UK = torch.where(stale[:, None, None], UK_best, UK)
     broke_down = broke_down & ~converged
-    keep = torch.ones(B, UK.shape[-1], dtype=torch.bool, device=q.device)
+    keep = torch.ones(B, data.C.shape[-1], dtype=torch.bool, device=q.device)
     polished = torch.zeros_like(converged)
     return IPMResult(
         z, s, lam, nu, UK, iterations, best_kkt, converged, infeasible, broke_down, keep, polished

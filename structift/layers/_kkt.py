@@ -11,8 +11,9 @@ and is solved through the Schur complement on the multipliers,
 
     K = [G; A] Q⁻¹ [G; A]ᵀ + diag(W, 0)      (k × k, k = m + p).
 
-With Q positive definite, [G; A] Q⁻¹ [G; A]ᵀ is computed once per solve (`prepare`), so each
-new W costs one k × k Cholesky factorization (`factor_schur`, `factor_active`).
+With Q positive definite, [G; A] Q⁻¹ [G; A]ᵀ is computed once per solve (`prepare`), and so
+is the elimination of its constant equality block: C̃ = C_GG − C_GA C_AA⁻¹ C_AG. Each new W
+then costs one m × m Cholesky factorization of C̃ + W (`factor_schur`, `factor_active`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ class QPData(NamedTuple):
         M: [B, n, k], Lq⁻¹ [G; A]ᵀ.
         Mt: [B, k, n], its transpose, contiguous.
         C: [B, k, k], [G; A] Q⁻¹ [G; A]ᵀ.
+        UA: [B, p, p], upper Cholesky factor of its equality block C_AA = A Q⁻¹ Aᵀ.
+        X: [B, p, m], C_AA⁻¹ C_AG.
+        CGA: [B, m, p], the block C_GA = G Q⁻¹ Aᵀ.
+        Ct: [B, m, m], C_GG − C_GA C_AA⁻¹ C_AG: the equalities eliminated once per solve,
+            so that every new W costs an m × m factorization, not a k × k one.
     """
 
     Q: Tensor
@@ -50,6 +56,10 @@ class QPData(NamedTuple):
     M: Tensor
     Mt: Tensor
     C: Tensor
+    UA: Tensor
+    X: Tensor
+    CGA: Tensor
+    Ct: Tensor
 
 
 def rmv(x: Tensor, Mt: Tensor) -> Tensor:
@@ -70,7 +80,17 @@ def prepare(Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, Lq
     GA = torch.cat([G, A], dim=-2)  # shape: (B, k, n)
     QGAt = torch.cat([Q, GA.mT], dim=-1)  # shape: (B, n, n + k)
     M = torch.linalg.solve_triangular(Lq, GA.mT, upper=False)  # shape: (B, n, k)
-    return QPData(Q, q, GA, QGAt, h, b, Lq, M, M.mT.contiguous(), M.mT @ M)
+    C = M.mT @ M
+    m = G.shape[-2]
+    CGA = C[:, :m, m:]
+    if A.shape[-2] == 0:
+        UA, X, Ct = C[:, m:, m:], C[:, m:, :m], C[:, :m, :m]
+    else:
+        # A full row rank (checked by the caller) makes C_AA positive definite.
+        UA = torch.linalg.cholesky_ex(C[:, m:, m:], upper=True)[0]
+        X = torch.cholesky_solve(C[:, m:, :m], UA, upper=True)
+        Ct = C[:, :m, :m] - CGA @ X
+    return QPData(Q, q, GA, QGAt, h, b, Lq, M, M.mT.contiguous(), C, UA, X, CGA, Ct)
 
 
 def _cholesky_(K: Tensor) -> tuple[Tensor, Tensor]:
@@ -82,30 +102,30 @@ def _cholesky_(K: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def factor_schur(data: QPData, W: Tensor) -> tuple[Tensor, Tensor]:
-    """Factor K = C + diag(W, 0) as K = Uᵀ U.
+    """Factor C̃ + diag(W) = Uᵀ U, the Schur complement of K = C + diag(W, 0) on its A-block.
 
     Args:
         data: the batch.
         W: [B, m] nonnegative.
 
     Returns:
-        The upper Cholesky factor U [B, k, k] and a BoolTensor [B] that is False where K is not
-        numerically positive definite (that element gets an identity factor so NaNs never reach
-        the rest of the batch).
+        The upper Cholesky factor U [B, m, m] and a BoolTensor [B] that is False where it is
+        not numerically positive definite (that element gets an identity factor so NaNs never
+        reach the rest of the batch).
     """
-    k, m = data.C.shape[-1], W.shape[-1]
-    K = data.C.clone()
-    K.diagonal(dim1=-2, dim2=-1)[:, :m] += W
+    k, m = data.Ct.shape[-1], W.shape[-1]
+    K = data.Ct.clone()
+    K.diagonal(dim1=-2, dim2=-1).add_(W)
     UK, info = _cholesky_(K)
     ok = (info == 0) & UK.diagonal(dim1=-2, dim2=-1).isfinite().all(-1)
     if not bool(ok.all()) and m > 0:
         # Dependent active inequalities (a degenerate vertex) make K singular as W → 0 on
         # them: retry with W + δ, δ = √eps · scale. The Newton step is then slightly inexact,
         # which the next iteration's exact residuals correct.
-        diag_C = data.C.diagonal(dim1=-2, dim2=-1)
+        diag_C = data.Ct.diagonal(dim1=-2, dim2=-1)
         delta = torch.finfo(W.dtype).eps ** 0.5 * (1.0 + diag_C.amax(-1, keepdim=True))
-        K = data.C.clone()
-        K.diagonal(dim1=-2, dim2=-1)[:, :m] += W + delta
+        K = data.Ct.clone()
+        K.diagonal(dim1=-2, dim2=-1).add_(W + delta)
         UK2, info2 = _cholesky_(K)
         ok2 = ~ok & (info2 == 0) & UK2.diagonal(dim1=-2, dim2=-1).isfinite().all(-1)
         UK = torch.where(ok2[:, None, None], UK2, UK)
@@ -123,11 +143,11 @@ def kkt_solve(
     rn: Tensor,
     keep: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Solve Qx + Gᵀy + Aᵀw = rz, Gx − Wy = rl, Ax = rn with K = UKᵀ UK.
+    """Solve Qx + Gᵀy + Aᵀw = rz, Gx − Wy = rl, Ax = rn.
 
     Args:
         data: the batch.
-        UK: [B, k, k] from `factor_schur` or `factor_active`.
+        UK: [B, m, m] from `factor_schur` or `factor_active`.
         rz: [B, n]; rl: [B, m]; rn: [B, p].
         keep: optional BoolTensor [B, k]; rows outside it are dropped (their y is 0), which
             is W = ∞ exactly; UK must then come from `factor_active` with the same mask.
@@ -136,7 +156,7 @@ def kkt_solve(
         x [B, n], y [B, m], w [B, p].
     """
     u, Mtu = reduce_rz(data, rz)
-    y, w, yw = solve_multipliers(UK, Mtu, rl, rn, keep)
+    y, w, yw = solve_multipliers(data, UK, Mtu, rl, rn, keep)
     return recover_x(data, u, yw), y, w
 
 
@@ -147,15 +167,25 @@ def reduce_rz(data: QPData, rz: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def solve_multipliers(
-    UK: Tensor, Mtu: Tensor, rl: Tensor, rn: Tensor, keep: Tensor | None
+    data: QPData, UK: Tensor, Mtu: Tensor, rl: Tensor, rn: Tensor, keep: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Solve K [y; w] = [G; A] Q⁻¹ rz − [rl; rn]; return y [B, m], w [B, p], [y; w] [B, k, 1]."""
-    rhs = Mtu - torch.cat([rl, rn], dim=-1).unsqueeze(-1)
-    if keep is not None:
-        rhs = rhs * keep.unsqueeze(-1)
-    yw = torch.cholesky_solve(rhs, UK, upper=True)  # shape: (B, k, 1)
+    """Solve K [y; w] = [G; A] Q⁻¹ rz − [rl; rn]; return y [B, m], w [B, p], [y; w] [B, k, 1].
+
+    Block elimination of the constant A-block: with t = C_AA⁻¹ r_A,
+    (C̃ + W) y = r_G − C_GA t and w = t − C_AA⁻¹ C_AG y.
+    """
     m = rl.shape[-1]
-    return yw[:, :m, 0], yw[:, m:, 0], yw
+    rhs = Mtu - torch.cat([rl, rn], dim=-1).unsqueeze(-1)
+    r_g, r_a = rhs[:, :m], rhs[:, m:]
+    if r_a.shape[-2] > 0:
+        t = torch.cholesky_solve(r_a, data.UA, upper=True)  # shape: (B, p, 1)
+        r_g = r_g - data.CGA @ t
+    if keep is not None:
+        r_g = r_g * keep[:, :m].unsqueeze(-1)
+    y = torch.cholesky_solve(r_g, UK, upper=True) if m > 0 else r_g  # shape: (B, m, 1)
+    w = t - data.X @ y if r_a.shape[-2] > 0 else r_a
+    yw = torch.cat([y, w], dim=-2)
+    return y[..., 0], w[..., 0], yw
 
 
 def recover_x(data: QPData, u: Tensor, yw: Tensor) -> Tensor:
@@ -176,16 +206,19 @@ def factor_active(data: QPData, active: Tensor) -> tuple[Tensor, Tensor, Tensor]
         active: BoolTensor [B, m].
 
     Returns:
-        The upper factor [B, k, k] of K restricted to active and equality rows (identity on
-        the dropped rows), the keep mask [B, k] for `kkt_solve`, and a BoolTensor [B] that is
-        False where that matrix is singular (dependent active constraints: a degenerate vertex).
+        The upper factor [B, m, m] of C̃ restricted to the active rows (identity on the dropped
+        rows), the keep mask [B, k] for `kkt_solve` (equality rows always kept), and a
+        BoolTensor [B] that is False where that matrix is singular (dependent active
+        constraints: a degenerate vertex).
     """
-    B, k = data.C.shape[0], data.C.shape[-1]
-    keep = torch.cat([active, active.new_ones(B, k - active.shape[-1])], dim=-1)
-    both = keep.unsqueeze(-1) & keep.unsqueeze(-2)
-    K = torch.where(both, data.C, 0.0)
-    K.diagonal(dim1=-2, dim2=-1).add_((~keep).to(K.dtype))
+    B, k, m = data.C.shape[0], data.C.shape[-1], active.shape[-1]
+    keep = torch.cat([active, active.new_ones(B, k - m)], dim=-1)
+    both = active.unsqueeze(-1) & active.unsqueeze(-2)
+    K = torch.where(both, data.Ct, 0.0)
+    K.diagonal(dim1=-2, dim2=-1).add_((~active).to(K.dtype))
     UK, info = _cholesky_(K)
+    if m == 0:
+        return UK, keep, info == 0
     piv = UK.diagonal(dim1=-2, dim2=-1).square()
     # A tiny pivot relative to the largest one means (numerically) dependent active rows.
     ok = (info == 0) & (piv.amin(-1) > 1e3 * torch.finfo(K.dtype).eps * piv.amax(-1))

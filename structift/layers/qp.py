@@ -182,10 +182,12 @@ class _QPFunction(torch.autograd.Function):
         if coarse > tol and left > 0 and bool(redo.any()):
             more = interior_point(data, tol, left, start=res, only=redo)
             res = merge(redo, polish(data, more, _ACCEPT_FACTOR * tol), res)
-        # The backward needs only Q's factor and M = Lq⁻¹[G; A]ᵀ (see `kkt_solve`): drop the
-        # rest so that less is held between forward and backward.
+        # The backward needs only Q's factor, M = Lq⁻¹[G; A]ᵀ and the equality blocks (see
+        # `kkt_solve`): drop the rest so that less is held between forward and backward.
         none = data.q.new_empty(0)
-        ctx.data = data._replace(Q=none, q=none, GA=none, QGAt=none, h=none, b=none, C=none)
+        ctx.data = data._replace(
+            Q=none, q=none, GA=none, QGAt=none, h=none, b=none, C=none, Ct=none
+        )
         ctx.res, ctx.batch = res, batch
         ctx.shapes = [x.shape for x in theta]
         opts["status"] = _status(res, batch, tol)
