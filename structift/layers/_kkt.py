@@ -88,7 +88,7 @@ def prepare(Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, Lq
     else:
         # A full row rank (checked by the caller) makes C_AA positive definite.
         UA = torch.linalg.cholesky_ex(C[:, m:, m:], upper=True)[0]
-        X = torch.cholesky_solve(C[:, m:, :m], UA, upper=True)
+        X = chol_solve(C[:, m:, :m], UA)
         Ct = C[:, :m, :m] - CGA @ X
     return QPData(Q, q, GA, QGAt, h, b, Lq, M, M.mT.contiguous(), C, UA, X, CGA, Ct)
 
@@ -166,6 +166,14 @@ def reduce_rz(data: QPData, rz: Tensor) -> tuple[Tensor, Tensor]:
     return u, (u.mT @ data.M).mT
 
 
+def chol_solve(r: Tensor, U: Tensor) -> Tensor:
+    """Solve UᵀU x = r for an upper factor U [B, c, c] and r [B, c, 1]."""
+    # Two triangular solves: torch.cholesky_solve copies U into LAPACK's layout every call,
+    # which costs more than the solves on CPU.
+    y = torch.linalg.solve_triangular(U.mT, r, upper=False)
+    return torch.linalg.solve_triangular(U, y, upper=True)
+
+
 def solve_multipliers(
     data: QPData, UK: Tensor, Mtu: Tensor, rl: Tensor, rn: Tensor, keep: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -178,11 +186,11 @@ def solve_multipliers(
     rhs = Mtu - torch.cat([rl, rn], dim=-1).unsqueeze(-1)
     r_g, r_a = rhs[:, :m], rhs[:, m:]
     if r_a.shape[-2] > 0:
-        t = torch.cholesky_solve(r_a, data.UA, upper=True)  # shape: (B, p, 1)
+        t = chol_solve(r_a, data.UA)  # shape: (B, p, 1)
         r_g = r_g - data.CGA @ t
     if keep is not None:
         r_g = r_g * keep[:, :m].unsqueeze(-1)
-    y = torch.cholesky_solve(r_g, UK, upper=True) if m > 0 else r_g  # shape: (B, m, 1)
+    y = chol_solve(r_g, UK) if m > 0 else r_g  # shape: (B, m, 1)
     w = t - data.X @ y if r_a.shape[-2] > 0 else r_a
     yw = torch.cat([y, w], dim=-2)
     return y[..., 0], w[..., 0], yw
