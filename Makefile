@@ -48,8 +48,13 @@ typecheck: $(VENV)/.test-stamp
 docs: $(VENV)/.test-stamp
 	$(BIN)/mkdocs build --strict --site-dir site
 
+## Every benchmark at its default size, peers on the same inputs (minutes; not part of CI).
 bench: $(VENV)/.test-stamp
-	$(BIN)/python benchmarks/chain.py
+	$(BIN)/python benchmarks/chain.py --quick
+	$(BIN)/python benchmarks/qp.py
+	$(BIN)/python benchmarks/unrolled_vs_ift.py
+	$(BIN)/python benchmarks/variational.py
+	$(BIN)/python benchmarks/attention.py
 
 clean:
 	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache .hypothesis
