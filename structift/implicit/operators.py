@@ -60,7 +60,7 @@ class AbstractLinearOperator(abc.ABC):
         basis = torch.eye(self.size, dtype=self.dtype, device=self.device)
         # shape: (N, B, N) -- one basis vector e_j per batch row, result column j of A_b
         basis = basis.unsqueeze(1).expand(self.size, self.batch_size, self.size)
-        cols = _map_basis(self.mv, basis)
+        cols = torch.stack([self.mv(e) for e in basis])
         return cols.permute(1, 2, 0)  # shape: (B, N, N), [b, i, j] = A_b[i, j]
 
     def _check(self, x: Tensor) -> None:
@@ -71,13 +71,56 @@ class AbstractLinearOperator(abc.ABC):
             )
 
 
-def _map_basis(fn: Callable[[Tensor], Tensor], basis: Tensor) -> Tensor:
-    """Apply ``fn`` to each ``basis[j]``, vectorized with vmap when ``fn`` supports it."""
-    try:
-        return torch.func.vmap(fn)(basis)
-    except (RuntimeError, NotImplementedError):
-        # Functions holding custom autograd.Functions without a vmap rule: fall back to a loop.
-        return torch.stack([fn(e) for e in basis])
+def linearize(
+    fn: Callable[..., Tensor], *primals: Tensor
+) -> tuple[Tensor, Callable[..., tuple[Tensor, ...]]]:
+    """Evaluate ``fn(*primals)`` and return it with its vector-Jacobian product.
+
+    Uses plain ``torch.autograd`` (works with any differentiable op, custom
+    ``autograd.Function`` included). The graph is recorded once and reused. When grad mode is
+    on at the call, the products are themselves differentiable (``create_graph``) with respect
+    to the primals that require grad and anything ``fn`` closes over — what second
+    derivatives through :func:`structift.implicit.custom_root` need.
+
+    Returns:
+        ``(out, vjp)`` where ``vjp(u, batched=False)`` returns ``(∂fn/∂primal)ᵀ u`` for each
+        primal (zeros where ``fn`` does not depend on it); ``batched=True`` maps over a
+        leading dim of ``u``.
+    """
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        # A fresh view per primal: gradients are partial derivatives through this argument
+        # only (not through other paths to the same tensor), yet stay connected to the
+        # primal's own graph for higher derivatives.
+        inputs = [
+            p.view_as(p) if create_graph and p.requires_grad else p.detach().requires_grad_(True)
+            for p in primals
+        ]
+        out = fn(*inputs)
+
+    def vjp(u: Tensor, batched: bool = False) -> tuple[Tensor, ...]:
+        if not out.requires_grad:  # fn ignores every primal
+            lead = u.shape[:1] if batched else ()
+            return tuple(
+                torch.zeros(*lead, *p.shape, dtype=p.dtype, device=p.device) for p in inputs
+            )
+        with torch.enable_grad() if create_graph else torch.no_grad():
+            grads = torch.autograd.grad(
+                out,
+                inputs,
+                u,
+                retain_graph=True,
+                create_graph=create_graph,
+                allow_unused=True,
+                is_grads_batched=batched,
+            )
+        lead = u.shape[:1] if batched else ()
+        return tuple(
+            torch.zeros(*lead, *p.shape, dtype=p.dtype, device=p.device) if g is None else g
+            for g, p in zip(grads, inputs)
+        )
+
+    return out, vjp
 
 
 class MatrixOperator(AbstractLinearOperator):
@@ -175,8 +218,9 @@ class JacobianOperator(AbstractLinearOperator):
     """The Jacobian ``∂f/∂x`` of ``f: [B, N] -> [B, N]`` at ``x``, evaluated lazily.
 
     ``mv`` is a forward-mode product (``torch.func.jvp``); the transposed operator and
-    :meth:`materialize` use reverse mode (``torch.func.vjp``), so the backward pass of
-    :func:`structift.implicit.custom_root` needs only reverse-mode support from ``f``.
+    :meth:`materialize` use reverse mode (:func:`linearize`, plain ``torch.autograd``), so the
+    backward pass of :func:`structift.implicit.custom_root` needs only ordinary autograd
+    support from ``f`` (custom ``autograd.Function`` s included).
     ``f`` must act on each batch row independently (its Jacobian is block diagonal).
 
     Args:
@@ -203,11 +247,10 @@ class JacobianOperator(AbstractLinearOperator):
         self.positive_definite = positive_definite
         self._vjp_fn: Callable[[Tensor], tuple[Tensor, ...]] | None = None
 
-    def _vjp_function(self) -> Callable[[Tensor], tuple[Tensor, ...]]:
-        # Linearize once (outside any vmap) and reuse for every product.
+    def _vjp_function(self) -> Callable[..., tuple[Tensor, ...]]:
+        # Linearize once and reuse the recorded graph for every product.
         if self._vjp_fn is None:
-            res = torch.func.vjp(self.fn, self.x)
-            out, self._vjp_fn = res[0], res[1]
+            out, self._vjp_fn = linearize(self.fn, self.x)
             if out.shape != self.x.shape:
                 raise ValueError(
                     f"JacobianOperator needs a square map: f(x) has shape {tuple(out.shape)} "
@@ -231,9 +274,11 @@ class JacobianOperator(AbstractLinearOperator):
         basis = torch.eye(self.size, dtype=self.dtype, device=self.device)
         basis = basis.unsqueeze(1).expand(self.size, self.batch_size, self.size)
         vjp_fn = self._vjp_function()
-        rows = _map_basis(
-            lambda u: vjp_fn(u)[0], basis
-        )  # shape: (N, B, N), [i, b, :] = row i of J_b
+        try:
+            rows = vjp_fn(basis, batched=True)[0]  # shape: (N, B, N), [i, b] = row i of J_b
+        except (RuntimeError, NotImplementedError):
+            # Operations without a batching rule: one vector-Jacobian product per row.
+            rows = torch.stack([vjp_fn(e)[0] for e in basis])
         return rows.permute(1, 0, 2)
 
 

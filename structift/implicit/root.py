@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from .krylov import GMRES
-from .operators import JacobianOperator
+from .operators import JacobianOperator, linearize
 from .solvers import AbstractLinearSolver, Dense
 
 __all__ = ["custom_fixed_point", "custom_root"]
@@ -126,7 +126,7 @@ def _solve_transposed(
     # Second order: u(z, θ, v) is itself the root of G(u) = (∂F/∂z)ᵀ u − v, so differentiate
     # it with the same machinery (its Jacobian in u is (∂F/∂z)ᵀ).
     def G(u: Tensor, zf: Tensor, d: tuple[Tensor, ...], rhs: Tensor) -> Tensor:
-        vjp_fn = torch.func.vjp(lambda x: problem.F(x, *d), zf)[1]
+        vjp_fn = linearize(lambda x: problem.F(x, *d), zf)[1]
         return vjp_fn(u)[0] - rhs
 
     def forward(zf: Tensor, d: tuple[Tensor, ...], rhs: Tensor) -> Tensor:
@@ -154,7 +154,7 @@ class _ImplicitRoot(torch.autograd.Function):
         v = layout.flatten(grads)
         zflat = layout.flatten(z_leaves)
         u = _solve_transposed(problem, zflat, diff, v)
-        vjp_theta = torch.func.vjp(lambda *d: problem.F(zflat, *d), *diff)[1]
+        vjp_theta = linearize(lambda *d: problem.F(zflat, *d), *diff)[1]
         return (None, None, *vjp_theta(-u))
 
 
@@ -206,8 +206,8 @@ def custom_root(
         dz/dθ = −(∂F/∂z)⁻¹ ∂F/∂θ,   F = residual,
 
     and the backward pass computes ``vᵀ dz/dθ`` by solving ``(∂F/∂z)ᵀ u = v`` with
-    ``linear_solver`` (matrix-free: vector-Jacobian products of ``residual`` via
-    ``torch.func``) and returning ``−(∂F/∂θ)ᵀ u``. The solver itself runs under
+    ``linear_solver`` (matrix-free: vector-Jacobian products of ``residual`` recorded once
+    with ``torch.autograd``) and returning ``−(∂F/∂θ)ᵀ u``. The solver itself runs under
     ``torch.no_grad()``: no graph is built through its iterations, so memory is independent
     of how many it takes.
 
@@ -224,7 +224,7 @@ def custom_root(
     implicit root), so ``torch.autograd.grad(..., create_graph=True)`` and gradgradcheck work.
 
     Args:
-        residual: ``F(z, *theta)``; must be differentiable with torch.func (reverse mode).
+        residual: ``F(z, *theta)``; must be differentiable by ``torch.autograd``.
         linear_solver: a solver object; default :class:`Dense` when z has at most 1024
             entries per batch element, else :class:`GMRES`.
         batch_ndim: number of leading batch dims of z (default 0: one problem).

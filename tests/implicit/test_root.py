@@ -274,3 +274,28 @@ def test_custom_root_on_device(device: torch.device) -> None:
         (g,) = torch.autograd.grad(x.sum(), theta)
         assert g.device == theta.device
         torch.testing.assert_close(g, -theta.detach() / x.detach())
+
+
+class _Square(torch.autograd.Function):
+    """A custom Function with the old-style forward(ctx, ...) and no functorch support."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def]
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def]
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+def test_residual_with_custom_autograd_function() -> None:
+    def residual(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return _Square.apply(theta) + _Square.apply(x) - 1
+
+    theta = torch.tensor([0.2, -0.7], dtype=DT, requires_grad=True)
+    for solver in (Dense(), GMRES()):
+        x = custom_root(residual, solver, batch_ndim=1)(upper_circle)(theta)
+        (g,) = torch.autograd.grad(x.sum(), theta)
+        torch.testing.assert_close(g, -theta.detach() / x.detach())
