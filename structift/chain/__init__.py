@@ -25,14 +25,11 @@ No validation beyond cheap asserts happens here: the families validate.
 
 from __future__ import annotations
 
-import functools
-import warnings
-
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from structift.chain import _log, _scaled
+from structift._ops import lengths_to_mask
+from structift.chain import _hvp, _log, _scaled
 from structift.chain._decode import sample, score, viterbi
 
 __all__ = ["log_partition", "marginals", "sample", "score", "viterbi"]
@@ -62,73 +59,41 @@ def _sum_to_shape(x: Tensor, shape: torch.Size) -> Tensor:
 
 
 def _fast_marginals(unary: Tensor, binary: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-    """Marginals by the scaled path, detached, ``mu_binary`` at full shape ``[B, T-1, Z, Z]``."""
+    """Marginals by the scaled path, detached, ``mu_binary`` at full shape ``[B, T-1, Z, Z]``.
+
+    Computed (and returned) in the working dtype: float32 for float16/bfloat16 inputs.
+    """
     B, T, Z = unary.shape
     with torch.no_grad():
         u, b = _work(unary), _work(binary)
         _, state = _scaled.forward(u, b, lengths, eager=True)
         mu_u, mu_b = _scaled.backward(state, u, b, lengths, u.new_ones(B), (B, T - 1, Z, Z))
     assert mu_b is not None
-    return mu_u.to(unary.dtype), mu_b.to(unary.dtype)
-
-
-@functools.cache
-def _load_forward_ad() -> None:
-    """Load torch's forward-AD decompositions once, silencing torch's own deprecation notice.
-
-    On first use of forward AD, torch builds its JVP decompositions with ``torch.jit.script``,
-    which warns (a torch-internal ``DeprecationWarning``, not something callers can act on).
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", r".*torch\.jit\.script.*", DeprecationWarning)
-        with fwAD.dual_level():
-            fwAD.make_dual(torch.zeros(()), torch.zeros(()))
-
-
-def _hvp(
-    unary: Tensor, binary: Tensor, lengths: Tensor, v_u: Tensor | None, v_b: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """Hessian-vector product ``(H v)`` of ``A`` in the expanded space, by forward-mode AD.
-
-    ``mu = grad A`` has the symmetric Jacobian ``H = Cov[phi]``, so the vector-Jacobian product
-    that autograd asks of ``marginals`` equals the Jacobian-vector product ``d mu(theta + e v)/de``.
-    Forward mode through the log-space path keeps no tape.
-    """
-    _load_forward_ad()
-    B, T, Z = unary.shape
-    u0 = unary.detach()
-    b0 = binary.detach().expand(B, T - 1, Z, Z).contiguous()
-    tu = torch.zeros_like(u0) if v_u is None else v_u.to(u0.dtype).contiguous()
-    tb = torch.zeros_like(b0) if v_b is None else v_b.to(b0.dtype).contiguous()
-    with fwAD.dual_level():
-        _, mu_u, mu_b = _log.forward_backward(
-            fwAD.make_dual(u0, tu), fwAD.make_dual(b0, tb), lengths
-        )
-        h_u, h_b = fwAD.unpack_dual(mu_u).tangent, fwAD.unpack_dual(mu_b).tangent
-    if h_u is None:  # no path depends on the direction
-        h_u = torch.zeros_like(u0)
-    if h_b is None:
-        h_b = torch.zeros_like(b0)
-    return h_u, h_b
+    return mu_u, mu_b
 
 
 class _Marginals(torch.autograd.Function):
     """``mu(theta) = grad A(theta)``: fast forward, exact Hessian-vector products backward.
 
-    Forward: the scaled path (no graph). Backward: ``H v`` by forward-mode AD through the
-    log-space path; if a graph is requested (third derivatives), autograd through that path.
+    Forward: the scaled path (no graph). Backward: ``H v`` by an analytic forward-backward
+    sweep with tangent messages (``_hvp``, no tape); if a graph is requested (third
+    derivatives), autograd through the log-space path.
     """
 
     @staticmethod
     def forward(ctx, unary: Tensor, binary: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        ctx.save_for_backward(unary, binary, lengths)
-        return _fast_marginals(unary, binary, lengths)
+        work = _fast_marginals(unary, binary, lengths)
+        out = (work[0].to(unary.dtype), work[1].to(unary.dtype))
+        # The backward needs the marginals in the working dtype: the outputs themselves (no
+        # extra memory), or a float32 copy for float16/bfloat16 inputs.
+        ctx.save_for_backward(unary, binary, lengths, *(work if out[0] is not work[0] else out))
+        return out
 
     @staticmethod
     def backward(
         ctx, v_u: Tensor | None, v_b: Tensor | None
     ) -> tuple[Tensor | None, Tensor | None, None]:
-        unary, binary, lengths = ctx.saved_tensors
+        unary, binary, lengths, mu_u, mu_b = ctx.saved_tensors
         need_u, need_b = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():
             _, mu_u, mu_b = _log.forward_backward(unary, binary, lengths)
@@ -139,7 +104,8 @@ class _Marginals(torch.autograd.Function):
             )
             it = iter(grads)
             return (next(it) if need_u else None), (next(it) if need_b else None), None
-        h_u, h_b = _hvp(unary, binary, lengths, v_u, v_b)
+        mask = lengths_to_mask(lengths.to(unary.device), unary.shape[1])
+        h_u, h_b = _hvp.hvp(mu_u, mu_b, mask, v_u, v_b)
         return (
             h_u.to(unary.dtype) if need_u else None,
             _sum_to_shape(h_b, binary.shape).to(binary.dtype) if need_b else None,
@@ -217,8 +183,8 @@ def marginals(
         binary: ``[B, T-1, Z, Z]`` (or broadcastable) log-potentials laid out ``[from, to]``.
         lengths: LongTensor ``[B]``, ``1 <= lengths[b] <= T``.
         create_graph: If ``True`` the result is differentiable w.r.t. ``unary`` and ``binary``:
-            its backward is the exact Hessian-vector product of ``A`` (forward-mode AD through
-            the log-space recursions, no tape). Otherwise it is detached. The values come from
+            its backward is the exact Hessian-vector product of ``A`` (one forward-backward
+            sweep with tangent messages, no tape). Otherwise it is detached. The values come from
             the fast scaled path either way.
 
     Returns:
@@ -228,4 +194,5 @@ def marginals(
     _check(unary, binary, lengths)
     if create_graph:
         return _Marginals.apply(unary, binary, lengths)
-    return _fast_marginals(unary, binary, lengths)
+    mu_u, mu_b = _fast_marginals(unary, binary, lengths)
+    return mu_u.to(unary.dtype), mu_b.to(unary.dtype)
