@@ -4,6 +4,8 @@ Same inputs for every method: unary [B, T, Z], binary [B, T-1, Z, Z], full lengt
 cotangent g on the marginals (float32 by default). Methods:
 
 * ``forward-backward``: one log-partition forward + backward (the marginals): the unit.
+* ``structured solve alone``: the covariance recursions at given marginals (what the
+  structured linear solver costs without the custom_root plumbing and the residual VJP).
 * ``ift/structured``: exact forward (forward-backward at θ/τ) + IFT backward through
   custom_root with the structured solve (covariance recursions).
 * ``ift/minres``: the same with MINRES on the diagonally scaled KKT system (matrix-free).
@@ -45,6 +47,7 @@ from structift.implicit import MINRES, ConvergenceWarning
 from structift.variational import (
     Iterative,
     Structured,
+    chain_covariance_vector_product,
     chain_message_passing,
     check_ift,
     regularized_argmax,
@@ -129,8 +132,15 @@ def methods(args: argparse.Namespace, inputs) -> dict[str, Callable[[], Callable
 
         return build
 
+    def solve_alone():
+        # The structured solve by itself: one covariance-vector product at exact marginals.
+        with torch.no_grad():
+            mu_u, mu_b = chain.marginals(unary, binary, lengths)
+        return lambda: chain_covariance_vector_product(mu_u, mu_b, lengths, g_unary, g_binary)
+
     table: dict[str, Callable[[], Callable[[], object]]] = {
         "forward-backward": forward_backward,
+        "structured solve alone (covariance product)": solve_alone,
         "ift/structured": ift("structured"),
         "autograd double-backward": double_backward,
     }
