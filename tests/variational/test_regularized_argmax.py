@@ -258,3 +258,17 @@ def test_neumann_diverges_on_the_kkt_system_and_cg_on_normal_equations_converges
         check_ift(crf, 1.0, linear_solver=Neumann(terms=50, alpha=0.5))
     cg = NormalEquations(CG(rtol=1e-13, max_iters=5000))
     _assert_close(check_ift(crf, 1.0, linear_solver=cg, generator=_gen()), 1e-10)
+
+
+def test_categorical_is_the_length_one_chain_of_the_simplex_module() -> None:
+    # The Categorical goes through the chain KKT system with T = 1; its Jacobian must be the
+    # simplex module's Schur-complement Jacobian (the seed's §4 worked example).
+    from structift.variational import simplex
+
+    logits = torch.randn(3, 5, dtype=torch.float64)
+    logits[0, 2] = float("-inf")
+    x = logits.clone().requires_grad_(True)
+    p = regularized_argmax(sf.Categorical(x), 0.7)
+    rows = [torch.autograd.grad(p[:, i].sum(), x, retain_graph=True)[0] for i in range(5)]
+    jac = torch.stack(rows, 1)  # shape: (3, 5, 5), [b, i, j] = dp_i / dθ_j
+    torch.testing.assert_close(jac, simplex.schur_jacobian(p.detach(), 0.7), rtol=0, atol=1e-14)
