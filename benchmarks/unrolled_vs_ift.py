@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 continue
             ratio = un["peak_bytes"] / max(ift["peak_bytes"], 1)
             print(
-                f"| {n:.0e} | {K} | {fmt_bytes(un['peak_bytes'])} | {fmt_bytes(ift['peak_bytes'])} | {ratio:.2g}× "
+                f"| {n:.0e} | {K} | {fmt_bytes(un['peak_bytes'])} | {fmt_bytes(ift['peak_bytes'])} | {ratio:.{1 if ratio < 10 else 0}f}× "
                 f"| {un['seconds']:.3f} | {ift['seconds']:.3f} | {un['grad_rel_error']:.1e} "
                 f"| {ift['grad_rel_error']:.1e} |",
                 flush=True,
