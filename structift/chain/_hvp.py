@@ -39,16 +39,19 @@ import torch
 from torch import Tensor
 
 
-def _normalise(x: Tensor, dim: int) -> Tensor:
-    """Divide by the sum along ``dim``; slices summing to 0 stay 0."""
-    total = x.sum(dim, keepdim=True)
-    return x / torch.where(total > 0, total, torch.ones_like(total))
+def _inverse(x: Tensor) -> Tensor:
+    """``1 / x`` where ``x > 0``, else 0 (states of zero probability get zero weight)."""
+    return torch.where(x > 0, x, torch.ones_like(x)).reciprocal() * (x > 0)
 
 
 def hvp(
     mu_u: Tensor, mu_b: Tensor, mask: Tensor, v_u: Tensor | None, v_b: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """Compute the Hessian-vector product ``H v`` of ``A`` from the marginals.
+
+    Only four passes touch ``[B, T-1, Z, Z]`` tensors (``mu_b * v_b``, its two sums and the
+    result); the conditionals are applied as ``mu_b`` products rescaled by ``[B, T-1, Z]``
+    row/column sums, never materialised.
 
     Args:
         mu_u: ``[B, T, Z]`` unary marginals (0 on padding and for sequences without a path).
@@ -67,36 +70,50 @@ def hvp(
     vu = torch.zeros_like(mu_u) if v_u is None else v_u.to(mu_u.dtype).expand(B, T, Z)
     vu = torch.where(mask.unsqueeze(-1), vu, zero)  # padding directions may hold anything
     if T == 1:
-        return _centre(mu_u, vu, dims=(-1,)), mu_b.new_zeros(B, 0, Z, Z)
-    vb = torch.zeros_like(mu_b) if v_b is None else v_b.to(mu_b.dtype).expand(B, T - 1, Z, Z)
-    vb = torch.where(mask[:, 1:, None, None], vb, zero)
-
-    fwd = _normalise(mu_b, -2)  # p(z_t = i | z_{t+1} = j)
-    bwd = _normalise(mu_b, -1)  # p(z_{t+1} = j | z_t = i)
-    g_f = vu[:, 1:] + (fwd * vb).sum(-2)  # shape: (B, T-1, Z)
-    g_b = (bwd * (vb + vu[:, 1:, None, :])).sum(-1)  # shape: (B, T-1, Z)
+        return _centre(mu_u, vu), mu_b.new_zeros(B, 0, Z, Z)
+    if v_b is None:
+        mv = None  # mu_b * v_b
+        mv_from = mv_to = mu_u.new_zeros(B, T - 1, Z)
+    else:
+        mv = mu_b * v_b.to(mu_b.dtype)
+        mv.masked_fill_(~mask[:, 1:, None, None], 0.0)  # padding directions may hold anything
+        mv_from, mv_to = mv.sum(-1), mv.sum(-2)  # shape: (B, T-1, Z)
+    p_from, p_to = mu_b.sum(-1), mu_b.sum(-2)  # p(z_t = i), p(z_{t+1} = j): (B, T-1, Z)
+    inv_from, inv_to = _inverse(p_from), _inverse(p_to)
+    # Step terms: v_u[t+1] + E[v_b[t] | z_{t+1}] and E[v_b[t] + v_u[t+1] | z_t].
+    g_f = vu[:, 1:] + mv_to * inv_to
+    vu_next = vu[:, 1:].unsqueeze(-1)  # shape: (B, T-1, Z, 1)
+    g_b = (mv_from + torch.matmul(mu_b, vu_next).squeeze(-1)) * inv_from
     w = mu_u.unsqueeze(-1)  # centring weights, shape: (B, T, Z, 1)
 
-    ra = vu[:, 0] - torch.bmm(vu[:, :1], w[:, 0]).squeeze(-1)
+    ra = vu[:, :1] - torch.bmm(vu[:, :1], w[:, 0])  # shape: (B, 1, Z)
     ras = [ra]
     for t in range(1, T):
-        new = torch.baddbmm(g_f[:, t - 1, None], ra.unsqueeze(1), fwd[:, t - 1])  # (B, 1, Z)
-        ra = (new - torch.bmm(new, w[:, t])).squeeze(1)
+        new = torch.addcmul(
+            g_f[:, t - 1, None], torch.bmm(ra, mu_b[:, t - 1]), inv_to[:, t - 1, None]
+        )
+        ra = new - torch.bmm(new, w[:, t])
         ras.append(ra)
-    rb = torch.zeros_like(ra)
+    rb = torch.zeros_like(w[:, 0])  # shape: (B, Z, 1)
     rbs = [rb]
     for t in range(T - 2, -1, -1):
-        new = torch.baddbmm(g_b[:, t, :, None], bwd[:, t], rb.unsqueeze(-1))  # (B, Z, 1)
-        rb = (new - torch.bmm(w[:, t].transpose(1, 2), new)).squeeze(-1)
+        new = torch.addcmul(g_b[:, t, :, None], torch.bmm(mu_b[:, t], rb), inv_from[:, t, :, None])
+        rb = new - torch.bmm(w[:, t].transpose(1, 2), new)
         rbs.append(rb)
-    ra_all = torch.stack(ras, dim=1)
-    rb_all = torch.stack(rbs[::-1], dim=1)
+    ra_all = torch.cat(ras, dim=1)  # shape: (B, T, Z)
+    rb_all = torch.cat(rbs[::-1], dim=2).transpose(1, 2)
 
-    h_u = _centre(mu_u, ra_all + rb_all, dims=(-1,))
-    x_b = ra_all[:, :-1, :, None] + vb + (vu[:, 1:] + rb_all[:, 1:]).unsqueeze(-2)
-    return h_u, _centre(mu_b, x_b, dims=(-2, -1))
+    h_u = _centre(mu_u, ra_all + rb_all)
+    # x_b[t, i, j] = ra[t, i] + v_b[t, i, j] + (v_u + rb)[t+1, j]; its mean under mu_b[t]:
+    left, right = ra_all[:, :-1], vu[:, 1:] + rb_all[:, 1:]
+    mean = (p_from * left).sum(-1) + (p_to * right).sum(-1) + mv_from.sum(-1)
+    h_b = mu_b * (left - mean[..., None]).unsqueeze(-1)
+    h_b.addcmul_(mu_b, right.unsqueeze(-2))
+    if mv is not None:
+        h_b += mv
+    return h_u, h_b
 
 
-def _centre(mu: Tensor, x: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """``mu * (x - <mu, x>)``: the covariance term, with the mean over ``dims``."""
-    return mu * (x - (mu * x).sum(dims, keepdim=True))
+def _centre(mu: Tensor, x: Tensor) -> Tensor:
+    """``mu * (x - <mu, x>)``: the covariance term, with the mean over the last dimension."""
+    return mu * (x - (mu * x).sum(-1, keepdim=True))
