@@ -1,7 +1,7 @@
 """Log-space chain recursions: the reference path, differentiable by autograd.
 
-Used for ``create_graph=True`` (Hessian-vector products), for the rows that the scaled
-probability-space path cannot certify, and by Viterbi and sampling. Every reduction uses the
+Used for third derivatives (a graph of the Hessian-vector product), for the rows that the
+scaled probability-space path cannot certify, and by Viterbi and sampling. Every reduction uses the
 NaN-safe logsumexp, so ``-inf`` potentials give ``-inf`` values and zero gradients.
 """
 
