@@ -165,9 +165,6 @@ def test_gradcheck_chain_and_categorical() -> None:
     )
 
 
-# Marked slow only because custom_root's second order recurses without end since implicit's
-# commit 941b31e (it passes in ~4 s with 8ea3251); see /work/notes/requests-for-implicit.md.
-@pytest.mark.slow
 def test_gradgradcheck_with_a_dense_solve() -> None:
     unary = torch.randn(1, 3, 2, dtype=torch.float64, requires_grad=True)
     binary = torch.randn(1, 2, 2, 2, dtype=torch.float64, requires_grad=True)
