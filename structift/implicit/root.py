@@ -18,12 +18,15 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from .krylov import GMRES
-from .operators import JacobianOperator, linearize
+from .operators import AbstractLinearOperator, JacobianOperator, linearize
 from .solvers import AbstractLinearSolver, Dense
 
 __all__ = ["custom_fixed_point", "custom_root"]
 
 _DENSE_MAX_SIZE = 1024
+
+ThetaVJP = Callable[..., Sequence[Any]]
+"""``theta_vjp(u, z, *theta) -> one entry per theta argument``: see :func:`custom_root`."""
 
 
 class _Layout:
@@ -87,10 +90,11 @@ class _Problem:
         diff_index: list[int],
         solver: AbstractLinearSolver,
         symmetric: bool,
+        theta_vjp: ThetaVJP | None = None,
     ) -> None:
         self.residual, self.z_layout = residual, z_layout
         self.theta_leaves, self.theta_spec, self.diff_index = theta_leaves, theta_spec, diff_index
-        self.solver, self.symmetric = solver, symmetric
+        self.solver, self.symmetric, self.theta_vjp = solver, symmetric, theta_vjp
 
     def theta(self, diff: Sequence[Tensor]) -> tuple[Any, ...]:
         leaves = list(self.theta_leaves)
@@ -109,6 +113,71 @@ class _Problem:
                 f"{out.shape[-1]} entries for z with {zflat.shape[-1]}"
             )
         return out
+
+    def theta_cotangents(self, u: Any, z: Any, diff: Sequence[Tensor]) -> list[Tensor | None]:
+        """Return ``−(∂F/∂θ)ᵀ u`` for each differentiable θ leaf from the user's ``theta_vjp``."""
+        assert self.theta_vjp is not None
+        out = self.theta_vjp(u, z, *self.theta(diff))
+        if not isinstance(out, tuple | list) or len(out) != len(self.theta(diff)):
+            raise ValueError(
+                f"theta_vjp must return a tuple with one entry per theta argument "
+                f"({len(self.theta(diff))}), got {type(out).__name__}"
+                + (f" of length {len(out)}" if isinstance(out, tuple | list) else "")
+            )
+        leaves = pytree.tree_flatten(list(out), is_leaf=lambda x: x is None)[0]
+        if len(leaves) != len(self.theta_leaves):
+            raise ValueError(
+                f"theta_vjp must return one entry (a tensor or None) per theta leaf "
+                f"({len(self.theta_leaves)}), got {len(leaves)}"
+            )
+        grads: list[Tensor | None] = []
+        for i, t in zip(self.diff_index, diff):
+            g = leaves[i]
+            if g is None:
+                grads.append(None)
+                continue
+            if not isinstance(g, Tensor) or g.shape != t.shape:
+                got = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
+                raise ValueError(
+                    f"theta_vjp returned {got} for theta leaf {i}; expected a tensor of "
+                    f"shape {tuple(t.shape)} (or None for a zero cotangent)"
+                )
+            grads.append(torch.neg(g))
+        return grads
+
+
+class _LazyTransposedJacobian(AbstractLinearOperator):
+    """``(∂F/∂z)ᵀ`` on ``[B, N]`` vectors, built (z flattened, F linearized) on first use.
+
+    Handed to solvers with ``accepts_tree`` so that a solver which never applies the
+    operator (a closed-form structured solve) costs no flattening of z.
+    """
+
+    def __init__(
+        self, problem: _Problem, z_leaves: Sequence[Tensor], diff: Sequence[Tensor]
+    ) -> None:
+        layout = problem.z_layout
+        self.problem, self.z_leaves, self.diff = problem, z_leaves, diff
+        self.batch_size, self.size = layout.B, layout.N
+        self.dtype, self.device = z_leaves[0].dtype, z_leaves[0].device
+        self.symmetric = problem.symmetric
+        self._op: AbstractLinearOperator | None = None
+
+    def _get(self) -> AbstractLinearOperator:
+        if self._op is None:
+            p, d = self.problem, self.diff
+            zflat = p.z_layout.flatten(self.z_leaves)
+            self._op = JacobianOperator(lambda x: p.F(x, *d), zflat, symmetric=p.symmetric).T
+        return self._op
+
+    def mv(self, x: Tensor) -> Tensor:
+        return self._get().mv(x)
+
+    def transpose(self) -> AbstractLinearOperator:
+        return self._get().transpose()
+
+    def materialize(self) -> Tensor:
+        return self._get().materialize()
 
 
 def _solve_transposed(
@@ -151,9 +220,23 @@ class _ImplicitRoot(torch.autograd.Function):
         z_leaves, diff = saved[: ctx.n_z], saved[ctx.n_z :]
         grads = [torch.zeros_like(z) if g is None else g for g, z in zip(grad_z, z_leaves)]
         layout = problem.z_layout
-        v = layout.flatten(grads)
-        zflat = layout.flatten(z_leaves)
-        u = _solve_transposed(problem, zflat, diff, v)
+        if problem.solver.accepts_tree and not torch.is_grad_enabled():
+            # Tree-shaped first-order solve: no [B, N] copies of z, v or u.
+            op = _LazyTransposedJacobian(problem, z_leaves, diff)
+            v_tree = pytree.tree_unflatten(grads, layout.spec)
+            u_tree = problem.solver.solve(problem.solver.init(op), v_tree).solution
+            if problem.theta_vjp is not None:
+                z_tree = pytree.tree_unflatten(list(z_leaves), layout.spec)
+                return (None, None, *problem.theta_cotangents(u_tree, z_tree, diff))
+            u = layout.flatten(pytree.tree_leaves(u_tree))
+            zflat = layout.flatten(z_leaves)
+        else:
+            zflat = layout.flatten(z_leaves)
+            u = _solve_transposed(problem, zflat, diff, layout.flatten(grads))
+            if problem.theta_vjp is not None:
+                z_tree = pytree.tree_unflatten(list(z_leaves), layout.spec)
+                u_tree = layout.unflatten(u)
+                return (None, None, *problem.theta_cotangents(u_tree, z_tree, diff))
         vjp_theta = linearize(lambda *d: problem.F(zflat, *d), *diff)[1]
         return (None, None, *vjp_theta(-u))
 
@@ -165,6 +248,7 @@ def _attach(
     linear_solver: AbstractLinearSolver | None,
     batch_ndim: int,
     symmetric: bool,
+    theta_vjp: ThetaVJP | None = None,
 ) -> Any:
     z_leaves, z_spec = pytree.tree_flatten(z)
     layout = _Layout(z, batch_ndim, "the solver's output z")
@@ -185,7 +269,9 @@ def _attach(
     solver = linear_solver
     if solver is None:
         solver = Dense() if layout.N <= _DENSE_MAX_SIZE else GMRES()
-    problem = _Problem(residual, layout, theta_leaves, theta_spec, diff_index, solver, symmetric)
+    problem = _Problem(
+        residual, layout, theta_leaves, theta_spec, diff_index, solver, symmetric, theta_vjp
+    )
     diff = [theta_leaves[i] for i in diff_index]
     out = _ImplicitRoot.apply(problem, tuple(z_leaves), *diff)
     return pytree.tree_unflatten(list(out), z_spec)
@@ -197,6 +283,7 @@ def custom_root(
     *,
     batch_ndim: int = 0,
     symmetric: bool = False,
+    theta_vjp: ThetaVJP | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Make ``solver(*theta) -> z`` differentiable by the implicit function theorem.
 
@@ -229,6 +316,23 @@ def custom_root(
             entries per batch element, else :class:`GMRES`.
         batch_ndim: number of leading batch dims of z (default 0: one problem).
         symmetric: declare ∂F/∂z symmetric (required by CG / MINRES).
+        theta_vjp: optional ``theta_vjp(u, z, *theta)`` returning ``(∂F/∂θ)ᵀ u``, the
+            vector-Jacobian product of the residual with respect to θ, to use instead of
+            evaluating the residual once more under autograd (worth it when F is linear in θ
+            or the product has a closed form). Contract: ``u`` is the solution of
+            ``(∂F/∂z)ᵀ u = v`` with z's pytree layout (the residual's flattened entries
+            reshaped like z; exactly the residual's output when F returns z's layout), ``z``
+            is the solution and ``theta`` the solver's arguments. Return a tuple with one
+            entry per theta argument, laid out like that argument: a tensor of the leaf's
+            shape, or None for a zero product and for non-tensor leaves. custom_root negates
+            it. For second derivatives the product must be differentiable by
+            ``torch.autograd`` in ``u``, ``z`` and ``theta``. Default: autograd on ``residual``.
+
+    Linear solvers whose class sets ``accepts_tree = True`` (see
+    :class:`~structift.implicit.solvers.AbstractLinearSolver`) receive, in the first-order
+    backward, the right-hand side v with z's pytree layout and return u in it; z and v are
+    then never copied to ``[B, N]`` unless the solver applies the operator. Under
+    ``create_graph`` they get ``[B, N]`` vectors as every other solver.
 
     Returns:
         A decorator: ``custom_root(F)(solver)`` has the solver's signature.
@@ -254,7 +358,7 @@ def custom_root(
         def wrapped(*theta: Any) -> Any:
             with torch.no_grad():
                 z = solver(*theta)
-            return _attach(residual, z, theta, linear_solver, batch_ndim, symmetric)
+            return _attach(residual, z, theta, linear_solver, batch_ndim, symmetric, theta_vjp)
 
         return wrapped
 

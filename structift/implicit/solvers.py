@@ -73,7 +73,19 @@ def default_rtol(dtype: torch.dtype) -> float:
 
 
 class AbstractLinearSolver(abc.ABC):
-    """Interface of every linear solver (lineax-style)."""
+    """Interface of every linear solver (lineax-style).
+
+    Attributes:
+        accepts_tree: class flag, default False. A solver that sets it True declares that
+            ``solve`` also accepts a right-hand side given as a pytree of tensors
+            ``[*batch, *event]`` (the layout of :func:`~structift.implicit.custom_root`'s z)
+            and then returns the solution in the same layout, instead of ``[B, N]`` (it
+            must still accept ``[B, N]`` tensors: custom_root uses them under
+            ``create_graph``). The operator given to ``init`` still acts on ``[B, N]``.
+            custom_root then skips flattening z, the cotangent and the solution.
+    """
+
+    accepts_tree: bool = False
 
     @abc.abstractmethod
     def init(self, operator: AbstractLinearOperator) -> Any:

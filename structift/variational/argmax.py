@@ -13,6 +13,7 @@ The simplex (Categorical) is handled as the chain of length one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -26,6 +27,7 @@ from structift.implicit.krylov import GMRES, MINRES
 from structift.implicit.solvers import AbstractLinearSolver, Dense
 from structift.variational.chain_kkt import (
     ChainKKTPoint,
+    _Support,
     chain_duals,
     chain_kkt_residual,
     chain_support,
@@ -201,6 +203,38 @@ def _scales(point: ChainKKTPoint, support: object, tau: float) -> ChainKKTPoint:
     return ChainKKTPoint(s_node, s_edge, s_alpha, s_beta, s_nu)
 
 
+def _chain_theta_vjp(
+    support: _Support, scale: ChainKKTPoint | None
+) -> Callable[..., tuple[Tensor, Tensor]]:
+    """Return ``(u, z, unary, binary) -> (∂F/∂θ)ᵀ u`` for the (scaled) chain KKT residual.
+
+    θ enters F only through the stationarity rows, linearly and masked by the support:
+    ``F_m ∋ where(S_node, unary, 0)`` and ``F_M ∋ where(S_edge, binary, 0)`` (the outer
+    ``where`` keeps F = μ off the support; the dual rows do not contain θ). So ∂F/∂θ is the
+    0/1 support mask on the μ block and zero on the dual block, and (∂F/∂θ)ᵀu is u's μ block
+    masked by the support, whatever z and θ are. With the scaling D of the generic solvers,
+    F_D(y) = D F(D y) and (∂F_D/∂θ)ᵀu = (∂F/∂θ)ᵀ(D u).
+    """
+    full_node, full_edge = bool(support.node.all()), bool(support.edge.all())
+
+    def part(x: Tensor, s: Tensor | None, mask: Tensor, full: bool) -> Tensor:
+        if s is not None:
+            x = x * s
+        return x if full else torch.where(mask, x, 0.0)
+
+    def theta_vjp(
+        u: ChainKKTPoint, z: object, unary: Tensor, binary: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        s_node = None if scale is None else scale.mu_unary
+        s_edge = None if scale is None else scale.mu_binary
+        return (
+            part(u.mu_unary, s_node, support.node, full_node),
+            part(u.mu_binary, s_edge, support.edge, full_edge),
+        )
+
+    return theta_vjp
+
+
 def _chain_argmax(
     unary: Tensor,
     binary: Tensor,
@@ -221,7 +255,8 @@ def _chain_argmax(
 
         check = isinstance(solver, Iterative) if linear.check is None else linear.check
         lin = StructuredChainSolve(point, lengths, tau, support, check, linear.rtol)
-        root = custom_root(residual, lin, batch_ndim=1, symmetric=True)
+        theta_vjp = _chain_theta_vjp(support, None)
+        root = custom_root(residual, lin, batch_ndim=1, symmetric=True, theta_vjp=theta_vjp)
         return root(lambda u, w: point)(unary, binary)
 
     scale = _scales(point, support, tau)
@@ -232,7 +267,8 @@ def _chain_argmax(
         F = chain_kkt_residual(z, u, w, lengths, tau, support)
         return ChainKKTPoint(*(f * s for f, s in zip(F, scale)))
 
-    root = custom_root(scaled_residual, linear, batch_ndim=1, symmetric=True)
+    theta_vjp = _chain_theta_vjp(support, scale)
+    root = custom_root(scaled_residual, linear, batch_ndim=1, symmetric=True, theta_vjp=theta_vjp)
     y = root(lambda u, w: scaled)(unary, binary)
     return ChainKKTPoint(*(a * s for a, s in zip(y, scale)))
 

@@ -22,7 +22,7 @@ the marginals, whatever solver produced μ.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -41,6 +41,11 @@ from structift.variational.covariance import chain_covariance_vector_product
 __all__ = ["StructuredChainSolve"]
 
 
+def _norm(parts: list[Tensor], B: int) -> Tensor:
+    """Euclidean norm per batch element of a list of ``[B, ...]`` tensors, ``[B]``."""
+    return torch.sqrt(sum(p.reshape(B, -1).square().sum(-1) for p in parts))  # type: ignore[arg-type]
+
+
 def _ratio(num: Tensor, den: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, num / torch.where(mask, den, 1.0), 0.0)
 
@@ -50,7 +55,9 @@ class StructuredChainSolve(AbstractLinearSolver):
 
     Bound to one solution (its marginals, lengths, temperature and support); used as the
     ``linear_solver`` of :func:`structift.implicit.custom_root` for the unscaled chain residual.
-    K is symmetric, so ``transpose`` is the identity. The right-hand side must have a zero
+    K is symmetric, so ``transpose`` is the identity. It ``accepts_tree``: custom_root hands
+    it the cotangent as a :class:`~structift.variational.chain_kkt.ChainKKTPoint` and gets the
+    solution back in that layout, with no flattening. The right-hand side must have a zero
     dual block (which is what the IFT backward of a function returning only μ produces);
     otherwise a ``ValueError`` is raised.
 
@@ -66,6 +73,8 @@ class StructuredChainSolve(AbstractLinearSolver):
             because ∂F/∂θ vanishes on the dual rows and off the support.
         rtol: relative tolerance of that check (default sqrt(eps) of the dtype).
     """
+
+    accepts_tree = True
 
     def __init__(
         self,
@@ -96,14 +105,21 @@ class StructuredChainSolve(AbstractLinearSolver):
         parts = torch.split(flat, self.sizes, dim=-1)
         return [p.reshape(flat.shape[0], *s) for p, s in zip(parts, self.shapes)]
 
-    def solve(self, state: Any, rhs: Tensor) -> LinearSolution:
-        """Solve ``K x = rhs`` for ``rhs`` ``[B, N]`` (zero dual block)."""
-        r_node, r_edge, r_alpha, r_beta, r_nu = self._unflatten(rhs)
+    def solve(self, state: Any, rhs: Tensor | ChainKKTPoint) -> LinearSolution:
+        """Solve ``K x = rhs`` (zero dual block).
+
+        ``rhs`` is either ``[B, N]`` (the solution is then ``[B, N]``) or a
+        :class:`~structift.variational.chain_kkt.ChainKKTPoint` (``accepts_tree``: the
+        solution is then a ChainKKTPoint too, and nothing is flattened).
+        """
+        tree = not isinstance(rhs, Tensor)
+        parts = self._unflatten(rhs) if isinstance(rhs, Tensor) else list(rhs)
+        r_node, r_edge, r_alpha, r_beta, r_nu = parts
         S = self.support
         dual_on = (
             torch.where(S.alpha, r_alpha, 0.0).abs().amax()
             if r_alpha.numel()
-            else rhs.new_zeros(())
+            else r_node.new_zeros(())
         )
         if r_beta.numel():
             dual_on = torch.maximum(dual_on, torch.where(S.beta, r_beta, 0.0).abs().amax())
@@ -121,22 +137,25 @@ class StructuredChainSolve(AbstractLinearSolver):
             # Only the primal block: ∂F/∂θ is zero on the dual rows, so the IFT vector-Jacobian
             # product −(∂F/∂θ)ᵀ x never reads x's dual block (returned as zeros).
             x = [*x, torch.zeros_like(r_alpha), torch.zeros_like(r_beta), torch.zeros_like(r_nu)]
-        flat = torch.cat([p.reshape(rhs.shape[0], -1) for p in x], dim=-1)
+        B, dtype = r_node.shape[0], r_node.dtype
         if self.check:
             Kx = chain_kkt_matvec(self.point, ChainKKTPoint(*x), self.lengths, self.tau, S)
-            flat_Kx = torch.cat([p.reshape(rhs.shape[0], -1) for p in Kx], dim=-1)
-            rnorm = torch.linalg.vector_norm(rhs - flat_Kx, dim=-1)
-            bnorm = torch.linalg.vector_norm(rhs, dim=-1)
-            bad = rnorm > self.rtol * bnorm + torch.finfo(rhs.dtype).tiny
+            rnorm = _norm([r - k for r, k in zip(parts, Kx)], B)
+            bnorm = _norm(parts, B)
+            bad = rnorm > self.rtol * bnorm + torch.finfo(dtype).tiny
             if bool(bad.any()):
-                worst = float((rnorm / bnorm.clamp_min(torch.finfo(rhs.dtype).tiny)).max())
+                worst = float((rnorm / bnorm.clamp_min(torch.finfo(dtype).tiny)).max())
                 raise ValueError(
                     f"StructuredChainSolve: relative KKT residual {worst:.3g} > {self.rtol:.3g}; "
                     "the forward solution is not an exact solution of the chain problem "
                     "(tighten the forward solver's tolerance) or the support is degenerate"
                 )
         else:
-            rnorm = rhs.new_full((rhs.shape[0],), float("nan"))
+            rnorm = r_node.new_full((B,), float("nan"))
+        if tree:
+            # accepts_tree: the solution keeps the layout of z (LinearSolution documents [B, N]).
+            return LinearSolution(cast(Tensor, ChainKKTPoint(*x)), rnorm, 0, Status.SUCCESS)
+        flat = torch.cat([p.reshape(B, -1) for p in x], dim=-1)
         return LinearSolution(flat, rnorm, 0, Status.SUCCESS)
 
     def _solve_primal(self, r_node: Tensor, r_edge: Tensor) -> list[Tensor]:
