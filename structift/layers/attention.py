@@ -163,8 +163,10 @@ def attention_weights(
             ``[B, 1, 2, 2]`` per sequence). Structured kind only; defaults to zeros (then the
             weights are sigmoid(s_t), independent Bernoulli selections).
         gradient: How the structured weights are differentiated: ``"autograd"`` (double
-            backward through the log-partition) or ``"ift"`` (implicit function theorem on
-            the variational problem, :func:`structift.variational.regularized_argmax`).
+            backward through the log-partition, an analytic Hessian-vector product; the
+            faster and leaner of the two on CPU, see ``benchmarks/attention.py``) or ``"ift"``
+            (implicit function theorem on the variational problem,
+            :func:`structift.variational.regularized_argmax`).
         normalize: Structured kind only: divide the marginals by their sum, so the weights
             sum to one like the other kinds.
 

@@ -65,14 +65,17 @@ def test_smoke_run_writes_table_heatmap_and_results(example, tmp_path, capsys):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["structured"]["accuracy"] == pytest.approx(results["structured"]["accuracy"])
     assert len(saved["structured"]["runs"][0]["pairwise"]) == 2
+    assert saved["structured"]["runs"][0]["gradient"] == "autograd"
     assert 0.0 <= saved["hand_set_reference"]["accuracy"] <= 1.0
     assert "hand-set potentials" in out
 
 
-def test_smoke_run_with_autograd_gradient_and_two_seeds(example, tmp_path):
-    args = ["--smoke", "--kinds", "structured", "--gradient", "autograd", "--seeds", "0", "1"]
+def test_smoke_run_with_ift_gradient_and_two_seeds(example, tmp_path):
+    # the default run uses gradient="autograd"; this one covers the IFT backward
+    args = ["--smoke", "--kinds", "structured", "--gradient", "ift", "--seeds", "0", "1"]
     results = example.main([*args, "--out", str(tmp_path)])
     runs = results["structured"]["runs"]
     assert [r["seed"] for r in runs] == [0, 1]
+    assert all(r["gradient"] == "ift" for r in runs)
     assert results["structured"]["accuracy_min"] <= results["structured"]["accuracy"]
     assert results["structured"]["accuracy"] <= results["structured"]["accuracy_max"]
