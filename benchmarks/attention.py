@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from _memory import peak_bytes, sync
 
 from structift.layers import attention_weights
 
@@ -38,32 +38,6 @@ METHODS: dict[str, dict[str, str]] = {
     "structured/autograd": {"kind": "structured", "gradient": "autograd"},
     "structured/ift": {"kind": "structured", "gradient": "ift"},
 }
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued device work so timings are honest."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak memory allocated while ``fn`` runs, above what was allocated before."""
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        sync(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    # Each event's self memory is what it allocated (+) or freed (−); replaying them in order
-    # of start time gives the running total of live bytes.
-    current = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        current += event.self_cpu_memory_usage
-        peak = max(peak, current)
-    return peak
 
 
 def make_inputs(B: int, T: int, device: torch.device, dtype: torch.dtype, seed: int = 0):

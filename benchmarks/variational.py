@@ -39,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from _memory import peak_bytes, sync
 
 import structift as sf
 from structift import chain
@@ -52,30 +52,6 @@ from structift.variational import (
     check_ift,
     regularized_argmax,
 )
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued device work so timings are honest."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak bytes allocated while ``fn`` runs, above what was allocated before."""
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        sync(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
 
 
 def make_inputs(B: int, T: int, Z: int, device: torch.device, dtype: torch.dtype):
