@@ -114,8 +114,14 @@ class _Problem:
             )
         return out
 
-    def theta_cotangents(self, u: Any, z: Any, diff: Sequence[Tensor]) -> list[Tensor | None]:
-        """Return ``−(∂F/∂θ)ᵀ u`` for each differentiable θ leaf from the user's ``theta_vjp``."""
+    def theta_cotangents(
+        self, u: Any, z: Any, diff: Sequence[Tensor], keep: Sequence[Tensor] = ()
+    ) -> list[Tensor | None]:
+        """Return ``−(∂F/∂θ)ᵀ u`` for each differentiable θ leaf from the user's ``theta_vjp``.
+
+        Without grad mode a returned tensor is negated in place (no new [B, N]-sized buffer)
+        unless it shares storage with z, θ or a tensor in ``keep`` (the incoming cotangents).
+        """
         assert self.theta_vjp is not None
         out = self.theta_vjp(u, z, *self.theta(diff))
         if not isinstance(out, tuple | list) or len(out) != len(self.theta(diff)):
@@ -131,6 +137,11 @@ class _Problem:
                 f"({len(self.theta_leaves)}), got {len(leaves)}"
             )
         grads: list[Tensor | None] = []
+        in_place = not torch.is_grad_enabled()
+        if in_place:
+            z_leaves = pytree.tree_leaves(z)
+            others = [*z_leaves, *self.theta_leaves, *diff, *keep]
+            taken = {x.untyped_storage().data_ptr() for x in others if isinstance(x, Tensor)}
         for i, t in zip(self.diff_index, diff):
             g = leaves[i]
             if g is None:
@@ -142,7 +153,10 @@ class _Problem:
                     f"theta_vjp returned {got} for theta leaf {i}; expected a tensor of "
                     f"shape {tuple(t.shape)} (or None for a zero cotangent)"
                 )
-            grads.append(torch.neg(g))
+            if in_place and not g.requires_grad and g.untyped_storage().data_ptr() not in taken:
+                grads.append(g.neg_())
+            else:
+                grads.append(torch.neg(g))
         return grads
 
 
@@ -227,7 +241,7 @@ class _ImplicitRoot(torch.autograd.Function):
             u_tree = problem.solver.solve(problem.solver.init(op), v_tree).solution
             if problem.theta_vjp is not None:
                 z_tree = pytree.tree_unflatten(list(z_leaves), layout.spec)
-                return (None, None, *problem.theta_cotangents(u_tree, z_tree, diff))
+                return (None, None, *problem.theta_cotangents(u_tree, z_tree, diff, grads))
             u = layout.flatten(pytree.tree_leaves(u_tree))
             zflat = layout.flatten(z_leaves)
         else:
@@ -236,7 +250,7 @@ class _ImplicitRoot(torch.autograd.Function):
             if problem.theta_vjp is not None:
                 z_tree = pytree.tree_unflatten(list(z_leaves), layout.spec)
                 u_tree = layout.unflatten(u)
-                return (None, None, *problem.theta_cotangents(u_tree, z_tree, diff))
+                return (None, None, *problem.theta_cotangents(u_tree, z_tree, diff, grads))
         vjp_theta = linearize(lambda *d: problem.F(zflat, *d), *diff)[1]
         return (None, None, *vjp_theta(-u))
 
@@ -325,7 +339,10 @@ def custom_root(
             is the solution and ``theta`` the solver's arguments. Return a tuple with one
             entry per theta argument, laid out like that argument: a tensor of the leaf's
             shape, or None for a zero product and for non-tensor leaves. custom_root negates
-            it. For second derivatives the product must be differentiable by
+            it; in a first-order backward it does so in place when the tensor shares no
+            memory with ``z``, ``theta`` or the incoming cotangent (a product computed from
+            ``u``, or ``u``'s own entries, are such tensors), so do not return a tensor you
+            keep elsewhere. For second derivatives the product must be differentiable by
             ``torch.autograd`` in ``u``, ``z`` and ``theta``. Default: autograd on ``residual``.
 
     Linear solvers whose class sets ``accepts_tree = True`` (see

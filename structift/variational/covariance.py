@@ -43,6 +43,7 @@ def chain_covariance_vector_product(
     lengths: Tensor,
     v_unary: Tensor,
     v_binary: Tensor,
+    scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """Multiply the covariance of a chain's sufficient statistics by a vector.
 
@@ -57,6 +58,8 @@ def chain_covariance_vector_product(
         lengths: LongTensor ``[B]`` with ``1 <= lengths <= T``.
         v_unary: direction on the node statistics, shape ``[B, T, Z]`` (finite).
         v_binary: direction on the edge statistics, shape ``[B, T-1, Z, Z]`` (finite).
+        scale: a factor s folded into the computation: returns ``s · Cov v`` (= Cov (s v)) for
+            the cost of ``Cov v``, e.g. ``s = −1/τ`` for the KKT solve.
 
     The marginals must be exact (consistent) and zero on padding; the directions must be
     finite (their padding entries are then ignored).
@@ -70,33 +73,35 @@ def chain_covariance_vector_product(
     node_mask = (pos[None, :] < lengths[:, None]).to(mu_unary.dtype)  # shape: (B, T)
     m = mu_unary * node_mask[..., None]
     M = mu_binary  # zero beyond lengths - 1 by contract: every edge term below carries M
-    vu = v_unary * node_mask[..., None]
+    # The product is linear in v: scale the direction once (small node block here, the edge
+    # block inside the single pass that forms M ∘ v) instead of the [B, T-1, Z, Z] result.
+    vu = v_unary * (node_mask * scale)[..., None]
     inv_m = _reciprocal(m)  # shape: (B, T, Z)
 
     # The conditionals M_t[i, j] / m_{t+1}[j] and M_t[i, j] / m_t[i] are never materialized:
     # the recursions multiply by M and rescale the small [B, Z] vectors by 1/m instead.
-    Mv = M * v_binary  # shape: (B, T-1, Z, Z)
-    # E[v_edge[t] | y_{t+1} = j] and E[v_edge[t] + v_node[t+1] | y_t = i], for all t at once.
-    fwd_edge = Mv.sum(-2)  # shape: (B, T-1, Z)
-    fwd_local = fwd_edge * inv_m[:, 1:]
-    bwd_local = (Mv.sum(-1) + (M @ vu[:, 1:, :, None])[..., 0]) * inv_m[:, :-1]  # (B, T-1, Z)
+    # Mv = s (M ∘ v) in one pass; it is also the buffer of the edge output (built in place).
+    Mv = torch.addcmul(M.new_zeros(()), M, v_binary, value=scale)  # shape: (B, T-1, Z, Z)
+    fwd_edge = Mv.sum(-2)  # E[v_edge[t] | y_{t+1} = j] m_{t+1}[j], shape: (B, T-1, Z)
+    bwd_edge = Mv.sum(-1)  # E[v_edge[t] | y_t = i] m_t[i], shape: (B, T-1, Z)
 
+    # Forward: a_t = vu_t + (colsum(Mv_{t-1}) + a_{t-1}ᵀ M_{t-1}) / m_t.
     a = [vu[:, 0]]
     for t in range(1, T):
-        prev = (a[-1][:, None, :] @ M[:, t - 1])[:, 0] * inv_m[:, t]
-        a.append(vu[:, t] + fwd_local[:, t - 1] + prev)
-    b = [torch.zeros_like(vu[:, 0])]
+        s_t = torch.baddbmm(fwd_edge[:, t - 1, None, :], a[-1][:, None, :], M[:, t - 1])
+        a.append(torch.addcmul(vu[:, t], s_t[:, 0], inv_m[:, t]))
+    # Backward on w_t = vu_t + b_t (the node term of the edge output's right factor):
+    # w_t = vu_t + (rowsum(Mv_t) + M_t w_{t+1}) / m_t, w_{T-1} = vu_{T-1} (b_{T-1} = 0).
+    w = [vu[:, T - 1]]
     for t in range(T - 2, -1, -1):
-        nxt = (M[:, t] @ b[-1][:, :, None])[..., 0] * inv_m[:, t]
-        b.append(bwd_local[:, t] + nxt)
+        s_t = torch.baddbmm(bwd_edge[:, t, :, None], M[:, t], w[-1][:, :, None])
+        w.append(torch.addcmul(vu[:, t], s_t[..., 0], inv_m[:, t]))
     a_all = torch.stack(a, 1)  # shape: (B, T, Z)
-    b_all = torch.stack(b[::-1], 1)  # shape: (B, T, Z)
+    w_all = torch.stack(w[::-1], 1)  # shape: (B, T, Z)
 
-    mean = (m * vu).sum((1, 2)) + fwd_edge.sum((1, 2))  # ⟨v, μ⟩, shape: (B,)
+    mean = (m * vu).sum((1, 2)) + fwd_edge.sum((1, 2))  # ⟨s v, μ⟩, shape: (B,)
     centered = a_all - mean[:, None, None]
-    out_unary = m * (centered + b_all)
-    right = (vu + b_all)[:, 1:]  # shape: (B, T-1, Z)
-    # M * (a_t[i] − ⟨v, μ⟩ + v_edge + v_node[t+1, j] + b_{t+1}[j]), built in one buffer.
-    out_binary = centered[:, :-1, :, None] + right[:, :, None, :]
-    out_binary = out_binary.mul_(M).add_(Mv)
+    out_unary = m * (centered + w_all - vu)  # m_t (a_t − ⟨v, μ⟩ + b_t)
+    # s M ∘ (a_t[i] − ⟨v, μ⟩ + v_edge + v_node[t+1, j] + b_{t+1}[j]), in Mv's buffer.
+    out_binary = Mv.addcmul_(M, centered[:, :-1, :, None]).addcmul_(M, w_all[:, 1:, None, :])
     return out_unary, out_binary

@@ -164,9 +164,10 @@ class StructuredChainSolve(AbstractLinearSolver):
         # Off the support K is the identity; on it, x_μ = −(1/τ) Cov r_μ. (Entries of r off the
         # support enter Cov r multiplied by their mass, which is at most `tiny` there.)
         v_node = torch.where(S.node, r_node, 0.0)
-        cu, cw = chain_covariance_vector_product(m, M, self.lengths, v_node, r_edge)
-        x_node = torch.where(S.node, cu.mul_(-1 / tau), r_node)
-        x_edge = cw.mul_(-1 / tau)
+        cu, x_edge = chain_covariance_vector_product(
+            m, M, self.lengths, v_node, r_edge, scale=-1 / tau
+        )
+        x_node = torch.where(S.node, cu, r_node)
         if self.check:
             # Exact identity rows off the support (without the check only the support block is
             # used: θ's cotangent −(∂F/∂θ)ᵀ x is zero off the support whatever x holds there).
