@@ -144,3 +144,23 @@ def test_bad_theta_vjp_raises(hook: Any, match: str) -> None:
     z = f(theta, problem.Q, problem.gamma)
     with pytest.raises(ValueError, match=match):
         torch.autograd.grad(_join(z).sum(), theta)
+
+
+def test_in_place_negation_never_touches_the_solution() -> None:
+    """custom_root negates theta_vjp's results in place when it can; a hook whose result
+    aliases the solution z must leave z (the user's output) untouched and the gradient right."""
+
+    def residual(z: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return z - theta * z.detach()  # ∂F/∂z = I (z held fixed in the second term's detach)
+
+    def hook(u: torch.Tensor, z: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor]:
+        return (z,)  # aliases z: the case the in-place negation must not touch
+
+    solver = custom_root(residual, linear_solver=Dense(), theta_vjp=hook)(lambda t: t.clone())
+    theta = torch.randn(3, dtype=DT, requires_grad=True)
+    z = solver(theta)
+    z_before = z.detach().clone()
+    (grad,) = torch.autograd.grad(z, theta, torch.randn(3, dtype=DT))
+    torch.testing.assert_close(z.detach(), z_before, rtol=0, atol=0)
+    # The hook says (∂F/∂θ)ᵀu = z, so custom_root returns −z.
+    torch.testing.assert_close(grad, -z_before)
