@@ -71,6 +71,7 @@ class IPMResult(NamedTuple):
     broke_down: Tensor  # BoolTensor [B], a factorization failed (e.g. dependent constraints)
     keep: Tensor  # BoolTensor [B, k], rows of UK in use (False: dropped inactive constraint)
     polished: Tensor  # BoolTensor [B], z and UK come from `polish`
+    stale: Tensor  # BoolTensor [B], UK is not yet the factor at (s, λ): see `refresh_factor`
 
 
 def _max_step(v: Tensor, dv: Tensor) -> Tensor:
@@ -183,12 +184,23 @@ def polish(data: QPData, res: IPMResult, accept_tol: float) -> IPMResult:
                 keep=torch.where(a1, keep, res.keep),
                 kkt_residual=torch.where(accept, kkt, res.kkt_residual),
                 polished=res.polished | accept,
+                stale=res.stale & ~accept,
             )
         todo = todo & ~accept & ok
         if not bool(todo.any()):
             break
         active = (active | violated) & ~negative
     return res
+
+
+def refresh_factor(data: QPData, res: IPMResult) -> IPMResult:
+    """Factor C̃ + diag(s/λ) where ``res.stale`` is set, so that UK matches every iterate."""
+    if not bool(res.stale.any()):
+        return res
+    UK, _ = factor_schur(data, res.s / res.lam)
+    return res._replace(
+        UK=torch.where(res.stale[:, None, None], UK, res.UK), stale=torch.zeros_like(res.stale)
+    )
 
 
 def merge(mask: Tensor, new: IPMResult, old: IPMResult) -> IPMResult:
@@ -233,10 +245,13 @@ def interior_point(
             s = s + (1.0 - s.amin(-1, keepdim=True)).clamp(min=0.0)
             lam = lam + (1.0 - lam.amin(-1, keepdim=True)).clamp(min=0.0)
         iterations = torch.zeros(B, dtype=torch.long, device=q.device)
+        # (s, λ) at which UK was factored: NaN marks a factor at no iterate (here W = I).
+        uk_at = (torch.full_like(s, float("nan")), lam)
     else:
         z, s, lam, nu, UK = start.z, start.s, start.lam, start.nu, start.UK
         ok = torch.ones(B, dtype=torch.bool, device=q.device)
         iterations = start.iterations
+        uk_at = (torch.where(start.stale[:, None], float("nan"), s), lam)
     if only is not None:
         ok = ok & only
 
@@ -248,10 +263,19 @@ def interior_point(
     best_kkt = q.new_full((B,), float("inf"))
     best_merit = q.new_full((B,), float("inf"))
     stalls = torch.zeros_like(iterations)
+    buf: Tensor | None = None
     for it in range(max_iter + 1):
         rd, rp, re, GAt_mult, res_p, kkt, merit = _residuals(data, z, s, lam, nu)
-        W = s / lam
-        UK, ok = factor_schur(data, W)
+        if bool((active & ~(kkt <= tol)).any()):
+            # The previous factor is dead once the step is taken: factor in its buffer.
+            UK, ok = factor_schur(data, s / lam, out=buf)
+            buf = UK if buf is None else buf
+            uk_at = (s, lam)
+        else:
+            # Every element still iterating converges here: no Newton step follows, so skip
+            # the factorization. The best iterates' factors are computed afterwards
+            # (`refresh_factor`), and only where polishing does not replace them.
+            ok = torch.ones_like(active)
         # Rounding may end progress (a broken factorization, a stall): keep the best usable
         # iterate; its factor is the one the backward pass needs.
         usable = active & ok & kkt.isfinite()
@@ -308,15 +332,24 @@ def interior_point(
         lam = lam + alpha * dlam.nan_to_num(0.0)
         nu = nu + alpha * dnu.nan_to_num(0.0)
 
-    # UK was computed at every element's current iterate; refactor where the best one is older.
-    stale = (s != best[1]).any(-1) | (lam != best[2]).any(-1)
+    # UK may have been factored at another iterate than the best one (see `refresh_factor`).
     z, s, lam, nu = best
-    if bool(stale.any()):
-        UK_best, _ = factor_schur(data, s / lam)
-        UK = torch.where(stale[:, None, None], UK_best, UK)
+    stale = (uk_at[0] != s).any(-1) | (uk_at[1] != lam).any(-1)
     broke_down = broke_down & ~converged
     keep = torch.ones(B, data.C.shape[-1], dtype=torch.bool, device=q.device)
     polished = torch.zeros_like(converged)
     return IPMResult(
-        z, s, lam, nu, UK, iterations, best_kkt, converged, infeasible, broke_down, keep, polished
+        z,
+        s,
+        lam,
+        nu,
+        UK,
+        iterations,
+        best_kkt,
+        converged,
+        infeasible,
+        broke_down,
+        keep,
+        polished,
+        stale,
     )

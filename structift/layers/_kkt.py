@@ -101,12 +101,14 @@ def _cholesky_(K: Tensor) -> tuple[Tensor, Tensor]:
     return torch.linalg.cholesky_ex(K, upper=True, out=(K, info))
 
 
-def factor_schur(data: QPData, W: Tensor) -> tuple[Tensor, Tensor]:
+def factor_schur(data: QPData, W: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Factor C̃ + diag(W) = Uᵀ U, the Schur complement of K = C + diag(W, 0) on its A-block.
 
     Args:
         data: the batch.
         W: [B, m] nonnegative.
+        out: optional [B, m, m] buffer to factor in (its content is overwritten): an
+            iteration loop reuses one instead of allocating a new matrix every step.
 
     Returns:
         The upper Cholesky factor U [B, m, m] and a BoolTensor [B] that is False where it is
@@ -114,7 +116,7 @@ def factor_schur(data: QPData, W: Tensor) -> tuple[Tensor, Tensor]:
         reach the rest of the batch).
     """
     k, m = data.Ct.shape[-1], W.shape[-1]
-    K = data.Ct.clone()
+    K = data.Ct.clone() if out is None else out.copy_(data.Ct)
     K.diagonal(dim1=-2, dim2=-1).add_(W)
     UK, info = _cholesky_(K)
     ok = (info == 0) & UK.diagonal(dim1=-2, dim2=-1).isfinite().all(-1)

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._ipm import IPMResult, interior_point, merge, polish
+from ._ipm import IPMResult, interior_point, merge, polish, refresh_factor
 from ._kkt import QPData, kkt_solve, prepare
 from ._qp_checks import check_rank, factor_Q, validate
 
@@ -182,6 +182,8 @@ class _QPFunction(torch.autograd.Function):
         if coarse > tol and left > 0 and bool(redo.any()):
             more = interior_point(data, tol, left, start=res, only=redo)
             res = merge(redo, polish(data, more, _ACCEPT_FACTOR * tol), res)
+        # Unpolished elements (e.g. degenerate ones) differentiate with their iterate's factor.
+        res = refresh_factor(data, res)
         # The backward needs only Q's factor, M = Lq⁻¹[G; A]ᵀ and the equality blocks (see
         # `kkt_solve`): drop the rest so that less is held between forward and backward.
         none = data.q.new_empty(0)
@@ -213,19 +215,20 @@ class _QPFunction(torch.autograd.Function):
         z, lam, nu = res.z, res.lam, res.nu
         # ∂ℓ/∂θ = −(∂F/∂θ)ᵀ w; Q enters F through its symmetric part, so its gradient is symmetric.
         need = ctx.needs_input_grad[1:]
-        outer = torch.einsum
         grads: list[Tensor | None] = [None] * 6
+        # Each sum of two outer products a bᵀ + c dᵀ is one batched [a, c] @ [b, d]ᵀ product:
+        # one pass over the [B, r, n] result instead of three.
+        zw = torch.stack([-wz, -z], dim=-2)  # shape: (B, 2, n)
         if need[0]:
-            gQ = outer("bi,bj->bij", wz, z)
-            grads[0] = -0.5 * (gQ + gQ.mT)
+            grads[0] = torch.stack([0.5 * z, 0.5 * wz], dim=-1) @ zw
         if need[1]:
             grads[1] = -wz
         if need[2]:
-            grads[2] = -(outer("bi,bj->bij", lam, wz) + outer("bi,bj->bij", wl, z))
+            grads[2] = torch.stack([lam, wl], dim=-1) @ zw
         if need[3]:
             grads[3] = wl
         if need[4]:
-            grads[4] = -(outer("bi,bj->bij", nu, wz) + outer("bi,bj->bij", wn, z))
+            grads[4] = torch.stack([nu, wn], dim=-1) @ zw
         if need[5]:
             grads[5] = wn
         out: list[Tensor | None] = [None]
