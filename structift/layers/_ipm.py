@@ -108,12 +108,16 @@ def _inf_norm(x: Tensor) -> Tensor:
 
 
 def _residuals(
-    data: QPData, z: Tensor, s: Tensor, lam: Tensor, nu: Tensor
+    data: QPData, z: Tensor, s: Tensor, lam: Tensor, nu: Tensor, prods: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Return rd, rp, re, Gᵀλ + Aᵀν, the scaled primal residual, the KKT residual and merit."""
+    """Return rd, rp, re, Gᵀλ + Aᵀν, the scaled primal residual, the KKT residual and merit.
+
+    ``prods`` is [Qz, [G; A]z] [B, n + k] when the caller has it already.
+    """
     q, h, b = data.q, data.h, data.b
     n, m = q.shape[-1], h.shape[-1]
-    prods = rmv(z, data.QGAt)  # Q is symmetric: zᵀQ = (Qz)ᵀ
+    if prods is None:
+        prods = rmv(z, data.QGAt)  # Q is symmetric: zᵀQ = (Qz)ᵀ
     Qz, GAz = prods[:, :n], prods[:, n:]
     GAt_mult = rmv(torch.cat([lam, nu], dim=-1), data.GA)
     rd = Qz + q + GAt_mult
@@ -165,10 +169,11 @@ def polish(data: QPData, res: IPMResult, accept_tol: float) -> IPMResult:
             rd, rp, re = _residuals(data, z, torch.zeros_like(lam), lam, nu)[:3]
             dz, dlam, dnu = kkt_solve(data, UK, -rd, -rp, -re, keep)
             z, lam, nu = z + dz, lam + dlam, nu + dnu
-        s = data.h - rmv(z, data.QGAt)[:, n : n + m]
+        prods = rmv(z, data.QGAt)
+        s = data.h - prods[:, n : n + m]
         violated, negative = s < -slack_tol, lam < -mult_tol
         s, lam = s.clamp(min=0.0), lam.clamp(min=0.0)
-        kkt = _residuals(data, z, s, lam, nu)[5]
+        kkt = _residuals(data, z, s, lam, nu, prods)[5]
         feasible = ~(violated | negative).any(-1)
         # In float32 the polished residual can exceed the interior point's (rounding in the
         # Schur solve) while z is still several times more accurate: accept up to accept_tol.
@@ -180,7 +185,7 @@ def polish(data: QPData, res: IPMResult, accept_tol: float) -> IPMResult:
                 s=torch.where(a1, s, res.s),
                 lam=torch.where(a1, lam, res.lam),
                 nu=torch.where(a1, nu, res.nu),
-                UK=torch.where(a2, UK, res.UK),
+                UK=UK if bool(accept.all()) else torch.where(a2, UK, res.UK),
                 keep=torch.where(a1, keep, res.keep),
                 kkt_residual=torch.where(accept, kkt, res.kkt_residual),
                 polished=res.polished | accept,
