@@ -190,9 +190,9 @@ class HMM(ExpFamily):
         """The most probable hidden states given x (Viterbi), ``[B, T]``, 0 beyond lengths."""
         with torch.no_grad():
             posterior = self.posterior
-            tags = posterior.argmax
-            if self._validate_args:
-                self._check_feasible(posterior.score(tags))
+            # Viterbi returns the best score too: check feasibility without rescoring the tags.
+            tags, best = chain.viterbi(posterior.unary, posterior.binary, self.lengths)
+        self._check_feasible(best)
         return tags
 
     def score(self, value: Tensor) -> Tensor:
