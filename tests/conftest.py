@@ -26,6 +26,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 CUDA = torch.cuda.is_available()
 
+# Without CUDA, Triton kernels (structift/chain/_fused.py) are tested through Triton's CPU
+# interpreter. Triton reads this once, when it is first imported, so it is set here, first.
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 DEVICES = [
     pytest.param("cpu", id="cpu"),
     pytest.param(

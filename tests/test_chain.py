@@ -657,6 +657,11 @@ BINARY_KINDS = ["full", "shared", "shared4", "time", "batch", "expanded"]
 
 
 class TestScaledPath:
+    @pytest.fixture(autouse=True)
+    def _scaled_kernel(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Pin the scaled kernel (on CUDA the default is the fused one)."""
+        monkeypatch.setenv("STRUCTIFT_CHAIN_KERNEL", "scaled")
+
     @pytest.mark.parametrize("kind", BINARY_KINDS)
     def test_every_broadcast_form_matches_brute_force(
         self, kind: str, device: torch.device, binary_mode: str

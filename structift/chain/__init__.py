@@ -16,25 +16,70 @@ The score of a tag sequence ``z`` of length ``L`` is
 gradient is 0. Potentials may be ``-inf`` (hard constraints). A sequence without a finite-score
 path has ``A = -inf`` and gradient (marginals) 0; no NaN is produced from ``-inf``.
 
-``log_partition`` and ``marginals`` run forward-backward in probability space with per-step
-rescaling, certify each row's numerical range and redo the uncertified rows in log space
-(see ``docs/kernels.md``). float16/bfloat16 inputs are computed in float32.
+``log_partition`` and ``marginals`` pick a kernel with ``kernel_for``: on CUDA with Triton
+installed, a fused log-space kernel that runs each sequence's whole recursion in one program
+(``_fused``); otherwise forward-backward in probability space with per-step rescaling, which
+certifies each row's numerical range and redoes the uncertified rows in log space (``_scaled``).
+The environment variable ``STRUCTIFT_CHAIN_KERNEL`` (``auto``, ``fused`` or ``scaled``) overrides
+the choice; see ``docs/kernels.md``. float16/bfloat16 inputs are computed in float32.
 
 No validation beyond cheap asserts happens here: the families validate.
 """
 
 from __future__ import annotations
 
+import os
+from types import ModuleType
+
 import torch
 from torch import Tensor
 
 from structift._ops import lengths_to_mask
-from structift.chain import _hvp, _log, _scaled
+from structift.chain import _fused, _hvp, _log, _scaled
 from structift.chain._decode import sample, score, viterbi
 
-__all__ = ["log_partition", "marginals", "sample", "score", "viterbi"]
+__all__ = ["KERNELS", "kernel_for", "log_partition", "marginals", "sample", "score", "viterbi"]
 
 _LOW = (torch.float16, torch.bfloat16)
+
+#: Values of ``STRUCTIFT_CHAIN_KERNEL``.
+KERNELS = ("auto", "fused", "scaled")
+
+
+def kernel_for(unary: Tensor) -> str:
+    """Name the forward-backward kernel used for these potentials: ``"fused"`` or ``"scaled"``.
+
+    ``auto`` (the default) picks ``fused`` for CUDA tensors when Triton is installed, ``Z <=
+    128`` and ``T > 1``, else ``scaled``. ``STRUCTIFT_CHAIN_KERNEL=fused`` asks for the fused
+    kernel everywhere it can run (CUDA, or CPU under ``TRITON_INTERPRET=1``) and raises where it
+    cannot; ``scaled`` always uses the probability-space path. Chains of length 1 have no
+    transitions and always use ``scaled``.
+
+    Args:
+        unary: ``[B, T, Z]`` log-potentials (only device and shape are read).
+    """
+    choice = os.environ.get("STRUCTIFT_CHAIN_KERNEL", "auto") or "auto"
+    if choice not in KERNELS:
+        raise ValueError(
+            f"STRUCTIFT_CHAIN_KERNEL must be one of {KERNELS}, got {choice!r}; unset it for auto"
+        )
+    if choice == "scaled" or unary.shape[1] < 2:
+        return "scaled"
+    if choice == "auto":
+        return "fused" if unary.is_cuda and _fused.supports(unary) else "scaled"
+    if not _fused.supports(unary):
+        raise ValueError(
+            "STRUCTIFT_CHAIN_KERNEL=fused needs Triton installed, a CUDA tensor (or CPU with "
+            f"TRITON_INTERPRET=1) and Z <= {_fused.MAX_Z}; got a {unary.device.type} tensor "
+            f"with Z = {unary.shape[2]}, triton installed: {_fused.triton_available()}. "
+            "Unset it to fall back to the scaled kernel."
+        )
+    return "fused"
+
+
+def _engine(unary: Tensor) -> ModuleType:
+    """The module (``forward``/``backward`` pair) of ``kernel_for(unary)``."""
+    return _fused if kernel_for(unary) == "fused" else _scaled
 
 
 def _check(unary: Tensor, binary: Tensor, lengths: Tensor) -> None:
@@ -66,8 +111,9 @@ def _fast_marginals(unary: Tensor, binary: Tensor, lengths: Tensor) -> tuple[Ten
     B, T, Z = unary.shape
     with torch.no_grad():
         u, b = _work(unary), _work(binary)
-        _, state = _scaled.forward(u, b, lengths, eager=True)
-        mu_u, mu_b = _scaled.backward(state, u, b, lengths, u.new_ones(B), (B, T - 1, Z, Z))
+        engine = _engine(u)
+        _, state = engine.forward(u, b, lengths, eager=True)
+        mu_u, mu_b = engine.backward(state, u, b, lengths, u.new_ones(B), (B, T - 1, Z, Z))
     assert mu_b is not None
     return mu_u, mu_b
 
@@ -126,7 +172,8 @@ class _LogPartition(torch.autograd.Function):
     @staticmethod
     def forward(ctx, unary: Tensor, binary: Tensor, lengths: Tensor) -> Tensor:
         eager = ctx.needs_input_grad[1]
-        log_z, state = _scaled.forward(_work(unary), _work(binary), lengths, eager=eager)
+        ctx.engine = _engine(unary)
+        log_z, state = ctx.engine.forward(_work(unary), _work(binary), lengths, eager=eager)
         ctx.save_for_backward(unary, binary, lengths)
         ctx.state = state if any(ctx.needs_input_grad[:2]) else None
         return log_z.to(unary.dtype)
@@ -143,8 +190,8 @@ class _LogPartition(torch.autograd.Function):
         state, ctx.state = ctx.state, None
         u, b = _work(unary), _work(binary)
         if state is None:  # a second backward through a retained graph: buffers were consumed
-            _, state = _scaled.forward(u, b, lengths, eager=need_b)
-        g_u, g_b = _scaled.backward(state, u, b, lengths, grad, binary.shape if need_b else None)
+            _, state = ctx.engine.forward(u, b, lengths, eager=need_b)
+        g_u, g_b = ctx.engine.backward(state, u, b, lengths, grad, binary.shape if need_b else None)
         return (
             g_u.to(unary.dtype) if need_u else None,
             g_b.to(binary.dtype) if g_b is not None else None,

@@ -1,0 +1,260 @@
+"""Fused forward-backward in Triton: one program per sequence, the whole chain in one launch.
+
+On a GPU the per-step loops of ``_scaled`` and ``_log`` launch several small kernels per time
+step; at ``B = 256, T = 128, Z = 32`` launch latency, not arithmetic or memory traffic, is
+their cost. Here one Triton program walks one sequence: the message stays in registers and each
+step loads one ``[Z, Z]`` transition tile, so a forward-backward is two launches that read the
+potentials twice and write the marginals once (the bandwidth floor of the problem).
+
+The recursions are the log-space ones of ``_log`` (``m + log sum exp(x - m)`` with the maximum
+``m`` replaced by 0 where it is ``-inf``, so ``-inf`` potentials give ``-inf`` and never NaN)::
+
+    alpha_0 = unary_0
+    alpha_t[j] = logsumexp_i(alpha_{t-1}[i] + binary_{t-1}[i, j]) + unary_t[j]     t < L
+    beta_{L-1} = 0
+    beta_t[i] = logsumexp_j(binary_t[i, j] + unary_{t+1}[j] + beta_{t+1}[j])         t < L-1
+    mu_unary[t, j] = exp(alpha_t[j] + beta_t[j] - log Z)
+    mu_binary[t, i, j] = exp(alpha_t[i] + binary_t[i, j] + unary_{t+1}[j] + beta_{t+1}[j] - log Z)
+
+Both messages are re-centred every step (maximum 0; the forward sums the shifts into ``log Z``)
+and each position's marginals are normalised by their own total (``log Z`` minus the shifts,
+computed locally as a logsumexp over the step), so float32 rounding does not grow with ``T``.
+
+Positions at or beyond a sequence's length are never read (padding may hold anything) and get a
+zero gradient. A sequence without a finite-score path has ``log Z = -inf`` and zero marginals.
+
+The forward keeps ``alpha`` ``[B, T, Z]`` (``O(B T Z)``); the backward recomputes ``beta`` on the
+fly. A transition matrix shared over time (``[Z, Z]`` or ``[B, 1, Z, Z]``) has its gradient summed
+over time in registers (``[B, Z, Z]`` written, then summed over a shared batch); one shared over
+the batch only (``[1, T-1, Z, Z]``) is written per sequence and summed afterwards.
+
+Triton is optional: without it (or for ``Z > MAX_Z``, where a ``[Z, Z]`` tile no longer fits in
+registers) the dispatcher in ``structift.chain`` uses the scaled path. With ``TRITON_INTERPRET=1``
+the same kernels run on CPU tensors through Triton's interpreter, which is how CI tests them.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from structift.chain._scaled import as_4d
+
+# `triton.language`, imported on first use by `_kernels` (the kernels resolve `tl` as a module
+# global when Triton compiles them). Importing late keeps `import structift` light and lets
+# TRITON_INTERPRET be set before Triton reads it: Triton fixes the mode of its own standard
+# library at import, so compiled and interpreted kernels cannot be mixed in one process.
+tl: Any = None
+
+# Largest state count run fused: a [128, 128] float32 tile is 64 registers a thread at 8 warps.
+MAX_Z = 128
+
+
+def triton_available() -> bool:
+    """Whether ``triton`` is installed."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def supports(unary: Tensor) -> bool:
+    """Whether the fused kernels can run on these potentials (device, size, Triton present)."""
+    on_device = unary.is_cuda or (unary.device.type == "cpu" and interpreting())
+    return on_device and unary.shape[1] > 1 and unary.shape[2] <= MAX_Z and triton_available()
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels. Written as plain functions and compiled lazily by `_kernels`: `triton.jit` decides
+# at decoration time between the compiler and the interpreter, and the import stays optional.
+
+
+def _forward_kernel(
+    U, W, LEN, ALPHA, LOGZ,
+    su_b, su_t, su_z, sw_b, sw_t, sw_i, sw_j,
+    T, Z,
+    BZ: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    n = tl.load(LEN + b)
+    r = tl.arange(0, BZ)
+    ok = r < Z
+    ok2 = ok[:, None] & ok[None, :]
+    u_row = U + b * su_b
+    w_row = W + b * sw_b
+    a_row = ALPHA + b * T * Z
+    tile = r[:, None] * sw_i + r[None, :] * sw_j
+    a = tl.load(u_row + r * su_z, mask=ok, other=float("-inf"))
+    c = tl.max(a, 0)
+    c = tl.where(c == float("-inf"), 0.0, c)
+    a = a - c  # centred: entries stay O(one step's span), so float32 rounding does not grow with T
+    tl.store(a_row + r, a, mask=ok)
+    for t in range(1, n):
+        x = a[:, None] + tl.load(w_row + (t - 1) * sw_t + tile, mask=ok2, other=float("-inf"))
+        m = tl.max(x, 0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        s = tl.sum(tl.exp(x - m[None, :]), 0)
+        a = m + tl.log(s) + tl.load(u_row + t * su_t + r * su_z, mask=ok, other=float("-inf"))
+        m = tl.max(a, 0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        a = a - m
+        c += m
+        tl.store(a_row + t * Z + r, a, mask=ok)
+    tl.store(LOGZ + b, c + tl.log(tl.sum(tl.exp(a), 0)))
+
+
+def _backward_kernel(
+    U, W, LEN, ALPHA, LOGZ, GRAD, GU, GW,
+    su_b, su_t, su_z, sw_b, sw_t, sw_i, sw_j,
+    T, Z,
+    BZ: tl.constexpr,
+    SUM_T: tl.constexpr,
+):  # fmt: skip
+    # Both messages are centred, and each position's marginals are normalised locally (they sum
+    # to 1): mu_b[t] = exp(y - logsumexp(y)) with y = alpha_t[i] + binary_t[i, j] + unary_{t+1}[j]
+    # + beta_{t+1}[j], so no O(T)-sized number (log Z, unnormalised messages) is ever subtracted.
+    b = tl.program_id(0).to(tl.int64)
+    n = tl.load(LEN + b)
+    live = tl.load(LOGZ + b) > float("-inf")
+    g = tl.where(live, tl.load(GRAD + b), 0.0)  # rows without a finite path: zero gradient
+    r = tl.arange(0, BZ)
+    ok = r < Z
+    ok2 = ok[:, None] & ok[None, :]
+    u_row = U + b * su_b
+    w_row = W + b * sw_b
+    a_row = ALPHA + b * T * Z
+    gu_row = GU + b * T * Z
+    tile = r[:, None] * sw_i + r[None, :] * sw_j
+    out_tile = r[:, None] * Z + r[None, :]
+    zero = tl.zeros([BZ], dtype=GU.dtype.element_ty)
+    zero2 = tl.zeros([BZ, BZ], dtype=GW.dtype.element_ty)
+
+    a = tl.load(a_row + (n - 1) * Z + r, mask=ok, other=float("-inf"))
+    d = tl.log(tl.sum(tl.exp(a), 0))  # alpha is centred: its max is 0 on live rows
+    d = tl.where(d == float("-inf"), 0.0, d)
+    tl.store(gu_row + (n - 1) * Z + r, tl.exp(a - d) * g, mask=ok)
+    beta = tl.zeros([BZ], dtype=GU.dtype.element_ty)
+    acc = zero2
+    for s in range(0, n - 1):
+        t = n - 2 - s
+        nxt = tl.load(u_row + (t + 1) * su_t + r * su_z, mask=ok, other=float("-inf")) + beta
+        x = tl.load(w_row + t * sw_t + tile, mask=ok2, other=float("-inf")) + nxt[None, :]
+        m = tl.max(x, 1)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        beta = m + tl.log(tl.sum(tl.exp(x - m[:, None]), 1))  # shape: (BZ,) indexed by from-state
+        a = tl.load(a_row + t * Z + r, mask=ok, other=float("-inf"))
+        y = a + beta
+        m = tl.max(y, 0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        norm = m + tl.log(tl.sum(tl.exp(y - m), 0))  # logsumexp of the step's pair scores
+        norm = tl.where(norm == float("-inf"), 0.0, norm)
+        mu_b = tl.exp(a[:, None] + x - norm) * g
+        if SUM_T:
+            acc += mu_b
+        else:
+            tl.store(GW + (b * (T - 1) + t) * Z * Z + out_tile, mu_b, mask=ok2)
+        tl.store(gu_row + t * Z + r, tl.exp(y - norm) * g, mask=ok)
+        mb = tl.max(beta, 0)
+        beta = beta - tl.where(mb == float("-inf"), 0.0, mb)
+    # Padding: zero gradient, written here so the outputs need no zero-filling pass.
+    for t in range(n, T):
+        tl.store(gu_row + t * Z + r, zero, mask=ok)
+    if SUM_T:
+        tl.store(GW + b * Z * Z + out_tile, acc, mask=ok2)
+    else:
+        for t in range(n - 1, T - 1):
+            tl.store(GW + (b * (T - 1) + t) * Z * Z + out_tile, zero2, mask=ok2)
+
+
+@functools.cache
+def _kernels(interpret: bool) -> tuple[Any, Any]:
+    """The two kernels compiled (or interpreted) by Triton, built once per mode."""
+    global tl
+    import triton
+    import triton.language
+
+    tl = triton.language
+    assert interpreting() == interpret
+    return triton.jit(_forward_kernel), triton.jit(_backward_kernel)
+
+
+def _launch_args(unary: Tensor, binary: Tensor) -> tuple[Tensor, tuple[int, ...], int, int]:
+    """The ``[B, T-1, Z, Z]`` view of ``binary`` (stride 0 where broadcast) and the strides."""
+    B, T, Z = unary.shape
+    w = as_4d(binary).expand(B, T - 1, Z, Z)
+    strides = (*unary.stride(), *w.stride())
+    bz = max(16, 1 << (Z - 1).bit_length())
+    warps = max(1, min(8, bz * bz // 512))
+    return w, strides, bz, warps
+
+
+@dataclass
+class State:
+    """What the backward needs from the forward: the centred forward messages and ``log Z``."""
+
+    alpha: Tensor  # centred log-space messages (maximum 0 per position), shape: (B, T, Z)
+    log_z: Tensor  # shape: (B,)
+
+
+def forward(
+    unary: Tensor, binary: Tensor, lengths: Tensor, eager: bool = False
+) -> tuple[Tensor, State]:
+    """Compute ``log Z`` ``[B]`` and the forward messages in one launch (``eager`` is unused).
+
+    ``unary`` and ``binary`` are float32 or float64 on the same device; no autograd graph.
+    """
+    del eager
+    B, T, Z = unary.shape
+    u = unary.detach()
+    w, strides, bz, warps = _launch_args(u, binary.detach())
+    lengths = lengths.to(device=u.device, dtype=torch.int64).contiguous()
+    alpha = u.new_empty(B, T, Z)
+    log_z = u.new_empty(B)
+    if B:
+        fwd, _ = _kernels(interpreting())
+        fwd[(B,)](u, w, lengths, alpha, log_z, *strides, T, Z, BZ=bz, num_warps=warps)
+    return log_z, State(alpha, log_z)
+
+
+def backward(
+    state: State,
+    unary: Tensor,
+    binary: Tensor,
+    lengths: Tensor,
+    grad: Tensor,
+    binary_shape: tuple[int, ...] | None,
+) -> tuple[Tensor, Tensor | None]:
+    """Return ``(grad * mu_unary, sum-to-shape(grad * mu_binary))`` in one launch.
+
+    ``binary_shape`` is the shape of the wanted binary gradient (``None``: not needed, though the
+    kernel still forms it at the cheapest broadcast shape); it must broadcast to
+    ``[B, T-1, Z, Z]``.
+    """
+    B, T, Z = unary.shape
+    u = unary.detach()
+    w, strides, bz, warps = _launch_args(u, binary.detach())
+    shape4 = (1,) * (4 - len(binary_shape)) + tuple(binary_shape) if binary_shape else (B, 1, Z, Z)
+    sum_t = shape4[1] == 1
+    lengths = lengths.to(device=u.device, dtype=torch.int64).contiguous()
+    grad = grad.detach().to(u.dtype).contiguous()
+    gu = u.new_empty(B, T, Z)
+    gw = u.new_empty(B, 1 if sum_t else T - 1, Z, Z)
+    if B:
+        _, bwd = _kernels(interpreting())
+        bwd[(B,)](
+            u, w, lengths, state.alpha, state.log_z, grad, gu, gw,
+            *strides, T, Z, BZ=bz, SUM_T=sum_t, num_warps=warps,
+        )  # fmt: skip
+    if binary_shape is None:
+        return gu, None
+    if shape4[0] == 1:
+        gw = gw.sum(0, keepdim=True)
+    return gu, gw.reshape(binary_shape)

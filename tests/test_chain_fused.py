@@ -1,0 +1,245 @@
+"""Tests for the fused Triton chain kernel (structift/chain/_fused.py).
+
+On CPU the kernels run through Triton's interpreter (``TRITON_INTERPRET=1``), so CI checks the
+very code that a GPU compiles; on CUDA (``gpu`` marker) they are compiled. References: brute-force
+enumeration in float64, the log-space autograd path, and the scaled kernel.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+
+from structift import LinearChainCRF, chain
+from structift.chain import _fused, _log
+from tests.reference import brute_force
+from tests.strategies import chain_params
+
+pytest.importorskip("triton", reason="the fused kernel needs triton (installed by the test extra)")
+
+F64 = torch.float64
+
+
+@pytest.fixture
+def fused(monkeypatch: pytest.MonkeyPatch, device: torch.device) -> torch.device:
+    """Force the fused kernel on ``device`` (through the interpreter on CPU)."""
+    if device.type == "cpu":
+        _need_interpreter()
+    monkeypatch.setenv("STRUCTIFT_CHAIN_KERNEL", "fused")
+    return device
+
+
+def _need_interpreter() -> None:
+    if not _fused.interpreting():
+        pytest.skip(
+            "CPU runs of the Triton kernels need TRITON_INTERPRET=1 before triton is imported "
+            "(tests/conftest.py sets it when there is no CUDA)"
+        )
+
+
+def _reference_grads(unary, binary, lengths, weight):
+    """``log Z`` and ``d(sum weight * log Z)`` by autograd through the log-space path."""
+    u = unary.detach().clone().requires_grad_()
+    w = binary.detach().clone().requires_grad_()
+    log_z = _log.log_partition(u, w, lengths)
+    gu, gw = torch.autograd.grad((log_z * weight).sum(), (u, w))
+    return log_z.detach(), gu, gw
+
+
+BINARY_SHAPES = {
+    "full": lambda B, T, Z: (B, T - 1, Z, Z),
+    "shared": lambda B, T, Z: (Z, Z),
+    "per-step": lambda B, T, Z: (T - 1, Z, Z),
+    "per-sequence": lambda B, T, Z: (B, 1, Z, Z),
+    "batch-shared per-step": lambda B, T, Z: (1, T - 1, Z, Z),
+}
+
+
+class TestAgainstLogSpace:
+    @pytest.mark.parametrize("layout", list(BINARY_SHAPES))
+    @pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+    def test_value_and_gradient(self, fused, layout, dtype):
+        B, T, Z = 4, 7, 5
+        unary = torch.randn(B, T, Z, dtype=F64) * 3
+        binary = torch.randn(*BINARY_SHAPES[layout](B, T, Z), dtype=F64) * 3
+        lengths = torch.tensor([7, 1, 4, 2])
+        weight = torch.rand(B, dtype=F64) + 0.5
+        ref_z, ref_gu, ref_gw = _reference_grads(unary, binary, lengths, weight)
+
+        u = unary.to(fused, dtype).requires_grad_()
+        w = binary.to(fused, dtype).requires_grad_()
+        log_z = chain.log_partition(u, w, lengths.to(fused))
+        gu, gw = torch.autograd.grad((log_z * weight.to(fused, dtype)).sum(), (u, w))
+
+        tol = {"atol": 1e-10, "rtol": 1e-10} if dtype == F64 else {"atol": 2e-5, "rtol": 2e-5}
+        assert gw.shape == binary.shape
+        torch.testing.assert_close(log_z.double().cpu(), ref_z, **tol)
+        torch.testing.assert_close(gu.double().cpu(), ref_gu, **tol)
+        torch.testing.assert_close(gw.double().cpu(), ref_gw, **tol)
+
+    def test_padding_never_leaks(self, fused):
+        """NaN and inf beyond each length change nothing and get a zero gradient."""
+        B, T, Z = 3, 6, 4
+        unary = torch.randn(B, T, Z, dtype=F64)
+        binary = torch.randn(B, T - 1, Z, Z, dtype=F64)
+        lengths = torch.tensor([6, 2, 4])
+        dirty_u, dirty_w = unary.clone(), binary.clone()
+        dirty_u[1, 2:] = float("nan")
+        dirty_u[2, 4:] = float("inf")
+        dirty_w[1, 1:] = float("nan")
+        dirty_w[2, 3:] = float("-inf")
+        out = []
+        for u0, w0 in ((unary, binary), (dirty_u, dirty_w)):
+            u = u0.to(fused).requires_grad_()
+            w = w0.to(fused).requires_grad_()
+            log_z = chain.log_partition(u, w, lengths.to(fused))
+            out.append((log_z, *torch.autograd.grad(log_z.sum(), (u, w))))
+        for clean, dirty in zip(out[0], out[1]):
+            torch.testing.assert_close(dirty, clean, atol=0, rtol=0)
+        assert (out[1][1][1, 2:] == 0).all() and (out[1][2][1, 1:] == 0).all()
+
+    def test_hard_constraints_and_dead_rows(self, fused):
+        """-inf potentials give exact zeros; a row without a finite path: -inf and zero grads."""
+        B, T, Z = 3, 5, 4
+        unary = torch.randn(B, T, Z, dtype=F64)
+        binary = torch.randn(B, T - 1, Z, Z, dtype=F64)
+        unary[0, :, :2] = float("-inf")  # states 0, 1 forbidden in row 0
+        binary[1, 2] = float("-inf")  # row 1 cannot pass step 2: no finite path
+        binary[2, :, 3, :] = float("-inf")  # row 2 never leaves state 3
+        lengths = torch.tensor([5, 5, 5])
+        u = unary.to(fused).requires_grad_()
+        w = binary.to(fused).requires_grad_()
+        log_z = chain.log_partition(u, w, lengths.to(fused))
+        gu, gw = torch.autograd.grad(log_z.sum(), (u, w))
+        ref_z, ref_gu, ref_gw = _reference_grads(unary, binary, lengths, torch.ones(B, dtype=F64))
+        assert log_z[1].item() == float("-inf")
+        for x in (gu, gw):
+            assert torch.isfinite(x).all()
+        assert (gu[0, :, :2] == 0).all() and (gu[1] == 0).all() and (gw[1] == 0).all()
+        torch.testing.assert_close(log_z.cpu(), ref_z)
+        torch.testing.assert_close(gu.cpu(), ref_gu)
+        torch.testing.assert_close(gw.cpu(), ref_gw)
+
+    def test_wide_dynamic_range_float32(self, fused):
+        """Potentials spanning ~400 nats: log space needs no fallback and stays accurate."""
+        B, T, Z = 2, 8, 6
+        unary = torch.randn(B, T, Z, dtype=F64) * 100
+        binary = torch.randn(B, T - 1, Z, Z, dtype=F64) * 100
+        lengths = torch.tensor([8, 5])
+        ref_z, ref_gu, _ = _reference_grads(unary, binary, lengths, torch.ones(B, dtype=F64))
+        u = unary.to(fused, torch.float32).requires_grad_()
+        log_z = chain.log_partition(u, binary.to(fused, torch.float32), lengths.to(fused))
+        (gu,) = torch.autograd.grad(log_z.sum(), (u,))
+        torch.testing.assert_close(log_z.double().cpu(), ref_z, rtol=1e-6, atol=1e-4)
+        torch.testing.assert_close(gu.double().cpu(), ref_gu, rtol=1e-4, atol=1e-4)
+
+    def test_float32_rounding_does_not_grow_with_length(self, fused):
+        """Centred messages and locally normalised marginals: T = 400 as accurate as T = 10.
+
+        Without the centring, log Z ~ 1e3 here and each marginal would lose ~1e-4 to rounding.
+        """
+        B, T, Z = 2, 400, 3
+        unary = torch.randn(B, T, Z, dtype=F64) * 2 + 3  # positive drift: log Z grows with T
+        binary = torch.randn(T - 1, Z, Z, dtype=F64) * 2
+        lengths = torch.tensor([400, 250])
+        ref_u, ref_b = chain.marginals(unary.to(fused), binary.to(fused), lengths.to(fused))
+        mu_u, mu_b = chain.marginals(
+            unary.to(fused, torch.float32), binary.to(fused, torch.float32), lengths.to(fused)
+        )
+        torch.testing.assert_close(mu_u.double(), ref_u, atol=3e-6, rtol=0)
+        torch.testing.assert_close(mu_b.double(), ref_b, atol=3e-6, rtol=0)
+
+
+@given(params=chain_params())
+def test_property_matches_brute_force(params):
+    """log Z and marginals equal the float64 enumeration, with -inf masks and lengths."""
+    unary, binary, lengths = params["unary"], params["binary"], params["lengths"]
+    B, T, Z = unary.shape
+    _need_interpreter()
+    with pytest.MonkeyPatch.context() as mp:  # the fused kernel on CPU, through the interpreter
+        mp.setenv("STRUCTIFT_CHAIN_KERNEL", "fused")
+        assert chain.kernel_for(unary) == ("fused" if T > 1 else "scaled")
+        log_z = chain.log_partition(unary, binary, lengths)
+        mu_u, mu_b = chain.marginals(unary, binary, lengths)
+    wide = binary.expand(B, T - 1, Z, Z)
+    for b in range(B):
+        ref = brute_force.chain(unary[b], wide[b], int(lengths[b]))
+        ref_u, ref_b = ref.marginals
+        torch.testing.assert_close(log_z[b], ref.log_partition)
+        torch.testing.assert_close(mu_u[b], ref_u)
+        torch.testing.assert_close(mu_b[b], ref_b)
+
+
+class TestDerivatives:
+    def test_gradcheck_and_gradgradcheck(self, fused):
+        """First derivatives come from the fused backward; second from its marginals + HVP."""
+        B, T, Z = 2, 4, 3
+        unary = torch.randn(B, T, Z, dtype=F64, device=fused, requires_grad=True)
+        binary = torch.randn(B, T - 1, Z, Z, dtype=F64, device=fused, requires_grad=True)
+        lengths = torch.tensor([4, 2], device=fused)
+
+        def f(u, w):
+            return chain.log_partition(u, w, lengths)
+
+        assert torch.autograd.gradcheck(f, (unary, binary))
+        assert torch.autograd.gradgradcheck(f, (unary, binary))
+
+    def test_family_api_matches_scaled(self, fused, monkeypatch):
+        """LinearChainCRF's A, marginals and entropy agree between the two kernels."""
+        B, T, Z = 3, 6, 4
+        unary = torch.randn(B, T, Z, dtype=F64, device=fused)
+        binary = torch.randn(Z, Z, dtype=F64, device=fused)
+        lengths = torch.tensor([6, 3, 1], device=fused)
+        got = LinearChainCRF(unary, binary, lengths)
+        got = (got.log_partition, got.marginals.unary, got.marginals.binary, got.entropy())
+        monkeypatch.setenv("STRUCTIFT_CHAIN_KERNEL", "scaled")
+        ref = LinearChainCRF(unary, binary, lengths)
+        ref = (ref.log_partition, ref.marginals.unary, ref.marginals.binary, ref.entropy())
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b)
+
+    def test_half_precision_is_computed_in_float32(self, fused):
+        unary = torch.randn(2, 5, 4, device=fused)
+        binary = torch.randn(4, 4, device=fused)
+        lengths = torch.tensor([5, 3], device=fused)
+        u16 = unary.to(torch.bfloat16).requires_grad_()
+        log_z = chain.log_partition(u16, binary.to(torch.bfloat16), lengths)
+        (g,) = torch.autograd.grad(log_z.sum(), (u16,))
+        u32, w32 = unary.bfloat16().float(), binary.bfloat16().float()
+        ref = chain.log_partition(u32, w32, lengths)
+        assert log_z.dtype == torch.bfloat16 and g.dtype == torch.bfloat16
+        torch.testing.assert_close(log_z.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+class TestDispatch:
+    def test_auto_uses_scaled_on_cpu(self, monkeypatch):
+        monkeypatch.delenv("STRUCTIFT_CHAIN_KERNEL", raising=False)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter is never picked by auto
+        assert chain.kernel_for(torch.zeros(2, 5, 3)) == "scaled"
+
+    @pytest.mark.gpu
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+    def test_auto_uses_fused_on_cuda(self, monkeypatch):
+        monkeypatch.delenv("STRUCTIFT_CHAIN_KERNEL", raising=False)
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        assert chain.kernel_for(torch.zeros(2, 5, 3, device="cuda")) == "fused"
+        assert chain.kernel_for(torch.zeros(2, 5, _fused.MAX_Z + 1, device="cuda")) == "scaled"
+
+    def test_length_one_chains_use_scaled(self, monkeypatch):
+        monkeypatch.setenv("STRUCTIFT_CHAIN_KERNEL", "fused")
+        assert chain.kernel_for(torch.zeros(2, 1, 3)) == "scaled"
+
+    def test_forced_fused_where_it_cannot_run_raises(self, monkeypatch):
+        monkeypatch.setenv("STRUCTIFT_CHAIN_KERNEL", "fused")
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        with pytest.raises(ValueError, match=r"TRITON_INTERPRET=1.*cpu tensor with Z = 3"):
+            chain.kernel_for(torch.zeros(2, 5, 3))
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        with pytest.raises(ValueError, match=f"Z <= {_fused.MAX_Z}"):
+            chain.kernel_for(torch.zeros(2, 5, _fused.MAX_Z + 1))
+
+    def test_unknown_choice_raises(self, monkeypatch):
+        monkeypatch.setenv("STRUCTIFT_CHAIN_KERNEL", "cuda-graph")
+        with pytest.raises(ValueError, match="STRUCTIFT_CHAIN_KERNEL must be one of"):
+            chain.kernel_for(torch.zeros(2, 5, 3))
