@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: run demo test test-all lint typecheck docs bench clean
+.PHONY: run demo test test-all lint typecheck docs bench gpu-wheels clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,14 @@ bench: $(VENV)/.test-stamp
 	$(BIN)/python benchmarks/unrolled_vs_ift.py
 	$(BIN)/python benchmarks/variational.py
 	$(BIN)/python benchmarks/attention.py
+
+## Wheels of the peers for a lent GPU machine (Python 3.12, no index there): carry `.whl`.
+gpu-wheels: $(VENV)/.test-stamp
+	mkdir -p .whl
+	$(BIN)/pip wheel -q --no-deps -w .whl torch-struct==0.5 pytorch-crf==0.7.2 qpth==0.0.18
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl cvxpy==1.7.5 clarabel==0.11.1 osqp==1.1.3 cffi pycparser
 
 clean:
 	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -7,6 +7,9 @@ all lengths = T, float32. Each one receives it in its own native layout, built b
 * ``structift``      ``chain.log_partition(U, W, lengths)``: ``W`` passed as [Z, Z] (broadcast).
 * ``structift-full`` ``chain.log_partition(U, B_full, lengths)``: ``B_full`` = ``W`` copied to a
   [B, T-1, Z, Z] leaf (the general per-position case, same math).
+* ``structift-scaled``, ``structift-full-scaled``: the same two with
+  ``STRUCTIFT_CHAIN_KERNEL=scaled`` (on CUDA the default is the fused Triton kernel; on CPU the
+  two are the same kernel, so these rows are skipped there).
 * ``pytorch-crf``    ``CRF._compute_normalizer`` (its log Z) with ``transitions = W``.
 * ``torch-struct``   ``LinearChainCRF(phi, lengths).partition`` where
   ``phi[b, n, to, from] = W[from, to] + U[b, n+1, to] + [n == 0] U[b, 0, from]``
@@ -41,7 +44,14 @@ import torch
 
 from structift import chain
 
-IMPLS = ["structift", "structift-full", "pytorch-crf", "torch-struct"]
+IMPLS = [
+    "structift",
+    "structift-full",
+    "structift-scaled",
+    "structift-full-scaled",
+    "pytorch-crf",
+    "torch-struct",
+]
 
 
 def make_inputs(B: int, T: int, Z: int, device: str, seed: int = 0) -> dict:
@@ -55,6 +65,21 @@ def build(impl: str, inp: dict) -> tuple[Callable[[], torch.Tensor], list[torch.
     """Return ``run() -> log Z (detached)`` doing forward + backward, and its input leaves."""
     U0, W0, lengths = inp["U"], inp["W"], inp["lengths"]
     B, T, Z = U0.shape
+    if impl.endswith("-scaled"):
+        base_run, leaves = build(impl.removesuffix("-scaled"), inp)
+
+        def run_scaled() -> torch.Tensor:
+            old = os.environ.get("STRUCTIFT_CHAIN_KERNEL")
+            os.environ["STRUCTIFT_CHAIN_KERNEL"] = "scaled"
+            try:
+                return base_run()
+            finally:
+                if old is None:
+                    del os.environ["STRUCTIFT_CHAIN_KERNEL"]
+                else:
+                    os.environ["STRUCTIFT_CHAIN_KERNEL"] = old
+
+        return run_scaled, leaves
     if impl in ("structift", "structift-full"):
         U = U0.clone().requires_grad_(True)
         if impl == "structift":
@@ -106,6 +131,7 @@ def build(impl: str, inp: dict) -> tuple[Callable[[], torch.Tensor], list[torch.
 def estimated_bytes(impl: str, B: int, T: int, Z: int) -> float:
     """Rough peak bytes, to skip what would not fit (float32)."""
     full = 4.0 * B * (T - 1) * Z * Z
+    impl = impl.removesuffix("-scaled")
     return {
         "structift": 4.0 * B * T * Z * 6,
         "structift-full": 2.2 * full,
@@ -115,6 +141,8 @@ def estimated_bytes(impl: str, B: int, T: int, Z: int) -> float:
 
 
 def skip_reason(impl: str, B: int, T: int, Z: int, args: argparse.Namespace) -> str | None:
+    if impl.endswith("-scaled") and args.device == "cpu":
+        return f"{impl} skipped: on CPU it is the same kernel as {impl.removesuffix('-scaled')}"
     if impl == "torch-struct" and B * T * Z**3 > args.ts_work:
         return f"torch-struct skipped: B*T*Z^3 = {B * T * Z**3:.1e} > --ts-work {args.ts_work:.1e}"
     need = estimated_bytes(impl, B, T, Z)
@@ -256,10 +284,14 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
             )
         if args.floor and "structift-full" in impls:
             floor = 3 * pot / args.bandwidth
-            ratio = impls["structift-full"]["s"] / floor
+            ratios = ", ".join(
+                f"{name} {impls[name]['s'] / floor:.1f}x"
+                for name in ("structift-full", "structift-full-scaled")
+                if name in impls
+            )
             print(
                 f"{'':>14}  bandwidth floor (3 x {pot / 2**20:.1f} MiB / {args.bandwidth / 1e9:.0f} GB/s)"
-                f" = {1e3 * floor:.3f} ms; structift-full is {ratio:.1f}x the floor"
+                f" = {1e3 * floor:.3f} ms; the floor times: {ratios}"
             )
 
 
@@ -271,7 +303,9 @@ def main() -> None:
     p.add_argument("-T", type=int, nargs="*", default=[32, 128, 512])
     p.add_argument("-Z", type=int, nargs="*", default=[8, 32, 128])
     p.add_argument("--quick", action="store_true", help="only the target point B=32, T=128, Z=32")
-    p.add_argument("--impls", nargs="*", default=IMPLS, choices=IMPLS)
+    p.add_argument(
+        "--impls", nargs="*", default=None, choices=IMPLS, help="default: all (CPU: no -scaled)"
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--repeats", type=int, default=9, help="timed repeats (median reported)")
@@ -300,9 +334,14 @@ def main() -> None:
         sys.exit("--device cuda: CUDA is not available")
     if args.quick:
         args.B, args.T, args.Z = [32], [128], [32]
+    if args.impls is None:
+        cpu = args.device == "cpu"
+        args.impls = [i for i in IMPLS if not (cpu and i.endswith("-scaled"))]
+    kernel = chain.kernel_for(torch.zeros(1, 2, 1, device=args.device))
     args.bandwidth = copy_bandwidth(args.device) if args.floor else float("nan")
     print(
         f"device={args.device} threads={args.threads} torch={torch.__version__} repeats={args.repeats}"
+        f" structift kernel={kernel}"
         + (f" copy bandwidth={args.bandwidth / 1e9:.1f} GB/s" if args.floor else "")
     )
     print(HEADER, flush=True)

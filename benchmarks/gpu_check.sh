@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# GPU check for the chain kernels, for a session with a lent CUDA device (about 5 minutes).
+# GPU check for a session with a lent CUDA device (about 5 minutes, one call).
 #
-#   1. the GPU tests (`pytest -m gpu`: every test parametrised by the `device` fixture runs on CUDA);
+#   0. the peers (torch-struct, pytorch-crf, qpth + cvxpy) from ./.whl if that folder exists
+#      (`make gpu-wheels` fills it; carry `.whl` with the call: the device cannot reach an index);
+#   1. the GPU tests (`pytest -m gpu`: every test parametrised by the `device` fixture runs on
+#      CUDA, the fused Triton chain kernel compiled for real);
 #   2. benchmarks/chain.py on CUDA at B=256, T=128, Z=32 against torch-struct and pytorch-crf,
-#      with the bandwidth-floor line: 3 x potential bytes / measured device copy bandwidth.
+#      fused and scaled kernels, with the bandwidth-floor line (3 x potential bytes / copy BW);
+#   3. benchmarks/qp.py on CUDA, batch 128, n = 100, float32 and float64, against qpth.
 #
 # Usage: bash benchmarks/gpu_check.sh   (PYTHON=... to pick the interpreter; output also in $OUT
 # when that variable names a directory, as on the lent machines).
@@ -13,6 +17,10 @@ PY="${PYTHON:-.venv/bin/python}"
 [ -x "$PY" ] || PY=python3
 LOG="${OUT:-/tmp}/gpu_check.log"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # structift from this checkout
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 {
   status=0
   echo "== device"
@@ -29,6 +37,9 @@ PYEOF
   echo "== benchmark (CUDA, B=256 T=128 Z=32)"
   timeout 180 "$PY" benchmarks/chain.py --device cuda -B 256 -T 128 -Z 32 \
     --floor --repeats 20 --ts-work 1e12 || status=1
+
+  echo "== QP benchmark (CUDA, batch 128, n = 100)"
+  timeout 180 "$PY" benchmarks/qp.py --device cuda --n 100 || status=1
   echo "== exit status $status"
   exit "$status"
 } 2>&1 | tee "$LOG"
