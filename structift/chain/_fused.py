@@ -82,6 +82,7 @@ def _forward_kernel(
     su_b, su_t, su_z, sw_b, sw_t, sw_i, sw_j,
     T, Z,
     BZ: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     n = tl.load(LEN + b)
@@ -97,12 +98,26 @@ def _forward_kernel(
     c = tl.where(c == float("-inf"), 0.0, c)
     a = a - c  # centred: entries stay O(one step's span), so float32 rounding does not grow with T
     tl.store(a_row + r, a, mask=ok)
+    # Step t's tile and unary row, loaded one step ahead (PREFETCH) so that the load latency
+    # overlaps the previous step's arithmetic instead of stalling the dependent chain.
+    more = ok & (r * 0 + 1 < n)  # a block, not a scalar: the interpreter masks with blocks only
+    w_nx = tl.load(w_row + tile, mask=more[:, None] & more[None, :], other=float("-inf"))
+    u_nx = tl.load(u_row + su_t + r * su_z, mask=more, other=float("-inf"))
     for t in range(1, n):
-        x = a[:, None] + tl.load(w_row + (t - 1) * sw_t + tile, mask=ok2, other=float("-inf"))
+        if PREFETCH:
+            w_t, u_t = w_nx, u_nx
+            more = ok & (r * 0 + t + 1 < n)
+            more2 = more[:, None] & more[None, :]
+            w_nx = tl.load(w_row + t * sw_t + tile, mask=more2, other=float("-inf"))
+            u_nx = tl.load(u_row + (t + 1) * su_t + r * su_z, mask=more, other=float("-inf"))
+        else:
+            w_t = tl.load(w_row + (t - 1) * sw_t + tile, mask=ok2, other=float("-inf"))
+            u_t = tl.load(u_row + t * su_t + r * su_z, mask=ok, other=float("-inf"))
+        x = a[:, None] + w_t
         m = tl.max(x, 0)
         m = tl.where(m == float("-inf"), 0.0, m)
         s = tl.sum(tl.exp(x - m[None, :]), 0)
-        a = m + tl.log(s) + tl.load(u_row + t * su_t + r * su_z, mask=ok, other=float("-inf"))
+        a = m + tl.log(s) + u_t
         m = tl.max(a, 0)
         m = tl.where(m == float("-inf"), 0.0, m)
         a = a - m
@@ -117,6 +132,7 @@ def _backward_kernel(
     T, Z,
     BZ: tl.constexpr,
     SUM_T: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
     # Both messages are centred, and each position's marginals are normalised locally (they sum
     # to 1): mu_b[t] = exp(y - logsumexp(y)) with y = alpha_t[i] + binary_t[i, j] + unary_{t+1}[j]
@@ -143,14 +159,29 @@ def _backward_kernel(
     tl.store(gu_row + (n - 1) * Z + r, tl.exp(a - d) * g, mask=ok)
     beta = tl.zeros([BZ], dtype=GU.dtype.element_ty)
     acc = zero2
+    # Step n-2's inputs, then each step loads the next one's (see the forward).
+    more = ok & (r * 0 + 1 < n)
+    more2 = more[:, None] & more[None, :]
+    u_nx = tl.load(u_row + (n - 1) * su_t + r * su_z, mask=more, other=float("-inf"))
+    w_nx = tl.load(w_row + (n - 2) * sw_t + tile, mask=more2, other=float("-inf"))
+    a_nx = tl.load(a_row + (n - 2) * Z + r, mask=more, other=float("-inf"))
     for s in range(0, n - 1):
         t = n - 2 - s
-        nxt = tl.load(u_row + (t + 1) * su_t + r * su_z, mask=ok, other=float("-inf")) + beta
-        x = tl.load(w_row + t * sw_t + tile, mask=ok2, other=float("-inf")) + nxt[None, :]
+        if PREFETCH:
+            u_t, w_t, a = u_nx, w_nx, a_nx
+            more = ok & (r * 0 + t > 0)
+            more2 = more[:, None] & more[None, :]
+            u_nx = tl.load(u_row + t * su_t + r * su_z, mask=more, other=float("-inf"))
+            w_nx = tl.load(w_row + (t - 1) * sw_t + tile, mask=more2, other=float("-inf"))
+            a_nx = tl.load(a_row + (t - 1) * Z + r, mask=more, other=float("-inf"))
+        else:
+            u_t = tl.load(u_row + (t + 1) * su_t + r * su_z, mask=ok, other=float("-inf"))
+            w_t = tl.load(w_row + t * sw_t + tile, mask=ok2, other=float("-inf"))
+            a = tl.load(a_row + t * Z + r, mask=ok, other=float("-inf"))
+        x = w_t + (u_t + beta)[None, :]
         m = tl.max(x, 1)
         m = tl.where(m == float("-inf"), 0.0, m)
         beta = m + tl.log(tl.sum(tl.exp(x - m[:, None]), 1))  # shape: (BZ,) indexed by from-state
-        a = tl.load(a_row + t * Z + r, mask=ok, other=float("-inf"))
         y = a + beta
         m = tl.max(y, 0)
         m = tl.where(m == float("-inf"), 0.0, m)
@@ -196,6 +227,12 @@ def _launch_args(unary: Tensor, binary: Tensor) -> tuple[Tensor, tuple[int, ...]
     return w, strides, bz, warps
 
 
+# Prefetching holds two [BZ, BZ] tiles in registers: up to BZ = 64 (32 registers a thread each
+# at the warp counts above); at BZ = 128 it would spill.
+def _prefetch(bz: int) -> bool:
+    return bz <= 64
+
+
 @dataclass
 class State:
     """What the backward needs from the forward: the centred forward messages and ``log Z``."""
@@ -220,7 +257,10 @@ def forward(
     log_z = u.new_empty(B)
     if B:
         fwd, _ = _kernels(interpreting())
-        fwd[(B,)](u, w, lengths, alpha, log_z, *strides, T, Z, BZ=bz, num_warps=warps)
+        fwd[(B,)](
+            u, w, lengths, alpha, log_z, *strides, T, Z,
+            BZ=bz, PREFETCH=_prefetch(bz), num_warps=warps,
+        )  # fmt: skip
     return log_z, State(alpha, log_z)
 
 
@@ -251,7 +291,7 @@ def backward(
         _, bwd = _kernels(interpreting())
         bwd[(B,)](
             u, w, lengths, state.alpha, state.log_z, grad, gu, gw,
-            *strides, T, Z, BZ=bz, SUM_T=sum_t, num_warps=warps,
+            *strides, T, Z, BZ=bz, SUM_T=sum_t, PREFETCH=_prefetch(bz), num_warps=warps,
         )  # fmt: skip
     if binary_shape is None:
         return gu, None
