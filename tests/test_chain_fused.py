@@ -230,6 +230,49 @@ class TestDerivatives:
         torch.testing.assert_close(log_z.float(), ref, rtol=1e-2, atol=1e-2)
 
 
+class TestViterbi:
+    @pytest.mark.parametrize("layout", ["full", "shared", "per-sequence"])
+    def test_matches_log_space_path(self, fused, layout, monkeypatch):
+        """Same tags and score as the log-space loop (continuous scores: no ties), 0 on padding."""
+        B, T, Z = 4, 7, 5
+        unary = torch.randn(B, T, Z, dtype=F64, device=fused)
+        binary = torch.randn(*BINARY_SHAPES[layout](B, T, Z), dtype=F64, device=fused)
+        unary[0, :, 1] = float("-inf")
+        lengths = torch.tensor([7, 1, 4, 6], device=fused)
+        tags, best = chain.viterbi(unary, binary, lengths)
+        monkeypatch.setenv("STRUCTIFT_CHAIN_KERNEL", "scaled")
+        ref_tags, ref_best = chain.viterbi(unary, binary, lengths)
+        assert torch.equal(tags, ref_tags)
+        torch.testing.assert_close(best, ref_best)
+        assert (tags[1, 1:] == 0).all() and (tags[2, 4:] == 0).all() and (tags[0] != 1).all()
+
+    def test_ties_go_to_the_lowest_state(self, fused):
+        unary = torch.zeros(2, 4, 3, device=fused)
+        binary = torch.zeros(3, 3, device=fused)
+        tags, _ = chain.viterbi(unary, binary, torch.tensor([4, 2], device=fused))
+        assert tags.tolist() == [[0, 0, 0, 0], [0, 0, 0, 0]]
+        unary[0, 2, 2] = 1.0
+        tags, _ = chain.viterbi(unary, binary, torch.tensor([4, 2], device=fused))
+        assert tags.tolist() == [[0, 0, 2, 0], [0, 0, 0, 0]]
+
+    @given(params=chain_params())
+    def test_property_score_of_argmax_is_the_max(self, params):
+        """score(argmax) equals the brute-force maximum, with -inf masks and lengths."""
+        _need_interpreter()
+        unary, binary, lengths = params["unary"], params["binary"], params["lengths"]
+        B, T, Z = unary.shape
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("STRUCTIFT_CHAIN_KERNEL", "fused")
+            tags, best = chain.viterbi(unary, binary, lengths)
+        torch.testing.assert_close(best, chain.score(unary, binary, lengths, tags))
+        wide = binary.expand(B, T - 1, Z, Z) if T > 1 else binary
+        for b in range(B):
+            L = int(lengths[b])
+            ref = brute_force.chain(unary[b], wide[b] if T > 1 else unary.new_zeros(0, Z, Z), L)
+            torch.testing.assert_close(best[b], ref.max_score)
+            assert (tags[b, L:] == 0).all()
+
+
 class TestDispatch:
     def test_auto_uses_scaled_on_cpu(self, monkeypatch):
         monkeypatch.delenv("STRUCTIFT_CHAIN_KERNEL", raising=False)

@@ -35,8 +35,8 @@ import torch
 from torch import Tensor
 
 from structift._ops import lengths_to_mask
-from structift.chain import _fused, _hvp, _log, _scaled
-from structift.chain._decode import sample, score, viterbi
+from structift.chain import _decode, _fused, _hvp, _log, _scaled
+from structift.chain._decode import sample, score
 
 __all__ = ["KERNELS", "kernel_for", "log_partition", "marginals", "sample", "score", "viterbi"]
 
@@ -243,3 +243,27 @@ def marginals(
         return _Marginals.apply(unary, binary, lengths)
     mu_u, mu_b = _fast_marginals(unary, binary, lengths)
     return mu_u.to(unary.dtype), mu_b.to(unary.dtype)
+
+
+def viterbi(unary: Tensor, binary: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """Find the highest-scoring tag sequence (MAP) by max-plus dynamic programming.
+
+    Runs the fused Triton kernel where ``kernel_for`` picks it (CUDA), the log-space loop
+    otherwise; both break ties towards the lowest state index.
+
+    Args:
+        unary: ``[B, T, Z]`` log-potentials.
+        binary: ``[B, T-1, Z, Z]`` (or broadcastable) log-potentials laid out ``[from, to]``.
+        lengths: LongTensor ``[B]``.
+
+    Returns:
+        ``(tags LongTensor [B, T], score [B])``. Tags beyond each length are 0. ``score`` is
+        ``score(unary, binary, lengths, tags)``, differentiable (its gradient is the indicator
+        of the path); ``-inf`` with an arbitrary path when no finite path exists.
+    """
+    _check(unary, binary, lengths)
+    if kernel_for(unary) != "fused":
+        return _decode.viterbi(unary, binary, lengths)
+    with torch.no_grad():
+        path = _fused.viterbi(_work(unary), _work(binary), lengths)
+    return path, score(unary, binary, lengths, path)

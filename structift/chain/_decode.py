@@ -39,7 +39,9 @@ def score(unary: Tensor, binary: Tensor, lengths: Tensor, tags: Tensor) -> Tenso
 
 
 def viterbi(unary: Tensor, binary: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-    """Find the highest-scoring tag sequence (MAP) by max-plus dynamic programming.
+    """Find the highest-scoring tag sequence (MAP) by a max-plus loop in torch (any device).
+
+    ``structift.chain.viterbi`` calls this unless the fused kernel is picked.
 
     Args:
         unary: ``[B, T, Z]`` log-potentials.

@@ -205,16 +205,54 @@ def _backward_kernel(
             tl.store(GW + (b * (T - 1) + t) * Z * Z + out_tile, zero2, mask=ok2)
 
 
+def _viterbi_kernel(
+    U, W, LEN, PTR, TAGS,
+    su_b, su_t, su_z, sw_b, sw_t, sw_i, sw_j,
+    T, Z,
+    BZ: tl.constexpr,
+):  # fmt: skip
+    # Max-plus forward with back-pointers PTR [B, T, Z] (int32), then the backtrack in the same
+    # program. Messages are centred each step (argmax is shift-invariant); ties go to the lowest
+    # state, as in the log-space path.
+    b = tl.program_id(0).to(tl.int64)
+    n = tl.load(LEN + b)
+    r = tl.arange(0, BZ)
+    ok = r < Z
+    ok2 = ok[:, None] & ok[None, :]
+    u_row = U + b * su_b
+    w_row = W + b * sw_b
+    p_row = PTR + b * T * Z
+    tag_row = TAGS + b * T
+    tile = r[:, None] * sw_i + r[None, :] * sw_j
+    a = tl.load(u_row + r * su_z, mask=ok, other=float("-inf"))
+    for t in range(1, n):
+        x = a[:, None] + tl.load(w_row + (t - 1) * sw_t + tile, mask=ok2, other=float("-inf"))
+        best, arg = tl.max(x, 0, return_indices=True, return_indices_tie_break_left=True)
+        tl.store(p_row + t * Z + r, arg.to(tl.int32), mask=ok)
+        a = best + tl.load(u_row + t * su_t + r * su_z, mask=ok, other=float("-inf"))
+        m = tl.max(a, 0)
+        a = a - tl.where(m == float("-inf"), 0.0, m)
+    _, cur = tl.max(a, 0, return_indices=True, return_indices_tie_break_left=True)
+    cur = cur.to(tl.int32)
+    tl.store(tag_row + n - 1, cur.to(tl.int64))
+    for s in range(0, n - 1):
+        t = n - 1 - s
+        cur = tl.load(p_row + t * Z + cur)
+        tl.store(tag_row + t - 1, cur.to(tl.int64))
+    for t in range(n, T):
+        tl.store(tag_row + t, 0)
+
+
 @functools.cache
-def _kernels(interpret: bool) -> tuple[Any, Any]:
-    """The two kernels compiled (or interpreted) by Triton, built once per mode."""
+def _kernels(interpret: bool) -> tuple[Any, Any, Any]:
+    """The kernels (forward, backward, Viterbi) compiled or interpreted, built once per mode."""
     global tl
     import triton
     import triton.language
 
     tl = triton.language
     assert interpreting() == interpret
-    return triton.jit(_forward_kernel), triton.jit(_backward_kernel)
+    return tuple(triton.jit(f) for f in (_forward_kernel, _backward_kernel, _viterbi_kernel))
 
 
 def _launch_args(unary: Tensor, binary: Tensor) -> tuple[Tensor, tuple[int, ...], int, int]:
@@ -256,7 +294,7 @@ def forward(
     alpha = u.new_empty(B, T, Z)
     log_z = u.new_empty(B)
     if B:
-        fwd, _ = _kernels(interpreting())
+        fwd = _kernels(interpreting())[0]
         fwd[(B,)](
             u, w, lengths, alpha, log_z, *strides, T, Z,
             BZ=bz, PREFETCH=_prefetch(bz), num_warps=warps,
@@ -288,7 +326,7 @@ def backward(
     gu = u.new_empty(B, T, Z)
     gw = u.new_empty(B, 1 if sum_t else T - 1, Z, Z)
     if B:
-        _, bwd = _kernels(interpreting())
+        bwd = _kernels(interpreting())[1]
         bwd[(B,)](
             u, w, lengths, state.alpha, state.log_z, grad, gu, gw,
             *strides, T, Z, BZ=bz, SUM_T=sum_t, PREFETCH=_prefetch(bz), num_warps=warps,
@@ -298,3 +336,20 @@ def backward(
     if shape4[0] == 1:
         gw = gw.sum(0, keepdim=True)
     return gu, gw.reshape(binary_shape)
+
+
+def viterbi(unary: Tensor, binary: Tensor, lengths: Tensor) -> Tensor:
+    """Return the MAP tags LongTensor ``[B, T]`` (0 beyond each length) in one launch.
+
+    Ties go to the lowest state index. Keeps back-pointers ``[B, T, Z]`` (int32); no autograd.
+    """
+    B, T, Z = unary.shape
+    u = unary.detach()
+    w, strides, bz, warps = _launch_args(u, binary.detach())
+    lengths = lengths.to(device=u.device, dtype=torch.int64).contiguous()
+    tags = torch.empty(B, T, dtype=torch.int64, device=u.device)
+    ptr = torch.empty(B, T, Z, dtype=torch.int32, device=u.device)
+    if B:
+        vit = _kernels(interpreting())[2]
+        vit[(B,)](u, w, lengths, ptr, tags, *strides, T, Z, BZ=bz, num_warps=warps)
+    return tags

@@ -1,0 +1,140 @@
+"""Benchmark: Viterbi decoding (MAP tags) against pytorch-crf and torch-struct.
+
+Same model as ``benchmarks/chain.py``: emissions ``U`` [B, T, Z], one transition matrix ``W``
+[Z, Z], all lengths = T, float32. Timed, median of interleaved repeats, no autograd:
+
+* ``structift``       ``chain.viterbi(U, W, lengths)`` with the default kernel (fused on CUDA);
+* ``structift-loop``  the same with ``STRUCTIFT_CHAIN_KERNEL=scaled`` (the log-space torch loop;
+  on CPU this is what ``structift`` runs, so the row is skipped there);
+* ``pytorch-crf``     ``CRF.decode`` (returns Python lists: its backtrack runs on the host);
+* ``torch-struct``    ``LinearChainCRF(phi, lengths).argmax`` (one-hot edges, by autograd
+  through the max semiring).
+
+Every implementation's tags are rescored with ``chain.score``; the table prints the largest gap
+to structift's best score (0 when all find a MAP path).
+
+Usage::
+
+    python benchmarks/viterbi.py                         # CPU, B=32 T=128 Z=32
+    python benchmarks/viterbi.py --device cuda -B 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from structift import chain
+
+IMPLS = ["structift", "structift-loop", "pytorch-crf", "torch-struct"]
+
+
+def build(impl: str, U: torch.Tensor, W: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Return ``run() -> tags LongTensor [B, T]`` for one implementation."""
+    B, T, Z = U.shape
+    lengths = torch.full((B,), T, device=U.device)
+    if impl == "structift":
+        return lambda: chain.viterbi(U, W, lengths)[0]
+    if impl == "structift-loop":
+
+        def run_loop() -> torch.Tensor:
+            old = os.environ.get("STRUCTIFT_CHAIN_KERNEL")
+            os.environ["STRUCTIFT_CHAIN_KERNEL"] = "scaled"
+            try:
+                return chain.viterbi(U, W, lengths)[0]
+            finally:
+                if old is None:
+                    del os.environ["STRUCTIFT_CHAIN_KERNEL"]
+                else:
+                    os.environ["STRUCTIFT_CHAIN_KERNEL"] = old
+
+        return run_loop
+    if impl == "pytorch-crf":
+        from torchcrf import CRF
+
+        crf = CRF(Z, batch_first=True).to(U.device)
+        with torch.no_grad():
+            crf.transitions.copy_(W)
+            crf.start_transitions.zero_()
+            crf.end_transitions.zero_()
+        return lambda: torch.tensor(crf.decode(U), device=U.device)
+    if impl == "torch-struct":
+        import torch_struct
+
+        phi = W.T[None, None] + U[:, 1:, :, None]  # (B, T-1, to, from)
+        phi[:, 0] += U[:, 0, None, :]
+
+        def run_ts() -> torch.Tensor:
+            edges = torch_struct.LinearChainCRF(phi, lengths).argmax  # (B, T-1, to, from)
+            to = edges.sum(-1).argmax(-1)  # shape: (B, T-1)
+            first = edges[:, 0].sum(-2).argmax(-1)  # shape: (B,)
+            return torch.cat([first[:, None], to], 1)
+
+        return run_ts
+    raise ValueError(f"unknown implementation {impl!r}; expected one of {IMPLS}")
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("-B", type=int, default=32)
+    p.add_argument("-T", type=int, default=128)
+    p.add_argument("-Z", type=int, default=32)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--impls", nargs="*", default=None, choices=IMPLS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    impls = args.impls or [i for i in IMPLS if not (args.device == "cpu" and i == "structift-loop")]
+    g = torch.Generator().manual_seed(0)
+    B, T, Z = args.B, args.T, args.Z
+    U = torch.randn(B, T, Z, generator=g).to(args.device)
+    W = (0.5 * torch.randn(Z, Z, generator=g)).to(args.device)
+    lengths = torch.full((B,), T, device=args.device)
+    runs: dict[str, Callable[[], torch.Tensor]] = {}
+    for impl in impls:
+        try:
+            runs[impl] = build(impl, U, W)
+        except ImportError as err:
+            print(f"{impl} skipped: {err}")
+    with torch.no_grad():
+        tags = {k: r() for k, r in runs.items()}  # warm-up (and Triton compilation)
+        best = {k: chain.score(U, W, lengths, t) for k, t in tags.items()}
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for _ in range(args.repeats):
+            for name, run in runs.items():
+                sync(args.device)
+                t0 = time.perf_counter()
+                run()
+                sync(args.device)
+                times[name].append(time.perf_counter() - t0)
+    kernel = chain.kernel_for(U)
+    print(
+        f"device={args.device} threads={args.threads} B={B} T={T} Z={Z} repeats={args.repeats}"
+        f" structift kernel={kernel}"
+    )
+    print(f"{'implementation':<16} {'time ms':>10} {'time / structift':>17} {'max score gap':>14}")
+    base = statistics.median(times["structift"]) if "structift" in times else float("nan")
+    ref = best.get("structift")
+    for name in runs:
+        t = statistics.median(times[name])
+        gap = (ref - best[name]).abs().max().item() if ref is not None else float("nan")
+        print(f"{name:<16} {1e3 * t:>10.3f} {t / base:>17.2f} {gap:>14.1e}")
+
+
+if __name__ == "__main__":
+    main()
