@@ -51,7 +51,7 @@ docs: $(VENV)/.test-stamp
 ## Every benchmark at its default size, peers on the same inputs (minutes; not part of CI).
 bench: $(VENV)/.test-stamp
 	$(BIN)/python benchmarks/chain.py --quick
-	$(BIN)/python benchmarks/viterbi.py
+	$(BIN)/python benchmarks/decode.py
 	$(BIN)/python benchmarks/qp.py
 	$(BIN)/python benchmarks/unrolled_vs_ift.py
 	$(BIN)/python benchmarks/variational.py

@@ -13,6 +13,8 @@ from hypothesis import given
 
 from structift import LinearChainCRF, chain
 from structift.chain import _fused, _log
+from tests.families.cases import CHAIN_CASES
+from tests.families.test_sampling import S, _assert_frequencies, _encode
 from tests.reference import brute_force
 from tests.strategies import chain_params
 
@@ -271,6 +273,45 @@ class TestViterbi:
             ref = brute_force.chain(unary[b], wide[b] if T > 1 else unary.new_zeros(0, Z, Z), L)
             torch.testing.assert_close(best[b], ref.max_score)
             assert (tags[b, L:] == 0).all()
+
+
+class TestSample:
+    @pytest.mark.parametrize("case", CHAIN_CASES, ids=repr)
+    def test_frequencies_match_enumeration(self, fused, case):
+        """Every structure's frequency within Bernstein bounds (false failure < 1e-7)."""
+        params = case.fixed()
+        dist = case.build(params, fused)
+        generator = torch.Generator(device=fused).manual_seed(0)
+        samples = dist.sample((S,), generator=generator).cpu()
+        assert samples.shape == (S, *dist.batch_shape, *dist.event_shape)
+        base = dist._natural_params[0].shape[-1]
+        for b, enum in enumerate(case.brute(params)):
+            column = samples[:, b]
+            assert bool((column[:, int(params["lengths"][b]) :] == 0).all())
+            _assert_frequencies(_encode(column, base), _encode(enum.structures, base), enum.probs)
+
+    def test_block_size_does_not_change_samples(self, fused, monkeypatch):
+        """Samples depend on the uniforms only: 16 samples per program or 1024, same draws."""
+        unary = torch.randn(3, 6, 5, device=fused)
+        binary = torch.randn(3, 5, 5, 5, device=fused)
+        lengths = torch.tensor([6, 2, 4], device=fused)
+        draws = []
+        for block in (16, 1024):
+            monkeypatch.setattr(_fused, "_sample_block", lambda n, bz, block=block: block)
+            generator = torch.Generator(device=fused).manual_seed(3)
+            draws.append(chain.sample(unary, binary, lengths, (5, 20), generator=generator))
+        assert draws[0].shape == (5, 20, 3, 6)
+        assert torch.equal(draws[0], draws[1])
+
+    def test_hard_constraints_and_dead_rows(self, fused):
+        """-inf states are never drawn; a row without a finite path gets some valid sequence."""
+        unary = torch.randn(2, 5, 4, device=fused)
+        binary = torch.randn(4, 4, device=fused)
+        unary[0, :, 3] = float("-inf")
+        unary[1, 2] = float("-inf")  # row 1 has no finite path
+        out = chain.sample(unary, binary, torch.tensor([5, 5], device=fused), (500,))
+        assert (out[:, 0] != 3).all()
+        assert ((out[:, 1] >= 0) & (out[:, 1] < 4)).all()
 
 
 class TestDispatch:

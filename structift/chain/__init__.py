@@ -36,7 +36,7 @@ from torch import Tensor
 
 from structift._ops import lengths_to_mask
 from structift.chain import _decode, _fused, _hvp, _log, _scaled
-from structift.chain._decode import sample, score
+from structift.chain._decode import score
 
 __all__ = ["KERNELS", "kernel_for", "log_partition", "marginals", "sample", "score", "viterbi"]
 
@@ -267,3 +267,35 @@ def viterbi(unary: Tensor, binary: Tensor, lengths: Tensor) -> tuple[Tensor, Ten
     with torch.no_grad():
         path = _fused.viterbi(_work(unary), _work(binary), lengths)
     return path, score(unary, binary, lengths, path)
+
+
+def sample(
+    unary: Tensor,
+    binary: Tensor,
+    lengths: Tensor,
+    sample_shape: tuple[int, ...] = (),
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Draw exact samples by forward-filtering backward-sampling.
+
+    ``z_{L-1} ~ softmax(alpha_{L-1})`` and ``z_t ~ softmax_i(alpha_t[i] + binary_t[i, z_{t+1}])``
+    for ``t < L-1``. The fused kernel (where ``kernel_for`` picks it) draws by inverting the
+    CDF at uniforms from ``generator``; the log-space loop uses the Gumbel-max trick. Both are
+    exact; a seed gives different samples on the two paths.
+
+    Args:
+        unary: ``[B, T, Z]`` log-potentials.
+        binary: ``[B, T-1, Z, Z]`` (or broadcastable) log-potentials laid out ``[from, to]``.
+        lengths: LongTensor ``[B]``.
+        sample_shape: Leading sample dimensions ``S``.
+        generator: Optional ``torch.Generator`` on the potentials' device.
+
+    Returns:
+        LongTensor ``[*S, B, T]``; padding positions are 0. Sequences without a finite path
+        get an arbitrary (NaN-free) sequence.
+    """
+    _check(unary, binary, lengths)
+    if kernel_for(unary) != "fused":
+        return _decode.sample(unary, binary, lengths, sample_shape, generator)
+    with torch.no_grad():
+        return _fused.sample(_work(unary), _work(binary), lengths, sample_shape, generator)

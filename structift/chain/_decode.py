@@ -84,7 +84,9 @@ def sample(
     sample_shape: tuple[int, ...] = (),
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Draw exact samples by forward-filtering backward-sampling.
+    """Draw exact samples by forward-filtering backward-sampling, a log-space loop (any device).
+
+    ``structift.chain.sample`` calls this unless the fused kernel is picked.
 
     ``z_{L-1} ~ softmax(alpha_{L-1})`` and ``z_t ~ softmax_i(alpha_t[i] + binary_t[i, z_{t+1}])``
     for ``t < L-1``, with the log-space forward messages ``alpha`` and the Gumbel-max trick.

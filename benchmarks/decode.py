@@ -1,7 +1,9 @@
-"""Benchmark: Viterbi decoding (MAP tags) against pytorch-crf and torch-struct.
+"""Benchmark: Viterbi decoding and sampling against pytorch-crf and torch-struct.
 
 Same model as ``benchmarks/chain.py``: emissions ``U`` [B, T, Z], one transition matrix ``W``
-[Z, Z], all lengths = T, float32. Timed, median of interleaved repeats, no autograd:
+[Z, Z], all lengths = T, float32. Timed, median of interleaved repeats, no autograd.
+
+Viterbi (MAP tags):
 
 * ``structift``       ``chain.viterbi(U, W, lengths)`` with the default kernel (fused on CUDA);
 * ``structift-loop``  the same with ``STRUCTIFT_CHAIN_KERNEL=scaled`` (the log-space torch loop;
@@ -13,10 +15,13 @@ Same model as ``benchmarks/chain.py``: emissions ``U`` [B, T, Z], one transition
 Every implementation's tags are rescored with ``chain.score``; the table prints the largest gap
 to structift's best score (0 when all find a MAP path).
 
+Sampling (``--samples S`` sequences per batch element; pytorch-crf cannot sample):
+``chain.sample`` on both kernels and ``LinearChainCRF(phi, lengths).sample((S,))``.
+
 Usage::
 
-    python benchmarks/viterbi.py                         # CPU, B=32 T=128 Z=32
-    python benchmarks/viterbi.py --device cuda -B 256
+    python benchmarks/decode.py                         # CPU, B=32 T=128 Z=32
+    python benchmarks/decode.py --device cuda -B 256
 """
 
 from __future__ import annotations
@@ -79,6 +84,47 @@ def build(impl: str, U: torch.Tensor, W: torch.Tensor) -> Callable[[], torch.Ten
     raise ValueError(f"unknown implementation {impl!r}; expected one of {IMPLS}")
 
 
+def build_sampler(impl: str, U: torch.Tensor, W: torch.Tensor, n: int) -> Callable[[], object]:
+    """Return ``run()`` drawing ``n`` samples per sequence with one implementation."""
+    B, T = U.shape[:2]
+    lengths = torch.full((B,), T, device=U.device)
+    if impl in ("structift", "structift-loop"):
+        kernel = "scaled" if impl == "structift-loop" else os.environ.get("STRUCTIFT_CHAIN_KERNEL")
+
+        def run() -> torch.Tensor:
+            old = os.environ.pop("STRUCTIFT_CHAIN_KERNEL", None)
+            if kernel:
+                os.environ["STRUCTIFT_CHAIN_KERNEL"] = kernel
+            try:
+                return chain.sample(U, W, lengths, (n,))
+            finally:
+                os.environ.pop("STRUCTIFT_CHAIN_KERNEL", None)
+                if old is not None:
+                    os.environ["STRUCTIFT_CHAIN_KERNEL"] = old
+
+        return run
+    if impl == "torch-struct":
+        import torch_struct
+
+        phi = W.T[None, None] + U[:, 1:, :, None]
+        phi[:, 0] += U[:, 0, None, :]
+        return lambda: torch_struct.LinearChainCRF(phi, lengths).sample((n,))
+    raise ValueError(f"{impl} cannot sample")
+
+
+def time_runs(runs: dict[str, Callable[[], object]], repeats: int, device: str) -> dict:
+    """Median seconds per run, rounds interleaved."""
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            sync(device)
+            t0 = time.perf_counter()
+            run()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -95,6 +141,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--impls", nargs="*", default=None, choices=IMPLS)
+    p.add_argument("--samples", type=int, default=100, help="sequences drawn per batch element")
+    p.add_argument(
+        "--ts-work", type=float, default=1e9, help="skip torch-struct sampling above B*T*Z^3*S"
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -114,26 +164,39 @@ def main() -> None:
     with torch.no_grad():
         tags = {k: r() for k, r in runs.items()}  # warm-up (and Triton compilation)
         best = {k: chain.score(U, W, lengths, t) for k, t in tags.items()}
-        times: dict[str, list[float]] = {k: [] for k in runs}
-        for _ in range(args.repeats):
-            for name, run in runs.items():
-                sync(args.device)
-                t0 = time.perf_counter()
-                run()
-                sync(args.device)
-                times[name].append(time.perf_counter() - t0)
+        secs = time_runs(runs, args.repeats, args.device)
     kernel = chain.kernel_for(U)
     print(
         f"device={args.device} threads={args.threads} B={B} T={T} Z={Z} repeats={args.repeats}"
         f" structift kernel={kernel}"
     )
-    print(f"{'implementation':<16} {'time ms':>10} {'time / structift':>17} {'max score gap':>14}")
-    base = statistics.median(times["structift"]) if "structift" in times else float("nan")
+    print(f"{'Viterbi':<16} {'time ms':>10} {'time / structift':>17} {'max score gap':>14}")
     ref = best.get("structift")
     for name in runs:
-        t = statistics.median(times[name])
         gap = (ref - best[name]).abs().max().item() if ref is not None else float("nan")
-        print(f"{name:<16} {1e3 * t:>10.3f} {t / base:>17.2f} {gap:>14.1e}")
+        ratio = secs[name] / secs["structift"] if "structift" in secs else float("nan")
+        print(f"{name:<16} {1e3 * secs[name]:>10.3f} {ratio:>17.2f} {gap:>14.1e}")
+    if args.samples <= 0:
+        return
+    samplers = {}
+    for impl in ("structift", "structift-loop", "torch-struct"):
+        if impl not in impls:
+            continue
+        work = B * T * Z**3 * args.samples
+        if impl == "torch-struct" and work > args.ts_work:
+            print(f"torch-struct sampling skipped: B*T*Z^3*S = {work:.1e} > --ts-work")
+            continue
+        try:
+            samplers[impl] = build_sampler(impl, U, W, args.samples)
+        except ImportError as err:
+            print(f"{impl} skipped: {err}")
+    for run in samplers.values():  # torch-struct samples through autograd: grad mode stays on
+        run()
+    secs = time_runs(samplers, args.repeats, args.device)
+    print(f"{f'sample S={args.samples}':<16} {'time ms':>10} {'time / structift':>17}")
+    for name in samplers:
+        ratio = secs[name] / secs["structift"] if "structift" in secs else float("nan")
+        print(f"{name:<16} {1e3 * secs[name]:>10.3f} {ratio:>17.2f}")
 
 
 if __name__ == "__main__":
