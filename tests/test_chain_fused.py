@@ -12,7 +12,7 @@ import torch
 from hypothesis import given
 
 from structift import LinearChainCRF, chain
-from structift.chain import _fused, _log
+from structift.chain import _fused, _fused_decode, _log
 from tests.families.cases import CHAIN_CASES
 from tests.families.test_sampling import S, _assert_frequencies, _encode
 from tests.reference import brute_force
@@ -297,7 +297,7 @@ class TestSample:
         lengths = torch.tensor([6, 2, 4], device=fused)
         draws = []
         for block in (16, 1024):
-            monkeypatch.setattr(_fused, "_sample_block", lambda n, bz, block=block: block)
+            monkeypatch.setattr(_fused_decode, "_sample_block", lambda n, bz, block=block: block)
             generator = torch.Generator(device=fused).manual_seed(3)
             draws.append(chain.sample(unary, binary, lengths, (5, 20), generator=generator))
         assert draws[0].shape == (5, 20, 3, 6)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from structift._ops import lengths_to_mask
-from structift.chain import _decode, _fused, _hvp, _log, _scaled
+from structift.chain import _decode, _fused, _fused_decode, _hvp, _log, _scaled
 from structift.chain._decode import score
 
 __all__ = ["KERNELS", "kernel_for", "log_partition", "marginals", "sample", "score", "viterbi"]
@@ -265,7 +265,7 @@ def viterbi(unary: Tensor, binary: Tensor, lengths: Tensor) -> tuple[Tensor, Ten
     if kernel_for(unary) != "fused":
         return _decode.viterbi(unary, binary, lengths)
     with torch.no_grad():
-        path = _fused.viterbi(_work(unary), _work(binary), lengths)
+        path = _fused_decode.viterbi(_work(unary), _work(binary), lengths)
     return path, score(unary, binary, lengths, path)
 
 
@@ -298,4 +298,4 @@ def sample(
     if kernel_for(unary) != "fused":
         return _decode.sample(unary, binary, lengths, sample_shape, generator)
     with torch.no_grad():
-        return _fused.sample(_work(unary), _work(binary), lengths, sample_shape, generator)
+        return _fused_decode.sample(_work(unary), _work(binary), lengths, sample_shape, generator)
