@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _peers import pytorch_crf, torch_struct_potentials, with_kernel
 
 from structift import chain
 
@@ -68,18 +69,7 @@ def build(impl: str, inp: dict) -> tuple[Callable[[], torch.Tensor], list[torch.
     if impl.endswith("-scaled"):
         base_run, leaves = build(impl.removesuffix("-scaled"), inp)
 
-        def run_scaled() -> torch.Tensor:
-            old = os.environ.get("STRUCTIFT_CHAIN_KERNEL")
-            os.environ["STRUCTIFT_CHAIN_KERNEL"] = "scaled"
-            try:
-                return base_run()
-            finally:
-                if old is None:
-                    del os.environ["STRUCTIFT_CHAIN_KERNEL"]
-                else:
-                    os.environ["STRUCTIFT_CHAIN_KERNEL"] = old
-
-        return run_scaled, leaves
+        return with_kernel("scaled", base_run), leaves
     if impl in ("structift", "structift-full"):
         U = U0.clone().requires_grad_(True)
         if impl == "structift":
@@ -95,13 +85,7 @@ def build(impl: str, inp: dict) -> tuple[Callable[[], torch.Tensor], list[torch.
 
         return run, leaves
     if impl == "pytorch-crf":
-        from torchcrf import CRF
-
-        crf = CRF(Z, batch_first=True).to(U0.device)
-        with torch.no_grad():
-            crf.transitions.copy_(W0)
-            crf.start_transitions.zero_()
-            crf.end_transitions.zero_()
+        crf = pytorch_crf(W0)
         emissions = U0.transpose(0, 1).contiguous().requires_grad_(True)  # (T, B, Z)
         mask = torch.ones(T, B, dtype=torch.bool, device=U0.device)
 
@@ -114,10 +98,7 @@ def build(impl: str, inp: dict) -> tuple[Callable[[], torch.Tensor], list[torch.
     if impl == "torch-struct":
         import torch_struct
 
-        with torch.no_grad():
-            phi = W0.T[None, None] + U0[:, 1:, :, None]  # (B, T-1, to, from)
-            phi[:, 0] += U0[:, 0, None, :]
-        phi = phi.contiguous().requires_grad_(True)
+        phi = torch_struct_potentials(U0, W0).requires_grad_(True)  # shape: (B, T-1, to, from)
 
         def run() -> torch.Tensor:
             log_z = torch_struct.LinearChainCRF(phi, lengths).partition

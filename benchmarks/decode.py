@@ -27,12 +27,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+from _peers import pytorch_crf, torch_struct_potentials, with_kernel
 
 from structift import chain
 
@@ -41,38 +41,19 @@ IMPLS = ["structift", "structift-loop", "pytorch-crf", "torch-struct"]
 
 def build(impl: str, U: torch.Tensor, W: torch.Tensor) -> Callable[[], torch.Tensor]:
     """Return ``run() -> tags LongTensor [B, T]`` for one implementation."""
-    B, T, Z = U.shape
+    B, T = U.shape[:2]
     lengths = torch.full((B,), T, device=U.device)
     if impl == "structift":
         return lambda: chain.viterbi(U, W, lengths)[0]
     if impl == "structift-loop":
-
-        def run_loop() -> torch.Tensor:
-            old = os.environ.get("STRUCTIFT_CHAIN_KERNEL")
-            os.environ["STRUCTIFT_CHAIN_KERNEL"] = "scaled"
-            try:
-                return chain.viterbi(U, W, lengths)[0]
-            finally:
-                if old is None:
-                    del os.environ["STRUCTIFT_CHAIN_KERNEL"]
-                else:
-                    os.environ["STRUCTIFT_CHAIN_KERNEL"] = old
-
-        return run_loop
+        return with_kernel("scaled", lambda: chain.viterbi(U, W, lengths)[0])
     if impl == "pytorch-crf":
-        from torchcrf import CRF
-
-        crf = CRF(Z, batch_first=True).to(U.device)
-        with torch.no_grad():
-            crf.transitions.copy_(W)
-            crf.start_transitions.zero_()
-            crf.end_transitions.zero_()
+        crf = pytorch_crf(W)
         return lambda: torch.tensor(crf.decode(U), device=U.device)
     if impl == "torch-struct":
         import torch_struct
 
-        phi = W.T[None, None] + U[:, 1:, :, None]  # (B, T-1, to, from)
-        phi[:, 0] += U[:, 0, None, :]
+        phi = torch_struct_potentials(U, W)  # shape: (B, T-1, to, from)
 
         def run_ts() -> torch.Tensor:
             edges = torch_struct.LinearChainCRF(phi, lengths).argmax  # (B, T-1, to, from)
@@ -89,25 +70,12 @@ def build_sampler(impl: str, U: torch.Tensor, W: torch.Tensor, n: int) -> Callab
     B, T = U.shape[:2]
     lengths = torch.full((B,), T, device=U.device)
     if impl in ("structift", "structift-loop"):
-        kernel = "scaled" if impl == "structift-loop" else os.environ.get("STRUCTIFT_CHAIN_KERNEL")
-
-        def run() -> torch.Tensor:
-            old = os.environ.pop("STRUCTIFT_CHAIN_KERNEL", None)
-            if kernel:
-                os.environ["STRUCTIFT_CHAIN_KERNEL"] = kernel
-            try:
-                return chain.sample(U, W, lengths, (n,))
-            finally:
-                os.environ.pop("STRUCTIFT_CHAIN_KERNEL", None)
-                if old is not None:
-                    os.environ["STRUCTIFT_CHAIN_KERNEL"] = old
-
-        return run
+        kernel = "scaled" if impl == "structift-loop" else None
+        return with_kernel(kernel, lambda: chain.sample(U, W, lengths, (n,)))
     if impl == "torch-struct":
         import torch_struct
 
-        phi = W.T[None, None] + U[:, 1:, :, None]
-        phi[:, 0] += U[:, 0, None, :]
+        phi = torch_struct_potentials(U, W)
         return lambda: torch_struct.LinearChainCRF(phi, lengths).sample((n,))
     raise ValueError(f"{impl} cannot sample")
 

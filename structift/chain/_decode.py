@@ -39,20 +39,9 @@ def score(unary: Tensor, binary: Tensor, lengths: Tensor, tags: Tensor) -> Tenso
 
 
 def viterbi(unary: Tensor, binary: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-    """Find the highest-scoring tag sequence (MAP) by a max-plus loop in torch (any device).
+    """Find the MAP tags by a max-plus loop in torch (any device); ties to the lowest state.
 
-    ``structift.chain.viterbi`` calls this unless the fused kernel is picked.
-
-    Args:
-        unary: ``[B, T, Z]`` log-potentials.
-        binary: ``[B, T-1, Z, Z]`` (or broadcastable) log-potentials laid out ``[from, to]``.
-        lengths: LongTensor ``[B]``.
-
-    Returns:
-        ``(tags LongTensor [B, T], score [B])``. Tags beyond each length are 0. ``score`` is
-        ``score(unary, binary, lengths, tags)``, differentiable (its gradient is the indicator
-        of the path); ``-inf`` with an arbitrary path when no finite path exists. Ties go to
-        the lowest state index.
+    The log-space path behind ``structift.chain.viterbi`` (arguments and returns as there).
     """
     with torch.no_grad():
         B, T, Z = unary.shape
@@ -84,23 +73,10 @@ def sample(
     sample_shape: tuple[int, ...] = (),
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Draw exact samples by forward-filtering backward-sampling, a log-space loop (any device).
+    """Draw exact samples by forward-filtering backward-sampling in a log-space loop.
 
-    ``structift.chain.sample`` calls this unless the fused kernel is picked.
-
-    ``z_{L-1} ~ softmax(alpha_{L-1})`` and ``z_t ~ softmax_i(alpha_t[i] + binary_t[i, z_{t+1}])``
-    for ``t < L-1``, with the log-space forward messages ``alpha`` and the Gumbel-max trick.
-
-    Args:
-        unary: ``[B, T, Z]`` log-potentials.
-        binary: ``[B, T-1, Z, Z]`` (or broadcastable) log-potentials laid out ``[from, to]``.
-        lengths: LongTensor ``[B]``.
-        sample_shape: Leading sample dimensions ``S``.
-        generator: Optional ``torch.Generator`` on the potentials' device.
-
-    Returns:
-        LongTensor ``[*S, B, T]``; padding positions are 0. Sequences without a finite path
-        get an arbitrary (NaN-free) sequence.
+    The path behind ``structift.chain.sample`` (arguments and returns as there), drawing
+    ``z_t`` with the Gumbel-max trick from the log-space forward messages.
     """
     with torch.no_grad():
         B, T, Z = unary.shape
