@@ -52,6 +52,7 @@ docs: $(VENV)/.test-stamp
 bench: $(VENV)/.test-stamp
 	$(BIN)/python benchmarks/chain.py --quick
 	$(BIN)/python benchmarks/decode.py
+	$(BIN)/python benchmarks/hvp.py
 	$(BIN)/python benchmarks/qp.py
 	$(BIN)/python benchmarks/unrolled_vs_ift.py
 	$(BIN)/python benchmarks/variational.py

@@ -8,7 +8,8 @@
 #   2. benchmarks/chain.py on CUDA at B=256, T=128, Z=32 against torch-struct and pytorch-crf,
 #      fused and scaled kernels, with the bandwidth-floor line (3 x potential bytes / copy BW);
 #   3. benchmarks/decode.py on CUDA: Viterbi and sampling (fused kernels, loops, peers);
-#   4. benchmarks/qp.py on CUDA, batch 128, n = 100, float32 and float64, against qpth.
+#   4. benchmarks/hvp.py on CUDA: Hessian-vector products (fused sweeps, loops, double backward);
+#   5. benchmarks/qp.py on CUDA, batch 128, n = 100, float32 and float64, against qpth.
 #
 # Usage: bash benchmarks/gpu_check.sh   (PYTHON=... to pick the interpreter; output also in $OUT
 # when that variable names a directory, as on the lent machines).
@@ -41,6 +42,9 @@ PYEOF
 
   echo "== Viterbi + sampling benchmark (CUDA, B=256 T=128 Z=32)"
   timeout 90 "$PY" benchmarks/decode.py --device cuda -B 256 || status=1
+
+  echo "== Hessian-vector product benchmark (CUDA, B=256 T=128 Z=32)"
+  timeout 90 "$PY" benchmarks/hvp.py --device cuda -B 256 --ts-work 1e12 || status=1
 
   echo "== QP benchmark (CUDA, batch 128, n = 100)"
   timeout 180 "$PY" benchmarks/qp.py --device cuda --n 100 || status=1

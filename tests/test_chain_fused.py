@@ -12,7 +12,8 @@ import torch
 from hypothesis import given
 
 from structift import LinearChainCRF, chain
-from structift.chain import _fused, _fused_decode, _log
+from structift._ops import lengths_to_mask
+from structift.chain import _fused, _fused_decode, _hvp, _log
 from tests.families.cases import CHAIN_CASES
 from tests.families.test_sampling import S, _assert_frequencies, _encode
 from tests.reference import brute_force
@@ -273,6 +274,42 @@ class TestViterbi:
             ref = brute_force.chain(unary[b], wide[b] if T > 1 else unary.new_zeros(0, Z, Z), L)
             torch.testing.assert_close(best[b], ref.max_score)
             assert (tags[b, L:] == 0).all()
+
+
+class TestHessianVectorProduct:
+    @pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+    @pytest.mark.parametrize("with_binary_direction", [True, False])
+    def test_fused_sweeps_match_the_loops(self, fused, dtype, with_binary_direction):
+        """Same H v from the fused tangent sweeps as from the per-step loops."""
+        B, T, Z = 3, 7, 5
+        unary = torch.randn(B, T, Z, dtype=dtype, device=fused) * 2
+        binary = torch.randn(B, T - 1, Z, Z, dtype=dtype, device=fused) * 2
+        unary[0, 2, :2] = float("-inf")
+        lengths = torch.tensor([7, 2, 5], device=fused)
+        mu_u, mu_b = chain.marginals(unary, binary, lengths)
+        mask = lengths_to_mask(lengths, T)
+        vu = torch.randn_like(unary)
+        vb = torch.randn_like(binary) if with_binary_direction else None
+        ref = _hvp.hvp(mu_u, mu_b, mask, vu, vb)
+        got = _hvp.hvp(mu_u, mu_b, mask, vu, vb, fused=True)
+        tol = {} if dtype == F64 else {"atol": 1e-6, "rtol": 1e-5}
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, **tol)
+
+    def test_second_derivative_through_the_api(self, fused):
+        """d/dtheta <mu(theta), v> through marginals(create_graph=True) equals float64 autograd."""
+        B, T, Z = 2, 5, 4
+        unary = torch.randn(B, T, Z, dtype=F64, device=fused, requires_grad=True)
+        binary = torch.randn(Z, Z, dtype=F64, device=fused, requires_grad=True)
+        lengths = torch.tensor([5, 3], device=fused)
+        vu = torch.randn(B, T, Z, dtype=F64, device=fused)
+        mu_u, _ = chain.marginals(unary, binary, lengths, create_graph=True)
+        got = torch.autograd.grad((mu_u * vu).sum(), (unary, binary))
+        u, w = unary.detach().cpu().requires_grad_(), binary.detach().cpu().requires_grad_()
+        _, ref_mu, _ = _log.forward_backward(u, w, lengths.cpu())
+        ref = torch.autograd.grad((ref_mu * vu.cpu()).sum(), (u, w))
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a.cpu(), b)
 
 
 class TestSample:

@@ -151,7 +151,8 @@ class _Marginals(torch.autograd.Function):
             it = iter(grads)
             return (next(it) if need_u else None), (next(it) if need_b else None), None
         mask = lengths_to_mask(lengths.to(unary.device), unary.shape[1])
-        h_u, h_b = _hvp.hvp(mu_u, mu_b, mask, v_u, v_b)
+        fused = kernel_for(unary) == "fused"
+        h_u, h_b = _hvp.hvp(mu_u, mu_b, mask, v_u, v_b, fused=fused)
         return (
             h_u.to(unary.dtype) if need_u else None,
             _sum_to_shape(h_b, binary.shape).to(binary.dtype) if need_b else None,

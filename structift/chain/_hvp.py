@@ -38,6 +38,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from structift.chain import _fused_hvp
+
 
 def _inverse(x: Tensor) -> Tensor:
     """``1 / x`` where ``x > 0``, else 0 (states of zero probability get zero weight)."""
@@ -45,7 +47,12 @@ def _inverse(x: Tensor) -> Tensor:
 
 
 def hvp(
-    mu_u: Tensor, mu_b: Tensor, mask: Tensor, v_u: Tensor | None, v_b: Tensor | None
+    mu_u: Tensor,
+    mu_b: Tensor,
+    mask: Tensor,
+    v_u: Tensor | None,
+    v_b: Tensor | None,
+    fused: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Compute the Hessian-vector product ``H v`` of ``A`` from the marginals.
 
@@ -60,6 +67,8 @@ def hvp(
         v_u: ``[B, T, Z]`` (or broadcastable) direction on the unary statistics, or ``None``.
         v_b: ``[B, T-1, Z, Z]`` (or broadcastable) direction on the binary statistics, or
             ``None``.
+        fused: run the two recursions in one Triton launch (``_fused_hvp``) instead of a
+            loop of small kernels per step; the dispatcher sets it where the fused kernels run.
 
     Returns:
         ``(h_u [B, T, Z], h_b [B, T-1, Z, Z])``; zero where the marginals are zero (padding,
@@ -84,6 +93,33 @@ def hvp(
     g_f = vu[:, 1:] + mv_to * inv_to
     vu_next = vu[:, 1:].unsqueeze(-1)  # shape: (B, T-1, Z, 1)
     g_b = (mv_from + torch.matmul(mu_b, vu_next).squeeze(-1)) * inv_from
+    if fused:
+        ra_all, rb_all = _fused_hvp.sweeps(mu_u, mu_b, vu[:, 0], g_f, inv_to, g_b, inv_from)
+    else:
+        ra_all, rb_all = _sweeps(mu_u, mu_b, vu, g_f, inv_to, g_b, inv_from)
+
+    h_u = _centre(mu_u, ra_all + rb_all)
+    # x_b[t, i, j] = ra[t, i] + v_b[t, i, j] + (v_u + rb)[t+1, j]; its mean under mu_b[t]:
+    left, right = ra_all[:, :-1], vu[:, 1:] + rb_all[:, 1:]
+    mean = (p_from * left).sum(-1) + (p_to * right).sum(-1) + mv_from.sum(-1)
+    h_b = mu_b * (left - mean[..., None]).unsqueeze(-1)
+    h_b.addcmul_(mu_b, right.unsqueeze(-2))
+    if mv is not None:
+        h_b += mv
+    return h_u, h_b
+
+
+def _sweeps(
+    mu_u: Tensor,
+    mu_b: Tensor,
+    vu: Tensor,
+    g_f: Tensor,
+    inv_to: Tensor,
+    g_b: Tensor,
+    inv_from: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """The centred tangent messages ``(ra, rb)`` ``[B, T, Z]`` by two loops of batched products."""
+    T = mu_u.shape[1]
     w = mu_u.unsqueeze(-1)  # centring weights, shape: (B, T, Z, 1)
 
     ra = vu[:, :1] - torch.bmm(vu[:, :1], w[:, 0])  # shape: (B, 1, Z)
@@ -102,16 +138,7 @@ def hvp(
         rbs.append(rb)
     ra_all = torch.cat(ras, dim=1)  # shape: (B, T, Z)
     rb_all = torch.cat(rbs[::-1], dim=2).transpose(1, 2)
-
-    h_u = _centre(mu_u, ra_all + rb_all)
-    # x_b[t, i, j] = ra[t, i] + v_b[t, i, j] + (v_u + rb)[t+1, j]; its mean under mu_b[t]:
-    left, right = ra_all[:, :-1], vu[:, 1:] + rb_all[:, 1:]
-    mean = (p_from * left).sum(-1) + (p_to * right).sum(-1) + mv_from.sum(-1)
-    h_b = mu_b * (left - mean[..., None]).unsqueeze(-1)
-    h_b.addcmul_(mu_b, right.unsqueeze(-2))
-    if mv is not None:
-        h_b += mv
-    return h_u, h_b
+    return ra_all, rb_all
 
 
 def _centre(mu: Tensor, x: Tensor) -> Tensor:

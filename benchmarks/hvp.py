@@ -1,0 +1,138 @@
+"""Benchmark: Hessian-vector products of the chain log-partition against autograd's double backward.
+
+``H v`` with ``H = d^2 A / d theta^2`` is what entropy gradients, KL gradients, the variational
+IFT and second-order methods need. Same model as ``benchmarks/chain.py`` (emissions ``U``
+[B, T, Z], one transition matrix ``W`` [Z, Z], lengths = T, float32); the direction ``v`` is on
+the unary potentials. Timed, median of interleaved repeats:
+
+* ``structift``       ``grad(<marginals(U, W, create_graph=True).unary, v>, U)``: the marginals'
+  backward is the analytic HVP (two tangent sweeps; one fused launch on CUDA);
+* ``structift-loop``  the same with ``STRUCTIFT_CHAIN_KERNEL=scaled`` (skipped on CPU, where it
+  is what ``structift`` runs);
+* ``pytorch-crf``     autograd twice through ``CRF._compute_normalizer``: ``mu = grad(A, U,
+  create_graph=True)``, then ``grad(<mu, v>, U)``;
+* ``torch-struct``    the same through ``LinearChainCRF(phi).partition`` (its potentials fold
+  ``U`` in, so ``v`` is applied through the same construction).
+
+The table prints the largest difference of each ``H v`` to structift's.
+
+Usage::
+
+    python benchmarks/hvp.py                        # CPU, B=32 T=128 Z=32
+    python benchmarks/hvp.py --device cuda -B 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from _peers import pytorch_crf, with_kernel
+
+from structift import chain
+
+IMPLS = ["structift", "structift-loop", "pytorch-crf", "torch-struct"]
+
+
+def build(
+    impl: str, U: torch.Tensor, W: torch.Tensor, v: torch.Tensor
+) -> Callable[[], torch.Tensor]:
+    """Return ``run() -> H v`` (``[B, T, Z]``, on the unary block) for one implementation."""
+    B, T, _ = U.shape
+    lengths = torch.full((B,), T, device=U.device)
+    u = U.clone().requires_grad_(True)
+
+    if impl in ("structift", "structift-loop"):
+
+        def run() -> torch.Tensor:
+            mu_u, _ = chain.marginals(u, W, lengths, create_graph=True)
+            return torch.autograd.grad((mu_u * v).sum(), u)[0]
+
+        return with_kernel("scaled" if impl == "structift-loop" else None, run)
+    if impl == "pytorch-crf":
+        crf = pytorch_crf(W)
+        mask = torch.ones(T, B, dtype=torch.bool, device=U.device)
+
+        def run_crf() -> torch.Tensor:
+            log_z = crf._compute_normalizer(u.transpose(0, 1), mask)
+            (mu,) = torch.autograd.grad(log_z.sum(), u, create_graph=True)
+            return torch.autograd.grad((mu * v).sum(), u)[0]
+
+        return run_crf
+    if impl == "torch-struct":
+        import torch_struct
+
+        def run_ts() -> torch.Tensor:
+            phi = W.T[None, None] + u[:, 1:, :, None]  # (B, T-1, to, from), built from u
+            phi = torch.cat([phi[:, :1] + u[:, 0, None, None, :], phi[:, 1:]], 1)
+            log_z = torch_struct.LinearChainCRF(phi, lengths).partition
+            (mu,) = torch.autograd.grad(log_z.sum(), u, create_graph=True)
+            return torch.autograd.grad((mu * v).sum(), u)[0]
+
+        return run_ts
+    raise ValueError(f"unknown implementation {impl!r}; expected one of {IMPLS}")
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("-B", type=int, default=32)
+    p.add_argument("-T", type=int, default=128)
+    p.add_argument("-Z", type=int, default=32)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--impls", nargs="*", default=None, choices=IMPLS)
+    p.add_argument("--ts-work", type=float, default=2e8, help="skip torch-struct above B*T*Z^3")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    B, T, Z = args.B, args.T, args.Z
+    impls = args.impls or [i for i in IMPLS if not (args.device == "cpu" and i == "structift-loop")]
+    if "torch-struct" in impls and B * T * Z**3 > args.ts_work:
+        print(f"torch-struct skipped: B*T*Z^3 = {B * T * Z**3:.1e} > --ts-work")
+        impls.remove("torch-struct")
+    g = torch.Generator().manual_seed(0)
+    U = torch.randn(B, T, Z, generator=g).to(args.device)
+    W = (0.5 * torch.randn(Z, Z, generator=g)).to(args.device)
+    v = torch.randn(B, T, Z, generator=g).to(args.device)
+    runs: dict[str, Callable[[], torch.Tensor]] = {}
+    for impl in impls:
+        try:
+            runs[impl] = build(impl, U, W, v)
+        except ImportError as err:
+            print(f"{impl} skipped: {err}")
+    out = {k: r() for k, r in runs.items()}  # warm-up (and Triton compilation)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            sync(args.device)
+            t0 = time.perf_counter()
+            run()
+            sync(args.device)
+            times[name].append(time.perf_counter() - t0)
+    print(
+        f"device={args.device} threads={args.threads} B={B} T={T} Z={Z} repeats={args.repeats}"
+        f" structift kernel={chain.kernel_for(U)}"
+    )
+    print(f"{'H v':<16} {'time ms':>10} {'time / structift':>17} {'max |diff|':>11}")
+    base = statistics.median(times["structift"]) if "structift" in times else float("nan")
+    ref = out.get("structift")
+    for name in runs:
+        t = statistics.median(times[name])
+        diff = (out[name] - ref).abs().max().item() if ref is not None else float("nan")
+        print(f"{name:<16} {1e3 * t:>10.3f} {t / base:>17.2f} {diff:>11.1e}")
+
+
+if __name__ == "__main__":
+    main()
