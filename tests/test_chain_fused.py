@@ -365,6 +365,38 @@ class TestDispatch:
         assert chain.kernel_for(torch.zeros(2, 5, 3, device="cuda")) == "fused"
         assert chain.kernel_for(torch.zeros(2, 5, _fused.MAX_Z + 1, device="cuda")) == "scaled"
 
+    def test_self_check_passes_where_the_kernel_works(self):
+        _need_interpreter()
+        _fused.works_on.cache_clear()
+        try:
+            assert _fused.works_on(torch.device("cpu"))
+        finally:
+            _fused.works_on.cache_clear()
+
+    @pytest.mark.parametrize("failure", ["raises", "wrong"])
+    # pytest.warns re-emits the interpreter's numpy log(0) warning from this module.
+    @pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+    def test_self_check_warns_and_declines_a_broken_kernel(self, monkeypatch, failure):
+        """A kernel that fails to build, or computes wrong marginals, is not used by auto."""
+        _need_interpreter()
+        if failure == "raises":
+
+            def broken(*args, **kwargs):
+                raise RuntimeError("PassManager::run failed")
+
+            monkeypatch.setattr(_fused, "forward", broken)
+            expected = "RuntimeError: PassManager::run failed"
+        else:
+            real = _fused.backward
+            monkeypatch.setattr(_fused, "backward", lambda *a: tuple(1.01 * x for x in real(*a)))
+            expected = "differ from the log-space path"
+        _fused.works_on.cache_clear()
+        try:
+            with pytest.warns(RuntimeWarning, match=expected):
+                assert not _fused.works_on(torch.device("cpu"))
+        finally:
+            _fused.works_on.cache_clear()
+
     def test_length_one_chains_use_scaled(self, monkeypatch):
         monkeypatch.setenv("STRUCTIFT_CHAIN_KERNEL", "fused")
         assert chain.kernel_for(torch.zeros(2, 1, 3)) == "scaled"

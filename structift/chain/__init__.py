@@ -50,7 +50,9 @@ def kernel_for(unary: Tensor) -> str:
     """Name the forward-backward kernel used for these potentials: ``"fused"`` or ``"scaled"``.
 
     ``auto`` (the default) picks ``fused`` for CUDA tensors when Triton is installed, ``Z <=
-    128`` and ``T > 1``, else ``scaled``. ``STRUCTIFT_CHAIN_KERNEL=fused`` asks for the fused
+    128`` and ``T > 1``, else ``scaled``; the first time on each device it checks the fused
+    kernel on a tiny chain and, if it fails to build or disagrees with the log-space path,
+    warns once and stays with ``scaled``. ``STRUCTIFT_CHAIN_KERNEL=fused`` asks for the fused
     kernel everywhere it can run (CUDA, or CPU under ``TRITON_INTERPRET=1``) and raises where it
     cannot; ``scaled`` always uses the probability-space path. Chains of length 1 have no
     transitions and always use ``scaled``.
@@ -66,7 +68,8 @@ def kernel_for(unary: Tensor) -> str:
     if choice == "scaled" or unary.shape[1] < 2:
         return "scaled"
     if choice == "auto":
-        return "fused" if unary.is_cuda and _fused.supports(unary) else "scaled"
+        usable = unary.is_cuda and _fused.supports(unary) and _fused.works_on(unary.device)
+        return "fused" if usable else "scaled"
     if not _fused.supports(unary):
         raise ValueError(
             "STRUCTIFT_CHAIN_KERNEL=fused needs Triton installed, a CUDA tensor (or CPU with "

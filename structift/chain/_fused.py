@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +72,43 @@ def supports(unary: Tensor) -> bool:
     """Whether the fused kernels can run on these potentials (device, size, Triton present)."""
     on_device = unary.is_cuda or (unary.device.type == "cpu" and interpreting())
     return on_device and unary.shape[1] > 1 and unary.shape[2] <= MAX_Z and triton_available()
+
+
+@functools.cache
+def works_on(device: torch.device) -> bool:
+    """Whether the fused forward-backward compiles and gives the right answer on ``device``.
+
+    Run once per device on a tiny chain (checked against the log-space path) before ``auto``
+    dispatch first picks the fused kernel: if this Triton build cannot compile or miscompiles
+    the kernels, warn once and let the scaled kernel serve instead of failing every call.
+    """
+    from structift.chain import _log  # the reference path, imported here: it needs no Triton
+
+    g = torch.Generator().manual_seed(0)
+    unary = torch.randn(2, 3, 3, generator=g).to(device)
+    binary = torch.randn(2, 2, 3, 3, generator=g).to(device)
+    lengths = torch.tensor([3, 2], device=device)
+    try:
+        log_z, state = forward(unary, binary, lengths)
+        mu_u, mu_b = backward(state, unary, binary, lengths, torch.ones_like(log_z), binary.shape)
+        assert mu_b is not None
+        ref = _log.forward_backward(unary, binary, lengths)
+        ok = all(
+            bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5))
+            for a, b in zip((log_z, mu_u, mu_b), ref)
+        )
+        problem = "" if ok else "its results differ from the log-space path"
+    except Exception as err:  # any failure to build or run means: do not use it
+        ok, problem = False, f"{type(err).__name__}: {err}"
+    if not ok:
+        warnings.warn(
+            f"structift: the fused Triton chain kernel does not work on {device} ({problem}); "
+            "using the scaled kernel instead. Set STRUCTIFT_CHAIN_KERNEL=scaled to silence this, "
+            "or =fused to see the error.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return ok
 
 
 # --------------------------------------------------------------------------------------------
