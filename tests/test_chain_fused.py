@@ -296,6 +296,22 @@ class TestHessianVectorProduct:
         for a, b in zip(got, ref):
             torch.testing.assert_close(a, b, **tol)
 
+    def test_variational_covariance_product_uses_the_fused_sweeps(self, fused, monkeypatch):
+        """structift.variational's Cov v: fused path = its own loops (float64, with padding)."""
+        from structift.variational.covariance import chain_covariance_vector_product as cov
+
+        B, T, Z = 3, 6, 4
+        unary = torch.randn(B, T, Z, dtype=F64, device=fused)
+        binary = torch.randn(B, T - 1, Z, Z, dtype=F64, device=fused)
+        lengths = torch.tensor([6, 3, 1], device=fused)
+        mu_u, mu_b = chain.marginals(unary, binary, lengths)
+        vu, vb = torch.randn_like(unary), torch.randn_like(binary)
+        got = cov(mu_u, mu_b, lengths, vu, vb, scale=-0.5)
+        monkeypatch.setenv("STRUCTIFT_CHAIN_KERNEL", "scaled")
+        ref = cov(mu_u, mu_b, lengths, vu, vb, scale=-0.5)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b)
+
     def test_second_derivative_through_the_api(self, fused):
         """d/dtheta <mu(theta), v> through marginals(create_graph=True) equals float64 autograd."""
         B, T, Z = 2, 5, 4

@@ -29,6 +29,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from structift import chain
+from structift.chain import _hvp
+
 __all__ = ["chain_covariance_vector_product"]
 
 
@@ -70,7 +73,13 @@ def chain_covariance_vector_product(
     """
     T = mu_unary.shape[1]
     pos = torch.arange(T, device=mu_unary.device)
-    node_mask = (pos[None, :] < lengths[:, None]).to(mu_unary.dtype)  # shape: (B, T)
+    valid = pos[None, :] < lengths[:, None]  # shape: (B, T)
+    if chain.kernel_for(mu_unary) == "fused":
+        # Where the fused chain kernels run (CUDA), the chain's Hessian-vector product does the
+        # same two recursions (centred) in one launch instead of one small kernel per step.
+        m = torch.where(valid[..., None], mu_unary, 0.0)
+        return _hvp.hvp(m, mu_binary, valid, v_unary * scale, v_binary * scale, fused=True)
+    node_mask = valid.to(mu_unary.dtype)
     m = mu_unary * node_mask[..., None]
     M = mu_binary  # zero beyond lengths - 1 by contract: every edge term below carries M
     # The product is linear in v: scale the direction once (small node block here, the edge
