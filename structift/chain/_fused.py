@@ -256,20 +256,26 @@ def _kernels(interpret: bool) -> tuple[Any, ...]:
     return triton.jit(_forward_kernel), triton.jit(_backward_kernel)
 
 
+# Launch settings. The defaults are reasoned, not measured on a GPU yet:
+# `benchmarks/tune_fused.py` times the alternatives by setting these two overrides.
+WARPS: int | None = None  # warps per program; None: one warp per 512 tile entries (1..8)
+PREFETCH: bool | None = None  # load step t+1's tile during step t; None: for BZ <= 64
+
+
 def _launch_args(unary: Tensor, binary: Tensor) -> tuple[Tensor, tuple[int, ...], int, int]:
     """The ``[B, T-1, Z, Z]`` view of ``binary`` (stride 0 where broadcast) and the strides."""
     B, T, Z = unary.shape
     w = as_4d(binary).expand(B, T - 1, Z, Z)
     strides = (*unary.stride(), *w.stride())
     bz = max(16, 1 << (Z - 1).bit_length())
-    warps = max(1, min(8, bz * bz // 512))
+    warps = WARPS if WARPS is not None else max(1, min(8, bz * bz // 512))
     return w, strides, bz, warps
 
 
 # Prefetching holds two [BZ, BZ] tiles in registers: up to BZ = 64 (32 registers a thread each
-# at the warp counts above); at BZ = 128 it would spill.
+# at the default warp counts); at BZ = 128 it would spill.
 def _prefetch(bz: int) -> bool:
-    return bz <= 64
+    return PREFETCH if PREFETCH is not None else bz <= 64
 
 
 @dataclass

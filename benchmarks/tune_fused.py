@@ -1,0 +1,102 @@
+"""Time the fused chain kernel's launch settings on a GPU (warps per program, prefetching).
+
+The defaults in ``structift/chain/_fused.py`` (``WARPS``, ``PREFETCH``) are reasoned, not
+measured. This script times log Z + marginals (forward + backward, per-position binary
+``[B, T-1, Z, Z]`` and a shared ``[Z, Z]``) for every combination at one shape, checks each
+against the default's result, and prints the bandwidth floor for reference.
+
+Usage::
+
+    python benchmarks/tune_fused.py --device cuda -B 256 -T 128 -Z 32
+    TRITON_INTERPRET=1 python benchmarks/tune_fused.py --device cpu -B 2 -T 8 -Z 4 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+
+import torch
+from _peers import chain_kernel
+
+from structift import chain
+from structift.chain import _fused
+
+
+def timed(run, repeats: int, cuda: bool) -> float:
+    run()  # compile this specialization
+    out = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("-B", type=int, default=256)
+    p.add_argument("-T", type=int, default=128)
+    p.add_argument("-Z", type=int, default=32)
+    p.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    p.add_argument("--repeats", type=int, default=20)
+    args = p.parse_args()
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    B, T, Z = args.B, args.T, args.Z
+    g = torch.Generator().manual_seed(0)
+    U = torch.randn(B, T, Z, generator=g).to(args.device).requires_grad_(True)
+    shared = (0.5 * torch.randn(Z, Z, generator=g)).to(args.device)
+    full = shared.expand(B, T - 1, Z, Z).contiguous().requires_grad_(True)
+    shared.requires_grad_(True)
+    lengths = torch.full((B,), T, device=args.device)
+
+    def make(W: torch.Tensor):
+        def run() -> torch.Tensor:
+            U.grad = W.grad = None
+            log_z = chain.log_partition(U, W, lengths)
+            log_z.sum().backward()
+            return W.grad
+
+        return run
+
+    pot = 4.0 * B * (T - 1) * Z * Z
+    print(f"device={args.device} B={B} T={T} Z={Z} repeats={args.repeats}")
+    if cuda:
+        x = torch.empty(64 * 2**20, device="cuda")
+        y = torch.empty_like(x)
+        bw = 2 * x.numel() * 4 / timed(lambda: y.copy_(x), 5, True)
+        print(
+            f"bandwidth floor: 3 x {pot / 2**20:.1f} MiB / {bw / 1e9:.0f} GB/s = {3e3 * pot / bw:.3f} ms"
+        )
+    print(f"{'warps':>5} {'prefetch':>8} {'full ms':>9} {'shared ms':>10} {'max |dgrad|':>12}")
+    with chain_kernel("fused"):
+        ref = make(full)().clone()
+        for warps, prefetch in itertools.product((None, 1, 2, 4, 8), (None, True, False)):
+            _fused.WARPS, _fused.PREFETCH = warps, prefetch
+            try:
+                t_full = timed(make(full), args.repeats, cuda)
+                t_shared = timed(make(shared), args.repeats, cuda)
+                diff = (make(full)() - ref).abs().max().item()
+            except Exception as err:  # a setting that does not compile: report it, go on
+                print(f"{warps!s:>5} {prefetch!s:>8}  failed: {type(err).__name__}: {err}"[:160])
+                continue
+            finally:
+                _fused.WARPS, _fused.PREFETCH = None, None
+            print(
+                f"{warps!s:>5} {prefetch!s:>8} {1e3 * t_full:>9.3f} {1e3 * t_shared:>10.3f}"
+                f" {diff:>12.1e}"
+            )
+
+
+if __name__ == "__main__":
+    main()
