@@ -161,7 +161,31 @@ class HMM(ExpFamily):
         return constraints.independent(constraints.integer_interval(0, self.num_states - 1), 1)
 
     def expand(self, batch_shape: Any, _instance: Any = None) -> HMM:
-        raise NotImplementedError("HMM.expand is not supported; build the batch explicitly.")
+        """Return the HMM with batch shape ``batch_shape`` (broadcast views, no copy).
+
+        One batch dimension, as torch's ``expand``: ``[B]`` stays ``[B]`` and ``[1]`` becomes
+        any ``[n]``; parameters given without a batch dimension stay shared.
+        """
+        shape = torch.Size(batch_shape)
+        B, T = self.observations.shape
+        if len(shape) != 1 or (B != 1 and shape[0] != B):
+            raise ValueError(
+                f"HMM.expand: batch_shape must be ({B},) or, from a batch of one, (n,); got "
+                f"{tuple(shape)} for a batch of {B}."
+            )
+        n = shape[0]
+
+        def grow(x: Tensor, event_dims: int) -> Tensor:
+            return x.expand(n, *x.shape[1:]) if x.dim() > event_dims else x
+
+        return HMM(
+            grow(self.init_logits, 1),
+            grow(self.transition_logits, 2),
+            grow(self.emission_logits, 2),
+            self.observations.expand(n, T),
+            self.lengths.expand(n),
+            validate_args=self._validate_args,
+        )
 
     # ---- exponential-family hooks: those of the posterior ----------------------------------
 

@@ -119,6 +119,27 @@ def test_expand() -> None:
     assert cat.batch_shape == (2, 3) and cat.entropy().shape == (2, 3)
 
 
+@pytest.mark.parametrize("batched_params", [False, True])
+def test_hmm_expand(batched_params: bool) -> None:
+    """A batch of one expanded to three: same A, marginals and entropy in every row."""
+    Z, V, T = 3, 4, 5
+    lead = (1,) if batched_params else ()
+    init = torch.randn(*lead, Z, dtype=torch.float64)
+    trans = torch.randn(*lead, Z, Z, dtype=torch.float64)
+    emit = torch.randn(*lead, Z, V, dtype=torch.float64)
+    hmm = st.HMM(init, trans, emit, torch.randint(V, (1, T)), torch.tensor([4]))
+    big = hmm.expand((3,))
+    assert big.batch_shape == (3,) and big.event_shape == (T,)
+    assert_close(big.log_partition, hmm.log_partition.expand(3), **TOL)
+    assert_close(big.marginals.unary, hmm.marginals.unary.expand(3, T, Z), **TOL)
+    assert_close(big.entropy(), hmm.entropy().expand(3), **TOL)
+    assert big.expand((3,)).batch_shape == (3,)
+    with pytest.raises(ValueError, match=r"HMM.expand: batch_shape must be \(3,\)"):
+        big.expand((4,))
+    with pytest.raises(ValueError, match="got \\(2, 3\\)"):
+        hmm.expand((2, 3))
+
+
 def test_categorical_matches_torch_categorical(device) -> None:
     logits = torch.randn(2, 3, 5, dtype=torch.float64, device=device)
     logits[0, 1, 2] = float("-inf")
