@@ -13,7 +13,7 @@ from hypothesis import given
 
 from structift import LinearChainCRF, chain
 from structift._ops import lengths_to_mask
-from structift.chain import _fused, _fused_decode, _hvp, _log
+from structift.chain import _decode, _fused, _fused_decode, _hvp, _log
 from tests.families.cases import CHAIN_CASES
 from tests.families.test_sampling import S, _assert_frequencies, _encode
 from tests.reference import brute_force
@@ -98,6 +98,29 @@ class TestAgainstLogSpace:
         torch.testing.assert_close(log_z.cpu(), ref_z)
         torch.testing.assert_close(gu.cpu(), ref_gu)
         torch.testing.assert_close(gw.cpu(), ref_gw)
+
+    def test_non_contiguous_inputs(self, fused):
+        """Strided views (a transposed transition matrix, a sliced emission tensor) are read
+        through their strides, with no copy and the same result as contiguous inputs."""
+        B, T, Z = 3, 5, 4
+        big = torch.randn(B, T, 2 * Z, dtype=F64)
+        unary = big[..., ::2]  # stride 2 along Z
+        binary_t = torch.randn(B, T - 1, Z, Z, dtype=F64).transpose(-1, -2)
+        lengths = torch.tensor([5, 3, 2])
+        ref_z, ref_gu, ref_gw = _reference_grads(
+            unary.contiguous(), binary_t.contiguous(), lengths, torch.ones(B, dtype=F64)
+        )
+        u = unary.to(fused).detach().requires_grad_()
+        w = binary_t.to(fused).detach().requires_grad_()
+        assert not u.is_contiguous() and not w.is_contiguous()
+        log_z = chain.log_partition(u, w, lengths.to(fused))
+        gu, gw = torch.autograd.grad(log_z.sum(), (u, w))
+        torch.testing.assert_close(log_z.cpu(), ref_z)
+        torch.testing.assert_close(gu.cpu(), ref_gu)
+        torch.testing.assert_close(gw.cpu(), ref_gw)
+        tags, _ = chain.viterbi(u.detach(), w.detach(), lengths.to(fused))
+        ref_tags, _ = _decode.viterbi(unary, binary_t, lengths)
+        assert torch.equal(tags.cpu(), ref_tags)
 
     def test_padding_never_leaks(self, fused):
         """NaN and inf beyond each length change nothing and get a zero gradient."""
