@@ -7,7 +7,10 @@ layouts: pytorch-crf with start/end transitions set to 0, torch-struct as edge p
 
 from __future__ import annotations
 
+import argparse
 import os
+import statistics
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -58,3 +61,47 @@ def torch_struct_potentials(U: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         phi = W.T[None, None] + U[:, 1:, :, None]
         phi[:, 0] += U[:, 0, None, :]
     return phi.contiguous()
+
+
+def sync(device: str) -> None:
+    """Wait for queued device work so timings are honest."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_times(runs: dict[str, Callable[[], Any]], repeats: int, device: str) -> dict:
+    """Median seconds per run over ``repeats`` rounds, rounds interleaved (drift hits all)."""
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            sync(device)
+            t0 = time.perf_counter()
+            run()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def chain_parser(doc: str | None, repeats: int, B: int = 32) -> argparse.ArgumentParser:
+    """The shared command line: shape ``-B -T -Z``, ``--device``, ``--threads``, ``--repeats``."""
+    p = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("-B", type=int, default=B)
+    p.add_argument("-T", type=int, default=128)
+    p.add_argument("-Z", type=int, default=32)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--repeats", type=int, default=repeats, help="timed repeats (median reported)")
+    return p
+
+
+def setup(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Apply ``--threads``, check ``--device`` and make the model: ``U [B,T,Z]``, ``W``, lengths."""
+    torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    g = torch.Generator().manual_seed(0)
+    U = torch.randn(args.B, args.T, args.Z, generator=g).to(args.device)
+    W = (0.5 * torch.randn(args.Z, args.Z, generator=g)).to(args.device)
+    return U, W, torch.full((args.B,), args.T, device=args.device)

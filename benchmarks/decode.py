@@ -26,13 +26,17 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
-from _peers import pytorch_crf, torch_struct_potentials, with_kernel
+from _peers import (
+    chain_parser,
+    median_times,
+    pytorch_crf,
+    setup,
+    torch_struct_potentials,
+    with_kernel,
+)
 
 from structift import chain
 
@@ -80,49 +84,17 @@ def build_sampler(impl: str, U: torch.Tensor, W: torch.Tensor, n: int) -> Callab
     raise ValueError(f"{impl} cannot sample")
 
 
-def time_runs(runs: dict[str, Callable[[], object]], repeats: int, device: str) -> dict:
-    """Median seconds per run, rounds interleaved."""
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            sync(device)
-            t0 = time.perf_counter()
-            run()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("-B", type=int, default=32)
-    p.add_argument("-T", type=int, default=128)
-    p.add_argument("-Z", type=int, default=32)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=9)
+    p = chain_parser(__doc__, repeats=9)
     p.add_argument("--impls", nargs="*", default=None, choices=IMPLS)
     p.add_argument("--samples", type=int, default=100, help="sequences drawn per batch element")
     p.add_argument(
         "--ts-work", type=float, default=1e9, help="skip torch-struct sampling above B*T*Z^3*S"
     )
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available")
-    impls = args.impls or [i for i in IMPLS if not (args.device == "cpu" and i == "structift-loop")]
-    g = torch.Generator().manual_seed(0)
+    U, W, lengths = setup(args)
     B, T, Z = args.B, args.T, args.Z
-    U = torch.randn(B, T, Z, generator=g).to(args.device)
-    W = (0.5 * torch.randn(Z, Z, generator=g)).to(args.device)
-    lengths = torch.full((B,), T, device=args.device)
+    impls = args.impls or [i for i in IMPLS if not (args.device == "cpu" and i == "structift-loop")]
     runs: dict[str, Callable[[], torch.Tensor]] = {}
     for impl in impls:
         try:
@@ -132,7 +104,7 @@ def main() -> None:
     with torch.no_grad():
         tags = {k: r() for k, r in runs.items()}  # warm-up (and Triton compilation)
         best = {k: chain.score(U, W, lengths, t) for k, t in tags.items()}
-        secs = time_runs(runs, args.repeats, args.device)
+        secs = median_times(runs, args.repeats, args.device)
     kernel = chain.kernel_for(U)
     print(
         f"device={args.device} threads={args.threads} B={B} T={T} Z={Z} repeats={args.repeats}"
@@ -160,7 +132,7 @@ def main() -> None:
             print(f"{impl} skipped: {err}")
     for run in samplers.values():  # torch-struct samples through autograd: grad mode stays on
         run()
-    secs = time_runs(samplers, args.repeats, args.device)
+    secs = median_times(samplers, args.repeats, args.device)
     print(f"{f'sample S={args.samples}':<16} {'time ms':>10} {'time / structift':>17}")
     for name in samplers:
         ratio = secs[name] / secs["structift"] if "structift" in secs else float("nan")

@@ -24,13 +24,10 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
-from _peers import pytorch_crf, with_kernel
+from _peers import chain_parser, median_times, pytorch_crf, setup, with_kernel
 
 from structift import chain
 
@@ -76,36 +73,18 @@ def build(
     raise ValueError(f"unknown implementation {impl!r}; expected one of {IMPLS}")
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("-B", type=int, default=32)
-    p.add_argument("-T", type=int, default=128)
-    p.add_argument("-Z", type=int, default=32)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=7)
+    p = chain_parser(__doc__, repeats=7)
     p.add_argument("--impls", nargs="*", default=None, choices=IMPLS)
     p.add_argument("--ts-work", type=float, default=2e8, help="skip torch-struct above B*T*Z^3")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available")
+    U, W, _ = setup(args)
     B, T, Z = args.B, args.T, args.Z
     impls = args.impls or [i for i in IMPLS if not (args.device == "cpu" and i == "structift-loop")]
     if "torch-struct" in impls and B * T * Z**3 > args.ts_work:
         print(f"torch-struct skipped: B*T*Z^3 = {B * T * Z**3:.1e} > --ts-work")
         impls.remove("torch-struct")
-    g = torch.Generator().manual_seed(0)
-    U = torch.randn(B, T, Z, generator=g).to(args.device)
-    W = (0.5 * torch.randn(Z, Z, generator=g)).to(args.device)
-    v = torch.randn(B, T, Z, generator=g).to(args.device)
+    v = torch.randn(B, T, Z, generator=torch.Generator().manual_seed(1)).to(args.device)
     runs: dict[str, Callable[[], torch.Tensor]] = {}
     for impl in impls:
         try:
@@ -113,23 +92,16 @@ def main() -> None:
         except ImportError as err:
             print(f"{impl} skipped: {err}")
     out = {k: r() for k, r in runs.items()}  # warm-up (and Triton compilation)
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(args.repeats):
-        for name, run in runs.items():
-            sync(args.device)
-            t0 = time.perf_counter()
-            run()
-            sync(args.device)
-            times[name].append(time.perf_counter() - t0)
+    secs = median_times(runs, args.repeats, args.device)
     print(
         f"device={args.device} threads={args.threads} B={B} T={T} Z={Z} repeats={args.repeats}"
         f" structift kernel={chain.kernel_for(U)}"
     )
     print(f"{'H v':<16} {'time ms':>10} {'time / structift':>17} {'max |diff|':>11}")
-    base = statistics.median(times["structift"]) if "structift" in times else float("nan")
+    base = secs.get("structift", float("nan"))
     ref = out.get("structift")
     for name in runs:
-        t = statistics.median(times[name])
+        t = secs[name]
         diff = (out[name] - ref).abs().max().item() if ref is not None else float("nan")
         print(f"{name:<16} {1e3 * t:>10.3f} {t / base:>17.2f} {diff:>11.1e}")
 

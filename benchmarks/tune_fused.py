@@ -7,58 +7,36 @@ against the default's result, and prints the bandwidth floor for reference.
 
 Usage::
 
-    python benchmarks/tune_fused.py --device cuda -B 256 -T 128 -Z 32
+    python benchmarks/tune_fused.py --device cuda            # B=256 T=128 Z=32
     TRITON_INTERPRET=1 python benchmarks/tune_fused.py --device cpu -B 2 -T 8 -Z 4 --repeats 1
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import statistics
-import time
 
 import torch
-from _peers import chain_kernel
+from _peers import chain_kernel, chain_parser, median_times, setup
 
 from structift import chain
 from structift.chain import _fused
 
 
-def timed(run, repeats: int, cuda: bool) -> float:
-    run()  # compile this specialization
-    out = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        run()
-        if cuda:
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+def timed(run, repeats: int, device: str) -> float:
+    """Median seconds of ``run`` after one untimed call (which compiles its specialization)."""
+    run()
+    return median_times({"run": run}, repeats, device)["run"]
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("-B", type=int, default=256)
-    p.add_argument("-T", type=int, default=128)
-    p.add_argument("-Z", type=int, default=32)
-    p.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
-    p.add_argument("--repeats", type=int, default=20)
+    p = chain_parser(__doc__, repeats=20, B=256)
     args = p.parse_args()
     cuda = args.device == "cuda"
-    if cuda and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available")
+    U, shared, lengths = setup(args)
     B, T, Z = args.B, args.T, args.Z
-    g = torch.Generator().manual_seed(0)
-    U = torch.randn(B, T, Z, generator=g).to(args.device).requires_grad_(True)
-    shared = (0.5 * torch.randn(Z, Z, generator=g)).to(args.device)
+    U.requires_grad_(True)
     full = shared.expand(B, T - 1, Z, Z).contiguous().requires_grad_(True)
     shared.requires_grad_(True)
-    lengths = torch.full((B,), T, device=args.device)
 
     def make(W: torch.Tensor):
         def run() -> torch.Tensor:
@@ -74,7 +52,7 @@ def main() -> None:
     if cuda:
         x = torch.empty(64 * 2**20, device="cuda")
         y = torch.empty_like(x)
-        bw = 2 * x.numel() * 4 / timed(lambda: y.copy_(x), 5, True)
+        bw = 2 * x.numel() * 4 / timed(lambda: y.copy_(x), 5, "cuda")
         print(
             f"bandwidth floor: 3 x {pot / 2**20:.1f} MiB / {bw / 1e9:.0f} GB/s = {3e3 * pot / bw:.3f} ms"
         )
@@ -84,8 +62,8 @@ def main() -> None:
         for warps, prefetch in itertools.product((None, 1, 2, 4, 8), (None, True, False)):
             _fused.WARPS, _fused.PREFETCH = warps, prefetch
             try:
-                t_full = timed(make(full), args.repeats, cuda)
-                t_shared = timed(make(shared), args.repeats, cuda)
+                t_full = timed(make(full), args.repeats, args.device)
+                t_shared = timed(make(shared), args.repeats, args.device)
                 diff = (make(full)() - ref).abs().max().item()
             except Exception as err:  # a setting that does not compile: report it, go on
                 print(f"{warps!s:>5} {prefetch!s:>8}  failed: {type(err).__name__}: {err}"[:160])
