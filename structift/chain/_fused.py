@@ -31,7 +31,7 @@ the batch only (``[1, T-1, Z, Z]``) is written per sequence and summed afterward
 Triton is optional: without it (or for ``Z > MAX_Z``, where a ``[Z, Z]`` tile no longer fits in
 registers) the dispatcher in ``structift.chain`` uses the scaled path. With ``TRITON_INTERPRET=1``
 the same kernels run on CPU tensors through Triton's interpreter, which is how CI tests them.
-Viterbi and sampling kernels are in ``_fused_decode``.
+Viterbi and sampling kernels are in ``_fused_decode``, the HVP sweeps in ``_fused_hvp``.
 """
 
 from __future__ import annotations
