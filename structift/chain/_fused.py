@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from structift.chain import _log
 from structift.chain._scaled import as_4d
 
 # `triton.language`, imported on first use by `_kernels` (the kernels resolve `tl` as a module
@@ -58,8 +59,9 @@ tl: Any = None
 MAX_Z = 128
 
 
+@functools.cache
 def triton_available() -> bool:
-    """Whether ``triton`` is installed."""
+    """Whether ``triton`` is installed (looked up once: the dispatcher asks on every call)."""
     return importlib.util.find_spec("triton") is not None
 
 
@@ -82,8 +84,6 @@ def works_on(device: torch.device) -> bool:
     dispatch first picks the fused kernel: if this Triton build cannot compile or miscompiles
     the kernels, warn once and let the scaled kernel serve instead of failing every call.
     """
-    from structift.chain import _log  # the reference path, imported here: it needs no Triton
-
     g = torch.Generator().manual_seed(0)
     unary = torch.randn(2, 3, 3, generator=g).to(device)
     binary = torch.randn(2, 2, 3, 3, generator=g).to(device)
@@ -171,6 +171,7 @@ def _backward_kernel(
     T, Z,
     BZ: tl.constexpr,
     SUM_T: tl.constexpr,
+    WANT_B: tl.constexpr,
     PREFETCH: tl.constexpr,
 ):  # fmt: skip
     # Both messages are centred, and each position's marginals are normalised locally (they sum
@@ -226,34 +227,42 @@ def _backward_kernel(
         m = tl.where(m == float("-inf"), 0.0, m)
         norm = m + tl.log(tl.sum(tl.exp(y - m), 0))  # logsumexp of the step's pair scores
         norm = tl.where(norm == float("-inf"), 0.0, norm)
-        mu_b = tl.exp(a[:, None] + x - norm) * g
-        if SUM_T:
-            acc += mu_b
-        else:
-            tl.store(GW + (b * (T - 1) + t) * Z * Z + out_tile, mu_b, mask=ok2)
+        if WANT_B:  # the binary gradient: one more exp per tile entry, skipped when unwanted
+            mu_b = tl.exp(a[:, None] + x - norm) * g
+            if SUM_T:
+                acc += mu_b
+            else:
+                tl.store(GW + (b * (T - 1) + t) * Z * Z + out_tile, mu_b, mask=ok2)
         tl.store(gu_row + t * Z + r, tl.exp(y - norm) * g, mask=ok)
         mb = tl.max(beta, 0)
         beta = beta - tl.where(mb == float("-inf"), 0.0, mb)
     # Padding: zero gradient, written here so the outputs need no zero-filling pass.
     for t in range(n, T):
         tl.store(gu_row + t * Z + r, zero, mask=ok)
-    if SUM_T:
-        tl.store(GW + b * Z * Z + out_tile, acc, mask=ok2)
-    else:
-        for t in range(n - 1, T - 1):
-            tl.store(GW + (b * (T - 1) + t) * Z * Z + out_tile, zero2, mask=ok2)
+    if WANT_B:
+        if SUM_T:
+            tl.store(GW + b * Z * Z + out_tile, acc, mask=ok2)
+        else:
+            for t in range(n - 1, T - 1):
+                tl.store(GW + (b * (T - 1) + t) * Z * Z + out_tile, zero2, mask=ok2)
 
 
 @functools.cache
 def _kernels(interpret: bool) -> tuple[Any, ...]:
-    """The forward and backward kernels, compiled or interpreted (once per mode)."""
-    global tl
+    """The forward and backward kernels, compiled or interpreted (cached per mode: the key)."""
+    return jit(globals(), _forward_kernel, _backward_kernel)
+
+
+def jit(module_globals: dict[str, Any], *kernels: Any) -> tuple[Any, ...]:
+    """Import Triton, bind ``tl`` in the kernels' module and return the kernels ``triton.jit``-ed.
+
+    Each module of fused kernels calls this from its own cached ``_kernels(interpreting())``.
+    """
     import triton
     import triton.language
 
-    tl = triton.language
-    assert interpreting() == interpret
-    return triton.jit(_forward_kernel), triton.jit(_backward_kernel)
+    module_globals["tl"] = triton.language
+    return tuple(triton.jit(k) for k in kernels)
 
 
 # Launch settings. The defaults are reasoned, not measured on a GPU yet:
@@ -319,24 +328,25 @@ def backward(
 ) -> tuple[Tensor, Tensor | None]:
     """Return ``(grad * mu_unary, sum-to-shape(grad * mu_binary))`` in one launch.
 
-    ``binary_shape`` is the shape of the wanted binary gradient (``None``: not needed, though the
-    kernel still forms it at the cheapest broadcast shape); it must broadcast to
-    ``[B, T-1, Z, Z]``.
+    ``binary_shape`` is the shape of the wanted binary gradient (``None``: not needed, and not
+    computed); it must broadcast to ``[B, T-1, Z, Z]``.
     """
     B, T, Z = unary.shape
     u = unary.detach()
     w, strides, bz, warps = _launch_args(u, binary.detach())
+    want_b = binary_shape is not None
     shape4 = (1,) * (4 - len(binary_shape)) + tuple(binary_shape) if binary_shape else (B, 1, Z, Z)
-    sum_t = shape4[1] == 1
+    sum_t = shape4[1] == 1  # (only read when the binary gradient is wanted)
     lengths = lengths.to(device=u.device, dtype=torch.int64).contiguous()
     grad = grad.detach().to(u.dtype).contiguous()
     gu = u.new_empty(B, T, Z)
-    gw = u.new_empty(B, 1 if sum_t else T - 1, Z, Z)
+    gw = u.new_empty(B, 1 if sum_t else T - 1, Z, Z) if want_b else u.new_empty(1)  # 1: a dummy
     if B:
         bwd = _kernels(interpreting())[1]
         bwd[(B,)](
             u, w, lengths, state.alpha, state.log_z, grad, gu, gw,
-            *strides, T, Z, BZ=bz, SUM_T=sum_t, PREFETCH=_prefetch(bz), num_warps=warps,
+            *strides, T, Z, BZ=bz, SUM_T=sum_t, WANT_B=want_b, PREFETCH=_prefetch(bz),
+            num_warps=warps,
         )  # fmt: skip
     if binary_shape is None:
         return gu, None

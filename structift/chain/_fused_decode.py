@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from structift.chain._fused import _launch_args, forward, interpreting
+from structift.chain._fused import _launch_args, forward, interpreting, jit
 
 tl: Any = None  # `triton.language`, imported on first use (see `_fused`)
 
@@ -106,13 +106,7 @@ def _sample_kernel(
 @functools.cache
 def _kernels(interpret: bool) -> tuple[Any, ...]:
     """The Viterbi and sampling kernels, compiled or interpreted (once per mode)."""
-    global tl
-    import triton
-    import triton.language
-
-    tl = triton.language
-    assert interpreting() == interpret
-    return triton.jit(_viterbi_kernel), triton.jit(_sample_kernel)
+    return jit(globals(), _viterbi_kernel, _sample_kernel)
 
 
 def viterbi(unary: Tensor, binary: Tensor, lengths: Tensor) -> Tensor:

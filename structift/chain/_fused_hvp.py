@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from structift.chain._fused import interpreting
+from structift.chain._fused import interpreting, jit
 
 tl: Any = None  # `triton.language`, imported on first use (see `_fused`)
 
@@ -72,13 +72,7 @@ def _sweep_kernel(
 @functools.cache
 def _kernels(interpret: bool) -> Any:
     """The sweep kernel, compiled or interpreted (once per mode)."""
-    global tl
-    import triton
-    import triton.language
-
-    tl = triton.language
-    assert interpreting() == interpret
-    return triton.jit(_sweep_kernel)
+    return jit(globals(), _sweep_kernel)[0]
 
 
 def sweeps(

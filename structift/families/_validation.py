@@ -132,6 +132,23 @@ def _check_integer(name: str, x: object, device: torch.device) -> Tensor:
     return x
 
 
+def check_expand_shape(name: str, batch_shape: object, batch: int) -> int:
+    """Return ``n`` for ``expand(batch_shape)`` of a family with one batch dimension ``[batch]``.
+
+    As torch's ``expand``: ``[B]`` stays ``[B]`` and a batch of one becomes any ``[n]``.
+
+    Raises:
+        ValueError: more than one dimension, or a size other than ``batch`` from ``batch > 1``.
+    """
+    shape = torch.Size(batch_shape)  # type: ignore[arg-type]
+    if len(shape) != 1 or (batch != 1 and shape[0] != batch):
+        raise ValueError(
+            f"{name}.expand: batch_shape must be ({batch},) or, from a batch of one, (n,); got "
+            f"{tuple(shape)} for a batch of {batch}."
+        )
+    return shape[0]
+
+
 def check_lengths(lengths: object, batch: int, length: int, device: torch.device) -> Tensor:
     """Check ``lengths``: integer tensor ``[B]`` with ``1 <= lengths[b] <= T``.
 

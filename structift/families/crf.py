@@ -13,6 +13,7 @@ from structift import chain
 from structift._ops import lengths_to_mask
 from structift.families._validation import (
     LOG_POTENTIAL,
+    check_expand_shape,
     check_float_tensor,
     check_index_tensor,
     check_lengths,
@@ -131,10 +132,8 @@ class LinearChainCRF(ExpFamily):
 
     def expand(self, batch_shape: Any, _instance: Any = None) -> LinearChainCRF:
         """Return the CRF with batch shape ``batch_shape`` (one dimension, broadcast views)."""
-        shape = torch.Size(batch_shape)
-        if len(shape) != 1:
-            raise ValueError(f"LinearChainCRF has one batch dimension; got {tuple(shape)}.")
-        B, T, Z = shape[0], self.unary.shape[1], self.num_states
+        B = check_expand_shape("LinearChainCRF", batch_shape, self.unary.shape[0])
+        T, Z = self.unary.shape[1], self.num_states
         return LinearChainCRF(
             self.unary.expand(B, T, Z),
             self.binary.expand(B, T - 1, Z, Z),

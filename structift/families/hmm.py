@@ -13,6 +13,7 @@ from structift import chain
 from structift._ops import lengths_to_mask
 from structift.families._validation import (
     LOG_POTENTIAL,
+    check_expand_shape,
     check_float_tensor,
     check_index_tensor,
     check_lengths,
@@ -166,14 +167,8 @@ class HMM(ExpFamily):
         One batch dimension, as torch's ``expand``: ``[B]`` stays ``[B]`` and ``[1]`` becomes
         any ``[n]``; parameters given without a batch dimension stay shared.
         """
-        shape = torch.Size(batch_shape)
         B, T = self.observations.shape
-        if len(shape) != 1 or (B != 1 and shape[0] != B):
-            raise ValueError(
-                f"HMM.expand: batch_shape must be ({B},) or, from a batch of one, (n,); got "
-                f"{tuple(shape)} for a batch of {B}."
-            )
-        n = shape[0]
+        n = check_expand_shape("HMM", batch_shape, B)
 
         def grow(x: Tensor, event_dims: int) -> Tensor:
             return x.expand(n, *x.shape[1:]) if x.dim() > event_dims else x

@@ -115,6 +115,8 @@ def test_expand() -> None:
     big = crf.expand((3,))
     assert big.batch_shape == (3,)
     assert_close(big.log_partition, crf.log_partition.expand(3), **TOL)
+    with pytest.raises(ValueError, match=r"LinearChainCRF.expand: batch_shape must be \(3,\)"):
+        big.expand((4,))
     cat = st.Categorical(torch.randn(4, dtype=torch.float64)).expand((2, 3))
     assert cat.batch_shape == (2, 3) and cat.entropy().shape == (2, 3)
 
