@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: run demo test test-all lint typecheck docs bench gpu-wheels clean
+.PHONY: run demo test test-all test-deep test-seeds lint typecheck docs bench gpu-wheels clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,19 @@ test: $(VENV)/.test-stamp
 ## Everything, the slow tests included.
 test-all: $(VENV)/.test-stamp
 	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -n 2
+
+## Every hypothesis property at ten times its CI budget, on random examples (the dev profile;
+## prints the total number of examples; tens of minutes).
+test-deep: $(VENV)/.test-stamp
+	HYPOTHESIS_PROFILE=dev $(BIN)/python -m pytest -n 2 -m "not slow" -q
+
+## The default suite under five seed offsets (tests/seeding.py: STRUCTIFT_TEST_SEED).
+SEEDS ?= 1 2 3 4 5
+test-seeds: $(VENV)/.test-stamp
+	set -e; for s in $(SEEDS); do \
+	  echo "== STRUCTIFT_TEST_SEED=$$s"; \
+	  STRUCTIFT_TEST_SEED=$$s HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -n 2 -m "not slow" -q; \
+	done
 
 lint: $(VENV)/.test-stamp
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

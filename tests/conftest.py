@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from tests.seeding import SEED_OFFSET, node_seed
+
+# `ci` is derandomized (the same examples on every machine) at the default offset; under a seed
+# offset (STRUCTIFT_TEST_SEED, see tests/seeding.py) it draws new examples from that seed.
 settings.register_profile(
     "ci",
-    derandomize=True,
+    derandomize=SEED_OFFSET == 0,
+    database=None,
     deadline=None,
     max_examples=30,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
 )
+# `dev` (`make test-deep`): random examples, ten times the CI budget of every property
+# (tests/seeding.py: `examples` scales the budgets that tests set themselves).
 settings.register_profile(
     "dev",
     deadline=None,
-    max_examples=100,
-    suppress_health_check=[HealthCheck.too_slow],
+    max_examples=300,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
@@ -50,7 +58,40 @@ def device(request: pytest.FixtureRequest) -> torch.device:
     return torch.device(request.param)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    if SEED_OFFSET:
+        # Hypothesis draws from the offset too (its own `--hypothesis-seed` option).
+        from hypothesis import core
+
+        core.global_force_seed = SEED_OFFSET  # type: ignore[attr-defined]
+
+
+def pytest_report_header() -> str:
+    return f"structift test seed offset: {SEED_OFFSET} (STRUCTIFT_TEST_SEED)"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print how many hypothesis examples ran in total (the figure `make test-deep` reports).
+
+    Reads the per-test statistics the hypothesis plugin attaches to each report (they travel
+    back from pytest-xdist workers too) and sums the passing test cases of every phase.
+    """
+    properties, passing = 0, 0
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            stats = getattr(report, "__dict__", {}).get("_hypothesis_stats")
+            if stats:
+                properties += 1
+                passing += sum(int(n) for n in re.findall(r"- (\d+) passing", stats))
+    if properties:
+        profile = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+        terminalreporter.write_line(
+            f"hypothesis ({profile} profile, seed offset {SEED_OFFSET}): {passing} passing "
+            f"examples over {properties} property tests"
+        )
+
+
 @pytest.fixture(autouse=True)
-def _seed() -> None:
-    """Seed every test so failures reproduce."""
-    torch.manual_seed(0)
+def _seed(request: pytest.FixtureRequest) -> None:
+    """Seed the global generator per test (stable id hash plus the suite's offset)."""
+    torch.manual_seed(node_seed(request.node.nodeid))

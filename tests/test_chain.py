@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from structift import chain
+from tests.seeding import seeded
 
 INF = float("inf")
 F64 = torch.float64
@@ -83,7 +84,7 @@ def random_chain(
     scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random potentials with a fraction ``masked`` of entries set to -inf."""
-    g = torch.Generator().manual_seed(seed)
+    g = seeded(seed)
     unary = scale * torch.randn(B, T, Z, generator=g, dtype=F64)
     binary = scale * torch.randn(B, T - 1, Z, Z, generator=g, dtype=F64)
     if masked:
@@ -349,7 +350,7 @@ class TestHessianVectorProduct:
     ) -> None:
         """float64, random -inf masks and lengths, directions dirty on padding."""
         unary, binary, lengths = random_chain(B, T, Z, seed=seed, masked=masked, scale=2.0)
-        g = torch.Generator().manual_seed(seed + 1)
+        g = seeded(seed + 1)
         vu = torch.randn(unary.shape, generator=g, dtype=F64)
         vb = torch.randn(binary.shape, generator=g, dtype=F64)
         ref = brute_force_hvp(unary, binary, lengths, vu, vb)
@@ -547,7 +548,7 @@ class TestViterbi:
 class TestScore:
     def test_matches_enumeration(self, device: torch.device) -> None:
         unary, binary, lengths = random_chain(3, 4, 3, seed=15, lengths=[4, 2, 1], device=device)
-        g = torch.Generator().manual_seed(0)
+        g = seeded(0)
         tags = torch.randint(0, 3, (3, 4), generator=g).to(device)
         out = chain.score(unary, binary, lengths, tags)
         for b in range(3):
@@ -588,8 +589,8 @@ class TestSample:
 
     def test_generator_makes_it_reproducible(self) -> None:
         unary, binary, lengths = random_chain(2, 5, 4, seed=18)
-        a = chain.sample(unary, binary, lengths, (7,), generator=torch.Generator().manual_seed(3))
-        b = chain.sample(unary, binary, lengths, (7,), generator=torch.Generator().manual_seed(3))
+        a = chain.sample(unary, binary, lengths, (7,), generator=seeded(3))
+        b = chain.sample(unary, binary, lengths, (7,), generator=seeded(3))
         assert torch.equal(a, b)
 
     def test_sequence_frequencies_match_probabilities(self) -> None:
@@ -606,7 +607,7 @@ class TestSample:
         binary[..., 1, 1] = 0.0
         ref = brute_force(unary, binary, lengths)
         n = 40000
-        z = chain.sample(unary, binary, lengths, (n,), generator=torch.Generator().manual_seed(0))
+        z = chain.sample(unary, binary, lengths, (n,), generator=seeded(0))
         for b in range(3):
             L = int(lengths[b])
             counts: dict[tuple[int, ...], int] = {}
@@ -626,7 +627,7 @@ class TestSample:
         """
         unary, binary, lengths = random_chain(2, 6, 4, seed=20, lengths=[6, 4])
         n = 20000
-        z = chain.sample(unary, binary, lengths, (n,), generator=torch.Generator().manual_seed(1))
+        z = chain.sample(unary, binary, lengths, (n,), generator=seeded(1))
         freq = torch.nn.functional.one_hot(z, 4).sum(0).to(F64)  # shape: (B, T, Z)
         mu_u, _ = chain.marginals(unary, binary, lengths)
         mask = (torch.arange(6)[None, :] < lengths[:, None])[..., None]
@@ -667,7 +668,7 @@ class TestScaledPath:
         self, kind: str, device: torch.device, binary_mode: str
     ) -> None:
         """Value and gradient (summed to the shape passed in) for each binary layout."""
-        g = torch.Generator().manual_seed(21)
+        g = seeded(21)
         B, T, Z = 3, 4, 3
         unary = torch.randn(B, T, Z, generator=g, dtype=F64)
         unary[1, 2, 0] = -INF
@@ -701,7 +702,7 @@ class TestScaledPath:
         """On moderate potentials every row takes the scaled path and matches log space."""
         from structift.chain import _log, _scaled
 
-        g = torch.Generator().manual_seed(22)
+        g = seeded(22)
         B, T, Z = 4, 30, 6
         unary = 4.0 * torch.randn(B, T, Z, generator=g, dtype=F64)
         binary = 4.0 * _shaped_binary(kind, B, T, Z, g)
@@ -758,7 +759,7 @@ class TestScaledPath:
         from structift.chain import _scaled
 
         monkeypatch.setattr(_scaled, "certified_threshold", lambda dtype: INF)
-        g = torch.Generator().manual_seed(23)
+        g = seeded(23)
         B, T, Z = 3, 4, 3
         unary = torch.randn(B, T, Z, generator=g, dtype=F64)
         binary = _shaped_binary(kind, B, T, Z, g)
@@ -777,7 +778,7 @@ class TestScaledPath:
     @pytest.mark.parametrize("kind", ["full", "shared"])
     def test_weighted_and_retained_backward(self, kind: str, binary_mode: str) -> None:
         """Non-uniform output weights, and a second backward through a retained graph."""
-        g = torch.Generator().manual_seed(24)
+        g = seeded(24)
         B, T, Z = 3, 5, 3
         unary = torch.randn(B, T, Z, generator=g, dtype=F64, requires_grad=True)
         binary = _shaped_binary(kind, B, T, Z, g).requires_grad_(True)
@@ -821,7 +822,7 @@ class TestScaledPath:
 @pytest.mark.parametrize("kind", ["full", "shared"])
 def test_cuda_matches_cpu_float32(kind: str) -> None:
     """A moderate float32 problem with padding and -inf gives the same answers on both devices."""
-    g = torch.Generator().manual_seed(27)
+    g = seeded(27)
     B, T, Z = 16, 40, 12
     unary = 3.0 * torch.randn(B, T, Z, generator=g)
     unary[unary < -5.0] = -INF
@@ -844,7 +845,7 @@ def test_certificate_guarantee_without_masks() -> None:
     span (here up to 400 nats), as the bound in structift/chain/_scaled.py promises."""
     from structift.chain import _log, _scaled
 
-    g = torch.Generator().manual_seed(29)
+    g = seeded(29)
     B, T, Z = 16, 20, 8
     unary = 200.0 * (2 * torch.rand(B, T, Z, generator=g, dtype=F64) - 1)
     binary = 24.9 * torch.rand(B, T - 1, Z, Z, generator=g, dtype=F64)

@@ -17,6 +17,7 @@ from structift.chain import _decode, _fused, _fused_decode, _hvp, _log
 from tests.families.cases import CHAIN_CASES
 from tests.families.test_sampling import S, _assert_frequencies, _encode
 from tests.reference import brute_force
+from tests.seeding import seeded
 from tests.strategies import chain_params
 
 pytest.importorskip("triton", reason="the fused kernel needs triton (installed by the test extra)")
@@ -357,7 +358,7 @@ class TestSample:
         """Every structure's frequency within Bernstein bounds (false failure < 1e-7)."""
         params = case.fixed()
         dist = case.build(params, fused)
-        generator = torch.Generator(device=fused).manual_seed(0)
+        generator = seeded(0, device=fused)
         samples = dist.sample((S,), generator=generator).cpu()
         assert samples.shape == (S, *dist.batch_shape, *dist.event_shape)
         base = dist._natural_params[0].shape[-1]
@@ -374,7 +375,7 @@ class TestSample:
         draws = []
         for block in (16, 1024):
             monkeypatch.setattr(_fused_decode, "_sample_block", lambda n, bz, block=block: block)
-            generator = torch.Generator(device=fused).manual_seed(3)
+            generator = seeded(3, device=fused)
             draws.append(chain.sample(unary, binary, lengths, (5, 20), generator=generator))
         assert draws[0].shape == (5, 20, 3, 6)
         assert torch.equal(draws[0], draws[1])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from structift._ops import lengths_to_mask, logsumexp
+from tests.seeding import seeded
 
 INF = float("inf")
 
@@ -76,7 +77,7 @@ class TestSemirings:
         from structift.chain import _log
         from structift.semiring import Max
 
-        g = torch.Generator().manual_seed(3)
+        g = seeded(3)
         unary = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
         binary = torch.randn(3, 4, 4, 4, generator=g, dtype=torch.float64)
         lengths = torch.tensor([5, 3, 1])

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.seeding import seeded, shift
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "crf_tagger.py"
 sys.path.insert(0, str(ROOT / "examples"))
@@ -68,7 +70,7 @@ class TestFeatures:
     def test_batches_cover_everything_once_and_share_out_across_ranks(self) -> None:
         vocab = Vocab.build(TOY)
         items = [encode(vocab, s) for s in TOY * 7]
-        batches = length_sorted_batches(items, 4, torch.Generator().manual_seed(1))
+        batches = length_sorted_batches(items, 4, seeded(1))
         assert sorted(i for b in batches for i in b) == list(range(21))
         for b in batches:  # sorted by length inside a batch: little padding
             lengths = [len(items[i].words) for i in b]
@@ -80,7 +82,7 @@ class TestFeatures:
 
 class TestModel:
     def test_crf_loss_is_brute_force_nll(self) -> None:
-        torch.manual_seed(0)
+        torch.manual_seed(shift(0))
         vocab = Vocab.build(TOY)
         sents = [TOY[1][:3], TOY[0][:2]]
         batch = collate([encode(vocab, s) for s in sents])
@@ -165,7 +167,7 @@ def write_conll(path: Path, sents: list) -> None:
 
 
 def toy_corpus(n: int, seed: int) -> list:
-    g = torch.Generator().manual_seed(seed)
+    g = seeded(seed)
     dets, nouns, verbs = ["the", "a", "no"], ["dog", "cat", "jury", "city"], ["ran", "said", "sat"]
     sents = []
     for _ in range(n):

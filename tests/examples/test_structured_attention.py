@@ -11,6 +11,8 @@ from types import ModuleType
 import pytest
 import torch
 
+from tests.seeding import seeded
+
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "structured_attention.py"
 
 
@@ -26,7 +28,7 @@ def example() -> ModuleType:
 
 def test_generator_makes_the_task_it_describes(example):
     cfg = example.TaskConfig()
-    batch = example.make_batch(4000, cfg, torch.Generator().manual_seed(0))
+    batch = example.make_batch(4000, cfg, seeded(0))
     T = cfg.max_length
     pos = torch.arange(T)
     valid = pos < batch.lengths[:, None]

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import structift as st_
 from tests import strategies
 from tests.reference import brute_force
+from tests.seeding import seeded
 
 Params = dict[str, Any]
 
@@ -122,7 +123,7 @@ def _crf_pad(p: Params, data: st.DataObject) -> Params:
 
 def _crf_fixed() -> Params:
     # Small on purpose (gradgradcheck cost grows with the input count): B=2, T=4, Z=2.
-    g = torch.Generator().manual_seed(1)
+    g = seeded(1)
     unary = torch.randn(2, 4, 2, generator=g, dtype=torch.float64)
     binary = torch.randn(2, 3, 2, 2, generator=g, dtype=torch.float64)
     unary[0, 1, 1] = float("-inf")
@@ -196,7 +197,7 @@ def _hmm_pad(p: Params, data: st.DataObject) -> Params:
 
 
 def _hmm_fixed() -> Params:
-    g = torch.Generator().manual_seed(2)
+    g = seeded(2)
     transition = torch.randn(3, 3, generator=g, dtype=torch.float64)
     transition[0, 2] = float("-inf")
     return {

@@ -8,12 +8,13 @@ from torch.distributions import constraints, kl_divergence
 from torch.testing import assert_close
 
 import structift as st
+from tests.seeding import seeded
 
 TOL = {"rtol": 1e-9, "atol": 1e-9}
 
 
 def _crf(device, B=3, T=5, Z=4, shared=True, lengths=(5, 3, 1)) -> st.LinearChainCRF:
-    g = torch.Generator().manual_seed(3)
+    g = seeded(3)
     unary = torch.randn(B, T, Z, generator=g, dtype=torch.float64).to(device)
     shape = (Z, Z) if shared else (B, T - 1, Z, Z)
     binary = torch.randn(shape, generator=g, dtype=torch.float64).to(device)
@@ -59,7 +60,7 @@ def test_crf_padding_conventions(device) -> None:
 
 
 def test_binary_layouts_broadcast_like_the_full_tensor() -> None:
-    g = torch.Generator().manual_seed(4)
+    g = seeded(4)
     B, T, Z = 2, 4, 3
     unary = torch.randn(B, T, Z, generator=g, dtype=torch.float64)
     full_shapes = {(Z, Z): (B, T - 1, Z, Z), (T - 1, Z, Z): (B, T - 1, Z, Z), (B, 1, Z, Z): None}
@@ -162,7 +163,7 @@ def test_categorical_matches_torch_categorical(device) -> None:
 
 
 def test_hmm_posterior_and_shapes(device) -> None:
-    g = torch.Generator().manual_seed(5)
+    g = seeded(5)
     Z, V, B, T = 3, 4, 2, 5
     init = torch.randn(Z, generator=g, dtype=torch.float64).to(device)
     trans = torch.randn(Z, Z, generator=g, dtype=torch.float64).to(device)
@@ -191,7 +192,7 @@ def test_hmm_posterior_and_shapes(device) -> None:
 
 
 def test_hmm_batched_parameters_equal_stacked_singles() -> None:
-    g = torch.Generator().manual_seed(6)
+    g = seeded(6)
     Z, V, B, T = 2, 3, 3, 4
     init = torch.randn(B, Z, generator=g, dtype=torch.float64)
     trans = torch.randn(B, Z, Z, generator=g, dtype=torch.float64)

@@ -10,6 +10,7 @@ from torch.autograd import gradcheck, gradgradcheck
 from torch.distributions import kl_divergence
 
 from tests.families.cases import CASES, Case
+from tests.seeding import seeded
 
 cases = pytest.mark.parametrize("case", CASES, ids=repr)
 
@@ -22,7 +23,7 @@ def _split(case: Case, device) -> tuple[list[str], dict, list[torch.Tensor]]:
 
 def _other(case: Case, device) -> dict:
     """A second parameter set on the same sample space (finite, perturbed)."""
-    g = torch.Generator().manual_seed(7)
+    g = seeded(7)
     out = {}
     for k, v in case.fixed().items():
         if v.is_floating_point():

@@ -17,6 +17,7 @@ import torch
 
 from tests.families.cases import CASES, Case
 from tests.reference import brute_force
+from tests.seeding import seeded
 
 cases = pytest.mark.parametrize("case", CASES, ids=repr)
 
@@ -51,7 +52,7 @@ def _encode(x: torch.Tensor, base: int) -> torch.Tensor:
 def test_sample_frequencies_match_enumeration(case: Case, device) -> None:
     params = case.fixed()
     dist = case.build(params, device)
-    generator = torch.Generator(device=device).manual_seed(0)
+    generator = seeded(0, device=device)
     samples = dist.sample((S,), generator=generator).cpu()
     assert samples.shape == (S, *dist.batch_shape, *dist.event_shape)
     assert samples.dtype == torch.long
@@ -72,7 +73,7 @@ def test_hmm_sample_joint_frequencies_match_enumeration(device) -> None:
 
     params = HMM.fixed()
     hmm = HMM.build(params, device)
-    generator = torch.Generator(device=device).manual_seed(0)
+    generator = seeded(0, device=device)
     x, z = hmm.sample_joint((S,), generator=generator)
     assert x.shape == z.shape == (S, *params["observations"].shape)
     x, z = x.cpu(), z.cpu()
@@ -99,7 +100,7 @@ def test_sampler_catches_a_wrong_distribution() -> None:
 
     params = CRF.fixed()
     other = {**params, "unary": params["unary"] * 0.7}
-    samples = CRF.build(other).sample((S,), generator=torch.Generator().manual_seed(0))
+    samples = CRF.build(other).sample((S,), generator=seeded(0))
     enum = CRF.brute(params)[0]
     with pytest.raises(AssertionError, match="frequency"):
         Z = params["unary"].shape[-1]

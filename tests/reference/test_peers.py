@@ -17,6 +17,7 @@ from torch.testing import assert_close
 
 import structift as st
 from tests import strategies
+from tests.seeding import seeded
 
 torch_struct = pytest.importorskip("torch_struct")
 torchcrf = pytest.importorskip("torchcrf")
@@ -53,7 +54,7 @@ def test_against_torch_struct(params) -> None:
 
 
 def test_against_torch_struct_random_larger() -> None:
-    g = torch.Generator().manual_seed(11)
+    g = seeded(11)
     B, T, Z = 8, 12, 5
     unary = torch.randn(B, T, Z, generator=g, dtype=torch.float64) * 3
     binary = torch.randn(B, T - 1, Z, Z, generator=g, dtype=torch.float64)
@@ -113,7 +114,7 @@ def test_against_pytorch_crf(data) -> None:
 
 def test_gradients_against_pytorch_crf() -> None:
     """d log-likelihood / d emissions and transitions agree with pytorch-crf's autograd."""
-    g = torch.Generator().manual_seed(12)
+    g = seeded(12)
     B, T, Z = 6, 9, 4
     emissions = torch.randn(B, T, Z, generator=g, dtype=torch.float64, requires_grad=True)
     transitions = torch.randn(Z, Z, generator=g, dtype=torch.float64, requires_grad=True)

@@ -18,6 +18,7 @@ from structift.variational import (
 from structift.variational.argmax import _scales
 from structift.variational.chain_kkt import chain_kkt_matvec, chain_support
 from tests.reference import brute_force
+from tests.seeding import examples, seeded
 from tests.strategies import chain_params
 from tests.variational.cases import temperatures
 
@@ -44,12 +45,12 @@ def _exact(unary, binary, lengths, tau):
     return torch.stack(ms), torch.stack(Ms), enums
 
 
-@settings(max_examples=20)
+@settings(max_examples=examples(20))
 @given(p=chain_params(), tau=temperatures)
 def test_covariance_product_matches_enumeration(p, tau: float) -> None:
     unary, binary, lengths = _expand(p)
     m, M, enums = _exact(unary, binary, lengths, tau)
-    gen = torch.Generator().manual_seed(0)
+    gen = seeded(0)
     v_u = torch.randn(unary.shape, dtype=torch.float64, generator=gen)
     v_b = torch.randn(binary.shape, dtype=torch.float64, generator=gen)
     cu, cb = chain_covariance_vector_product(m, M, lengths, v_u, v_b)
@@ -66,7 +67,7 @@ def test_covariance_product_matches_enumeration(p, tau: float) -> None:
         )
 
 
-@settings(max_examples=20)
+@settings(max_examples=examples(20))
 @given(p=chain_params(), tau=temperatures)
 def test_residual_vanishes_at_the_solution_only(p, tau: float) -> None:
     unary, binary, lengths = _expand(p)
@@ -117,7 +118,7 @@ def _materialize(z, lengths, tau, S):
     return torch.stack(cols, -1)
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(p=chain_params(), tau=temperatures, seed=st.integers(0, 2**16))
 def test_kkt_matrix_is_symmetric_nonsingular_and_solved_exactly(p, tau: float, seed: int) -> None:
     unary, binary, lengths = _expand(p)
@@ -129,9 +130,7 @@ def test_kkt_matrix_is_symmetric_nonsingular_and_solved_exactly(p, tau: float, s
     K = _materialize(z, lengths, tau, S)  # shape: (B, N, N)
     torch.testing.assert_close(K, K.mT, rtol=0, atol=0)
     # The explicit product agrees with autograd through the residual.
-    probe = torch.randn(
-        flat.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
-    )
+    probe = torch.randn(flat.shape, dtype=torch.float64, generator=seeded(seed))
     torch.testing.assert_close(op.mv(probe), (K @ probe[..., None])[..., 0], rtol=1e-12, atol=1e-12)
     # Raw K has entries τ/μ (condition number up to 1e200 when potentials are peaked); the
     # symmetric diagonal scaling used for generic solvers makes it well conditioned.
@@ -140,7 +139,7 @@ def test_kkt_matrix_is_symmetric_nonsingular_and_solved_exactly(p, tau: float, s
     sv = torch.linalg.svdvals(K_scaled)
     assert bool((sv.amax(-1) / sv.amin(-1) < 1e3).all()), sv
     # Structured solve vs dense solve (of the scaled system) for a zero-dual right-hand side.
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeded(seed)
     n_mu = m[0].numel() + M[0].numel()
     rhs = torch.zeros_like(flat)
     rhs[:, :n_mu] = torch.randn(flat.shape[0], n_mu, dtype=torch.float64, generator=gen)

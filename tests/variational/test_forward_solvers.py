@@ -8,11 +8,12 @@ from hypothesis import given, settings
 
 import structift as sf
 from structift.variational import chain_message_passing, kkt_residual, simplex_mirror_descent
+from tests.seeding import examples
 from tests.strategies import categorical_params, chain_params
 from tests.variational.cases import temperatures
 
 
-@settings(max_examples=20)
+@settings(max_examples=examples(20))
 @given(p=chain_params(), tau=temperatures)
 def test_message_passing_reaches_the_exact_marginals(p, tau: float) -> None:
     crf = sf.LinearChainCRF(p["unary"], p["binary"], p["lengths"])
@@ -50,7 +51,7 @@ def test_damped_error_decays_geometrically() -> None:
     assert errs[2] < 1e-2 * errs[1] < 1e-4 * errs[0]
 
 
-@settings(max_examples=20)
+@settings(max_examples=examples(20))
 @given(p=categorical_params(), tau=temperatures)
 def test_mirror_descent_reaches_softmax(p, tau: float) -> None:
     res = simplex_mirror_descent(p["logits"], tau, tol=1e-14)

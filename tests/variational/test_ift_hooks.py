@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import structift as sf
 import structift.variational.argmax as argmax_module
 from structift.variational import StructuredChainSolve, regularized_argmax
+from tests.seeding import examples, seeded
 from tests.variational.cases import CASE_IDS, CASES, Case, temperatures
 
 
@@ -27,7 +28,7 @@ def _gradient(case: Case, params: dict, tau: float, linear: str, seed: int) -> l
     dist = case.build(p)
     out = regularized_argmax(dist, tau, linear_solver=linear)
     outs = [out] if isinstance(out, torch.Tensor) else list(out)
-    g = torch.Generator().manual_seed(seed)
+    g = seeded(seed)
     loss = sum((o * torch.randn(o.shape, dtype=o.dtype, generator=g)).sum() for o in outs)
     inputs = [v for v in p.values() if isinstance(v, torch.Tensor) and v.requires_grad]
     return list(torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True))
@@ -51,7 +52,7 @@ def _compare(case: Case, params: dict, tau: float, linear: str, seed: int) -> No
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("linear", ["structured", "dense"])
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 @given(data=st.data(), tau=temperatures, seed=st.integers(0, 2**16))
 def test_hooks_equal_the_plain_custom_root_path(
     case: Case, linear: str, data: st.DataObject, tau: float, seed: int
@@ -66,7 +67,7 @@ def test_hooks_equal_the_plain_custom_root_path(
 
 def test_hooks_on_a_full_support_chain() -> None:
     """Full lengths, finite potentials: the θ-VJP skips the support mask."""
-    g = torch.Generator().manual_seed(3)
+    g = seeded(3)
     B, T, Z = 3, 5, 4
     params = {
         "unary": torch.randn(B, T, Z, dtype=torch.float64, generator=g),
@@ -79,7 +80,7 @@ def test_hooks_on_a_full_support_chain() -> None:
 
 def test_structured_solve_returns_the_tree_layout() -> None:
     """The tree and flat right-hand sides give the same solution."""
-    g = torch.Generator().manual_seed(4)
+    g = seeded(4)
     unary = torch.randn(2, 4, 3, dtype=torch.float64, generator=g)
     binary = torch.randn(2, 3, 3, 3, dtype=torch.float64, generator=g)
     lengths = torch.tensor([4, 2])

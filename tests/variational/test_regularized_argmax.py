@@ -19,6 +19,7 @@ from structift.variational import (
     kkt_residual,
     regularized_argmax,
 )
+from tests.seeding import examples, seeded, shift
 from tests.variational.cases import CASE_IDS, CASES, Case, temperatures
 
 LINEAR_SOLVERS = {
@@ -35,7 +36,7 @@ def _assert_close(result, rtol: float) -> None:
 
 
 def _gen() -> torch.Generator:
-    return torch.Generator().manual_seed(0)
+    return seeded(0)
 
 
 # ---- IFT == autograd through A(θ), float64 --------------------------------------------------
@@ -43,7 +44,7 @@ def _gen() -> torch.Generator:
 
 @pytest.mark.parametrize("linear", list(LINEAR_SOLVERS), ids=list(LINEAR_SOLVERS))
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-@settings(max_examples=12)
+@settings(max_examples=examples(12))
 @given(data=st.data(), tau=temperatures)
 def test_ift_matches_autograd_float64(case: Case, linear: str, data, tau: float) -> None:
     dist = case.build(data.draw(case.params))
@@ -55,7 +56,7 @@ def test_ift_matches_autograd_float64(case: Case, linear: str, data, tau: float)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-@settings(max_examples=10)
+@settings(max_examples=examples(10))
 @given(data=st.data(), tau=temperatures)
 def test_iterative_forward_gives_the_same_gradient(case: Case, data, tau: float) -> None:
     dist = case.build(data.draw(case.params))
@@ -64,7 +65,7 @@ def test_iterative_forward_gives_the_same_gradient(case: Case, data, tau: float)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-@settings(max_examples=10)
+@settings(max_examples=examples(10))
 @given(data=st.data(), tau=temperatures)
 def test_ift_matches_autograd_float32(case: Case, data, tau: float) -> None:
     dist = case.build(data.draw(case.params), torch.float32)
@@ -73,7 +74,7 @@ def test_ift_matches_autograd_float32(case: Case, data, tau: float) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-@settings(max_examples=10)
+@settings(max_examples=examples(10))
 @given(data=st.data())
 def test_unit_temperature_returns_the_marginals(case: Case, data) -> None:
     dist = case.build(data.draw(case.params))
@@ -147,7 +148,7 @@ def test_shift_invariance_of_the_gradient() -> None:
 
 
 def test_gradcheck_chain_and_categorical() -> None:
-    torch.manual_seed(1)
+    torch.manual_seed(shift(1))
     unary = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
     binary = torch.randn(2, 2, 2, 2, dtype=torch.float64)
     binary[0, 0, 1, 0] = float("-inf")
@@ -179,7 +180,7 @@ def test_gradgradcheck_with_a_dense_solve() -> None:
 
 
 def test_gradient_error_shrinks_with_the_forward_tolerance() -> None:
-    torch.manual_seed(0)
+    torch.manual_seed(shift(0))
     B, T, Z = 2, 12, 4
     crf = sf.LinearChainCRF(
         torch.randn(B, T, Z, dtype=torch.float64) * 2,
@@ -188,7 +189,7 @@ def test_gradient_error_shrinks_with_the_forward_tolerance() -> None:
     )
     errors = []
     for tol in (1e-2, 1e-4, 1e-6, 1e-8, 1e-10):
-        gen = torch.Generator().manual_seed(0)
+        gen = seeded(0)
         res = check_ift(
             crf,
             1.0,
