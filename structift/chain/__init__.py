@@ -37,8 +37,20 @@ from torch import Tensor
 from structift._ops import lengths_to_mask
 from structift.chain import _decode, _fused, _fused_decode, _hvp, _log, _scaled
 from structift.chain._decode import score
+from structift.chain._local import entropy, kl
 
-__all__ = ["KERNELS", "kernel_for", "log_partition", "marginals", "sample", "score", "viterbi"]
+__all__ = [
+    "KERNELS",
+    "entropy",
+    "forward_backward",
+    "kernel_for",
+    "kl",
+    "log_partition",
+    "marginals",
+    "sample",
+    "score",
+    "viterbi",
+]
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -106,8 +118,10 @@ def _sum_to_shape(x: Tensor, shape: torch.Size) -> Tensor:
     return x.sum(dim=dims, keepdim=True) if dims else x
 
 
-def _fast_marginals(unary: Tensor, binary: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-    """Marginals by the scaled path, detached, ``mu_binary`` at full shape ``[B, T-1, Z, Z]``.
+def _fast_marginals(
+    unary: Tensor, binary: Tensor, lengths: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(log Z, mu_unary, mu_binary)`` by the kernel's path, detached, ``mu_binary`` at full shape.
 
     Computed (and returned) in the working dtype: float32 for float16/bfloat16 inputs.
     """
@@ -115,10 +129,10 @@ def _fast_marginals(unary: Tensor, binary: Tensor, lengths: Tensor) -> tuple[Ten
     with torch.no_grad():
         u, b = _work(unary), _work(binary)
         engine = _engine(u)
-        _, state = engine.forward(u, b, lengths, eager=True)
+        log_z, state = engine.forward(u, b, lengths, eager=True)
         mu_u, mu_b = engine.backward(state, u, b, lengths, u.new_ones(B), (B, T - 1, Z, Z))
     assert mu_b is not None
-    return mu_u, mu_b
+    return log_z, mu_u, mu_b
 
 
 class _Marginals(torch.autograd.Function):
@@ -130,17 +144,21 @@ class _Marginals(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, unary: Tensor, binary: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        work = _fast_marginals(unary, binary, lengths)
+    def forward(
+        ctx, unary: Tensor, binary: Tensor, lengths: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        log_z, *work = _fast_marginals(unary, binary, lengths)
         out = (work[0].to(unary.dtype), work[1].to(unary.dtype))
         # The backward needs the marginals in the working dtype: the outputs themselves (no
         # extra memory), or a float32 copy for float16/bfloat16 inputs.
         ctx.save_for_backward(unary, binary, lengths, *(work if out[0] is not work[0] else out))
-        return out
+        log_z = log_z.to(unary.dtype)
+        ctx.mark_non_differentiable(log_z)  # a by-product: differentiate log_partition instead
+        return (*out, log_z)
 
     @staticmethod
     def backward(
-        ctx, v_u: Tensor | None, v_b: Tensor | None
+        ctx, v_u: Tensor | None, v_b: Tensor | None, _: Tensor | None
     ) -> tuple[Tensor | None, Tensor | None, None]:
         unary, binary, lengths, mu_u, mu_b = ctx.saved_tensors
         need_u, need_b = ctx.needs_input_grad[:2]
@@ -187,7 +205,7 @@ class _LogPartition(torch.autograd.Function):
         unary, binary, lengths = ctx.saved_tensors
         need_u, need_b = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():
-            mu_u, mu_b = _Marginals.apply(unary, binary, lengths)
+            mu_u, mu_b, _ = _Marginals.apply(unary, binary, lengths)
             g_u = grad[:, None, None] * mu_u if need_u else None
             g_b = _sum_to_shape(grad[:, None, None, None] * mu_b, binary.shape) if need_b else None
             return g_u, g_b, None
@@ -227,7 +245,9 @@ def marginals(
 ) -> tuple[Tensor, Tensor]:
     """Compute the exact marginals ``mu = grad A(theta)`` by forward-backward.
 
-    ``mu_unary[b, t, z] = p(z_t = z)`` and ``mu_binary[b, t, i, j] = p(z_t = i, z_{t+1} = j)``.
+    ``mu_unary[b, t, z] = p(z_t = z)`` and ``mu_binary[b, t, i, j] = p(z_t = i, z_{t+1} = j)``,
+    each position normalised by its own total (so float32 accuracy does not depend on
+    ``|log Z|``). ``forward_backward`` also returns ``log Z``.
 
     Args:
         unary: ``[B, T, Z]`` log-potentials.
@@ -242,11 +262,25 @@ def marginals(
         ``(mu_unary [B, T, Z], mu_binary [B, T-1, Z, Z])``, zero beyond each length and for
         sequences without a finite-score path.
     """
+    _, mu_u, mu_b = forward_backward(unary, binary, lengths, create_graph)
+    return mu_u, mu_b
+
+
+def forward_backward(
+    unary: Tensor, binary: Tensor, lengths: Tensor, create_graph: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Compute ``(log Z [B], mu_unary, mu_binary)`` in one forward-backward (see ``marginals``).
+
+    ``log Z`` is a detached by-product (``-inf`` exactly where no tag sequence has a finite
+    score: that, and nothing else, decides infeasibility); the marginals are differentiable
+    when ``create_graph``.
+    """
     _check(unary, binary, lengths)
     if create_graph:
-        return _Marginals.apply(unary, binary, lengths)
-    mu_u, mu_b = _fast_marginals(unary, binary, lengths)
-    return mu_u.to(unary.dtype), mu_b.to(unary.dtype)
+        mu_u, mu_b, log_z = _Marginals.apply(unary, binary, lengths)
+        return log_z, mu_u, mu_b
+    log_z, mu_u, mu_b = _fast_marginals(unary, binary, lengths)
+    return log_z.to(unary.dtype), mu_u.to(unary.dtype), mu_b.to(unary.dtype)
 
 
 def viterbi(unary: Tensor, binary: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:

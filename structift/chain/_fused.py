@@ -17,8 +17,8 @@ The recursions are the log-space ones of ``_log`` (``m + log sum exp(x - m)`` wi
     mu_binary[t, i, j] = exp(alpha_t[i] + binary_t[i, j] + unary_{t+1}[j] + beta_{t+1}[j] - log Z)
 
 Both messages are re-centred every step (maximum 0; the forward sums the shifts into ``log Z``)
-and each position's marginals are normalised by their own total (``log Z`` minus the shifts,
-computed locally as a logsumexp over the step), so float32 rounding does not grow with ``T``.
+and each position's marginals are normalised by their own total, as a ratio ``exp(y - max y) /
+sum exp(y - max y)`` over the step, so float32 rounding does not grow with ``T`` or ``|log Z|``.
 
 Positions at or beyond a sequence's length are never read (padding may hold anything) and get a
 zero gradient. A sequence without a finite-score path has ``log Z = -inf`` and zero marginals.
@@ -175,7 +175,7 @@ def _backward_kernel(
     PREFETCH: tl.constexpr,
 ):  # fmt: skip
     # Both messages are centred, and each position's marginals are normalised locally (they sum
-    # to 1): mu_b[t] = exp(y - logsumexp(y)) with y = alpha_t[i] + binary_t[i, j] + unary_{t+1}[j]
+    # to 1): mu_b[t] = softmax(y) with y = alpha_t[i] + binary_t[i, j] + unary_{t+1}[j]
     # + beta_{t+1}[j], so no O(T)-sized number (log Z, unnormalised messages) is ever subtracted.
     b = tl.program_id(0).to(tl.int64)
     n = tl.load(LEN + b)
@@ -194,9 +194,10 @@ def _backward_kernel(
     zero2 = tl.zeros([BZ, BZ], dtype=GW.dtype.element_ty)
 
     a = tl.load(a_row + (n - 1) * Z + r, mask=ok, other=float("-inf"))
-    d = tl.log(tl.sum(tl.exp(a), 0))  # alpha is centred: its max is 0 on live rows
-    d = tl.where(d == float("-inf"), 0.0, d)
-    tl.store(gu_row + (n - 1) * Z + r, tl.exp(a - d) * g, mask=ok)
+    e = tl.exp(a)  # alpha is centred: its max is 0 on live rows, so one term is exactly 1
+    total = tl.sum(e, 0)
+    w = tl.where(total > 0, g / tl.where(total > 0, total, 1.0), 0.0)  # never 0 / 0
+    tl.store(gu_row + (n - 1) * Z + r, e * w, mask=ok)
     beta = tl.zeros([BZ], dtype=GU.dtype.element_ty)
     acc = zero2
     # Step n-2's inputs, then each step loads the next one's (see the forward).
@@ -225,15 +226,18 @@ def _backward_kernel(
         y = a + beta
         m = tl.max(y, 0)
         m = tl.where(m == float("-inf"), 0.0, m)
-        norm = m + tl.log(tl.sum(tl.exp(y - m), 0))  # logsumexp of the step's pair scores
-        norm = tl.where(norm == float("-inf"), 0.0, norm)
+        # Normalise by the step's own total as a ratio (its largest term is exactly 1): never
+        # `exp(y - logsumexp(y))`, whose m + log(total) can round to m (ties of 1e20 in float64).
+        e = tl.exp(y - m)
+        total = tl.sum(e, 0)
+        w = tl.where(total > 0, g / tl.where(total > 0, total, 1.0), 0.0)
         if WANT_B:  # the binary gradient: one more exp per tile entry, skipped when unwanted
-            mu_b = tl.exp(a[:, None] + x - norm) * g
+            mu_b = tl.exp(a[:, None] + x - m) * w  # a_i + x_ij <= y_i <= m: at most 1 before w
             if SUM_T:
                 acc += mu_b
             else:
                 tl.store(GW + (b * (T - 1) + t) * Z * Z + out_tile, mu_b, mask=ok2)
-        tl.store(gu_row + t * Z + r, tl.exp(y - norm) * g, mask=ok)
+        tl.store(gu_row + t * Z + r, e * w, mask=ok)
         mb = tl.max(beta, 0)
         beta = beta - tl.where(mb == float("-inf"), 0.0, mb)
     # Padding: zero gradient, written here so the outputs need no zero-filling pass.

@@ -27,7 +27,7 @@ The chain posterior is Markov in both directions, with the conditionals
 constant per ``(b, t)``: the sweeps centre them at every step (their mean under ``mu_u[t]``),
 which keeps them at the size of one step's scores instead of the whole sequence's and makes
 float32 rounding independent of ``T``. All weights are probabilities, so nothing over- or
-underflows; states with zero probability get zero weight (never ``0 / 0``).
+underflows; states with zero (or subnormal) probability get zero weight (never ``0 / 0``).
 
 Cost: two linear recursions of batched vector-matrix products plus a few elementwise passes
 over ``[B, T-1, Z, Z]``, on top of the (first-order) marginals.
@@ -42,8 +42,15 @@ from structift.chain import _fused_hvp
 
 
 def _inverse(x: Tensor) -> Tensor:
-    """``1 / x`` where ``x > 0``, else 0 (states of zero probability get zero weight)."""
-    return torch.where(x > 0, x, torch.ones_like(x)).reciprocal() * (x > 0)
+    """``1 / x`` where ``x`` is a normal number (``> tiny``), else 0.
+
+    States of (numerically) zero probability get zero weight. The threshold is ``tiny``, not 0:
+    the reciprocal of a subnormal probability overflows to ``inf`` (``1 / 1e-318`` in float64,
+    ``1 / 1e-39`` in float32) and ``0 * inf`` would turn the whole product NaN. This is the
+    support the variational KKT system is restricted to as well (``chain_support``).
+    """
+    positive = x > torch.finfo(x.dtype).tiny
+    return torch.where(positive, x, torch.ones_like(x)).reciprocal() * positive
 
 
 def hvp(

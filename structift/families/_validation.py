@@ -21,6 +21,7 @@ __all__ = [
     "check_log_potential",
     "check_ndim",
     "check_same_dtype_device",
+    "check_sample_shape",
 ]
 
 
@@ -201,3 +202,25 @@ def check_index_tensor(
         index = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(f"{name} must lie in [0, {high - 1}]; got {int(t[index])} at {index}.")
     return t
+
+
+def check_sample_shape(sample_shape: object) -> torch.Size:
+    """Check ``sample_shape`` for ``sample``: a sequence of non-negative ints; return it.
+
+    Raises:
+        TypeError: not a sequence of ints.
+        ValueError: a negative size.
+    """
+    items = (sample_shape,) if isinstance(sample_shape, int) else sample_shape
+    ints = isinstance(items, Sequence) and not isinstance(items, str)
+    if not ints or not all(isinstance(n, int) and not isinstance(n, bool) for n in items):  # type: ignore[attr-defined]
+        raise TypeError(
+            "sample_shape must be a tuple of non-negative ints (e.g. (100,) or ()); got "
+            f"{sample_shape!r}"
+        )
+    shape = torch.Size(items)  # type: ignore[arg-type]
+    if any(n < 0 for n in shape):
+        raise ValueError(
+            f"sample_shape must have non-negative sizes (the number of samples); got {tuple(shape)}"
+        )
+    return shape

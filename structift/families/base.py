@@ -10,6 +10,16 @@ from A: the marginals μ = ∇A(θ) = E_p[φ(x)], the entropy H = A − ⟨θ, �
 H(p, q) = A(θ_q) − ⟨θ_q, μ_p⟩ and the KL divergence in Bregman form
 KL(p ‖ q) = A(θ_q) − A(θ_p) − ⟨θ_q − θ_p, μ_p⟩ (Nielsen & Nock, arXiv:1009.4004).
 
+Values and gradients come from two forms of the same function. The Bregman forms above
+subtract numbers of the size of |A(θ)|, which in float32 loses everything for long or peaked
+structures (an entropy of 33.8 came out as 205, or negative). So each family computes the
+*value* as a sum of non-negative local terms (``_local_entropy`` / ``_local_kl``: conditional
+entropies and KLs of softmax rows), which is accurate and ``>= 0`` by construction, and the
+*gradient* is that of the Bregman form, attached by ``_value_with_gradient``: the returned tensor
+equals the local value and differentiates (to any order) as the Bregman form, which is the same
+function of θ. Its gradient, ``−∇²A(θ) θ`` for the entropy, is a centred Hessian-vector product
+and does not cancel.
+
 Unlike ``torch.distributions.ExponentialFamily.entropy`` (which detaches the parameters), every
 quantity here is differentiable in all natural parameters: μ is computed with a graph when one
 is needed, so gradients of entropy, cross-entropy and KL reach both distributions.
@@ -61,6 +71,23 @@ def _inner(theta: tuple[Tensor, ...], mu: tuple[Tensor, ...], batch_dims: int) -
         forbidden = violated if forbidden is None else forbidden | violated
     assert total is not None and forbidden is not None
     return torch.where(forbidden, torch.full_like(total, _NEG_INF), total)
+
+
+def _value_with_gradient(value: Tensor, form: Tensor | None) -> Tensor:
+    """Return ``value`` (detached, accurate) carrying the autograd graph of ``form``.
+
+    ``form`` is the same function of the parameters computed another way (the Bregman form):
+    ``value + (form - form.detach())`` equals ``value`` exactly and has ``form``'s derivatives
+    of every order. Where ``value`` is infinite (q forbids what p allows) it is returned as is.
+    """
+    if form is None or not form.requires_grad:
+        return value
+    value = value.to(form.dtype)
+    return torch.where(torch.isfinite(value), value + (form - form.detach()), value)
+
+
+def _needs_graph(*thetas: tuple[Tensor, ...]) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for th in thetas for t in th)
 
 
 class ExpFamily(ExponentialFamily):
@@ -120,6 +147,17 @@ class ExpFamily(ExponentialFamily):
         """A hashable description of the sample space (two families can be compared iff equal)."""
         raise NotImplementedError
 
+    def _local_entropy(self, mu: tuple[Tensor, ...]) -> Tensor:
+        """Compute H(p) without a graph as a sum of non-negative local terms (batch shape).
+
+        ``mu`` are this distribution's marginals (detached), the weights of the terms.
+        """
+        raise NotImplementedError
+
+    def _local_kl(self, other: ExpFamily, mu: tuple[Tensor, ...]) -> Tensor:
+        """Compute KL(p ‖ q) without a graph as a sum of non-negative local terms."""
+        raise NotImplementedError
+
     def _same_support(self, other: ExpFamily) -> bool:
         """Whether ``other`` lives on the same sample space (subclasses refine, e.g. lengths)."""
         return self._support_key() == other._support_key()
@@ -150,17 +188,33 @@ class ExpFamily(ExponentialFamily):
         """Alias of ``argmax`` (torch's name for the most probable value)."""
         return self.argmax
 
+    def _entropy_form(self, mu: tuple[Tensor, ...]) -> Tensor:
+        return self.log_partition - _inner(self._natural_params, mu, len(self.batch_shape))
+
+    def _kl_form(self, other: ExpFamily, mu: tuple[Tensor, ...]) -> Tensor:
+        nb = len(self.batch_shape)
+        difference = _inner(other._natural_params, mu, nb) - _inner(self._natural_params, mu, nb)
+        # Where q forbids what p allows, _inner gives -inf and KL is +inf.
+        return other.log_partition - self.log_partition - difference
+
     def entropy(self) -> Tensor:
         """Compute the entropy H(p) = A(θ) − ⟨θ, μ⟩, differentiable in θ.
+
+        The value is a sum of non-negative local terms (accurate in float32 at any size, never
+        negative); the gradient, ``−∇²A(θ) θ``, that of the Bregman form (module docstring).
 
         Returns:
             Tensor of shape ``batch_shape``.
         """
-        mu = self._mean_params
-        return self.log_partition - _inner(self._natural_params, mu, len(self.batch_shape))
+        graph = _needs_graph(self._natural_params)
+        mu = self._mean_params  # validates feasibility; differentiable iff graph
+        value = self._local_entropy(tuple(m.detach() for m in mu))
+        return _value_with_gradient(value, self._entropy_form(mu) if graph else None)
 
     def cross_entropy(self, other: ExpFamily) -> Tensor:
         """Compute H(p, q) = −E_p[log q(x)] = A(θ_q) − ⟨θ_q, μ_p⟩, with p = ``self``.
+
+        The value is H(p) + KL(p ‖ q), each a sum of non-negative local terms.
 
         Args:
             other: A distribution q of the same kind on the same sample space.
@@ -169,20 +223,28 @@ class ExpFamily(ExponentialFamily):
             Tensor of the broadcast batch shape; ``+inf`` where q forbids what p allows.
         """
         self._check_comparable(other, "cross_entropy")
+        graph = _needs_graph(self._natural_params, other._natural_params)
         mu = self._mean_params
-        return other.log_partition - _inner(other._natural_params, mu, len(self.batch_shape))
+        _ = other.log_partition  # validates q's feasibility
+        plain = tuple(m.detach() for m in mu)
+        value = self._local_entropy(plain) + self._local_kl(other, plain)
+        nb = len(self.batch_shape)
+        form = other.log_partition - _inner(other._natural_params, mu, nb) if graph else None
+        return _value_with_gradient(value, form)
 
     def kl(self, other: ExpFamily) -> Tensor:
         """Compute KL(p ‖ q) = A(θ_q) − A(θ_p) − ⟨θ_q − θ_p, μ_p⟩ with p = ``self``.
 
-        Gradients flow to both p and q. ``torch.distributions.kl_divergence(p, q)`` calls this.
+        The value is a sum of non-negative local terms (never negative, 0 exactly when the
+        distributions agree); gradients (those of the Bregman form) flow to both p and q.
+        ``torch.distributions.kl_divergence(p, q)`` calls this.
         """
         self._check_comparable(other, "kl_divergence")
+        graph = _needs_graph(self._natural_params, other._natural_params)
         mu = self._mean_params
-        nb = len(self.batch_shape)
-        difference = _inner(other._natural_params, mu, nb) - _inner(self._natural_params, mu, nb)
-        # Where q forbids what p allows, _inner gives -inf and KL is +inf.
-        return other.log_partition - self.log_partition - difference
+        _ = other.log_partition  # validates q's feasibility
+        value = self._local_kl(other, tuple(m.detach() for m in mu))
+        return _value_with_gradient(value, self._kl_form(other, mu) if graph else None)
 
     def log_prob(self, value: Tensor) -> Tensor:
         """Compute log p(x) = ⟨θ, φ(x)⟩ − A(θ).

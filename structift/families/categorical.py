@@ -9,12 +9,13 @@ import torch
 from torch import Tensor
 from torch.distributions import constraints
 
-from structift._ops import logsumexp
+from structift._ops import logsumexp, softmax_entropy, softmax_kl
 from structift.families._validation import (
     LOG_POTENTIAL,
     check_float_tensor,
     check_index_tensor,
     check_log_potential,
+    check_sample_shape,
 )
 from structift.families.base import ExpFamily, _resolve_validate
 
@@ -138,7 +139,7 @@ class Categorical(ExpFamily):
             sample_shape: Leading shape S of the draw.
             generator: Optional ``torch.Generator`` for reproducible draws.
         """
-        shape = torch.Size(sample_shape)
+        shape = check_sample_shape(sample_shape)
         if shape.numel() == 0:
             return torch.zeros(
                 shape + self.batch_shape, dtype=torch.long, device=self.logits.device
@@ -152,3 +153,9 @@ class Categorical(ExpFamily):
 
     def _support_key(self) -> tuple[Any, ...]:
         return ("categorical", self.num_events)
+
+    def _local_entropy(self, mu: tuple[Tensor, ...]) -> Tensor:
+        return softmax_entropy(self.logits)
+
+    def _local_kl(self, other: ExpFamily, mu: tuple[Tensor, ...]) -> Tensor:
+        return softmax_kl(self.logits, other.logits)  # type: ignore[attr-defined]

@@ -20,6 +20,7 @@ from structift.families._validation import (
     check_log_potential,
     check_ndim,
     check_same_dtype_device,
+    check_sample_shape,
 )
 from structift.families.base import ExpFamily, _resolve_validate
 
@@ -164,16 +165,19 @@ class LinearChainCRF(ExpFamily):
         differentiable path is much slower than the detached one: read the marginals under
         ``torch.no_grad()`` when you do not differentiate through them.
         """
+        log_z, mu = self._forward_backward()
+        self._check_feasible(log_z)  # infeasible exactly where log Z = -inf
+        return mu
+
+    def _forward_backward(self) -> tuple[Tensor, ChainMarginals]:
+        """``(log Z, marginals)``: the marginals differentiable where gradients are enabled."""
         create_graph = torch.is_grad_enabled() and (
             self.unary.requires_grad or self.binary.requires_grad
         )
-        mu_unary, mu_binary = chain.marginals(
+        log_z, mu_unary, mu_binary = chain.forward_backward(
             self.unary, self.binary, self.lengths, create_graph=create_graph
         )
-        if self._validate_args:
-            # A feasible chain has marginals summing to one at position 0; zero means A = -inf.
-            self._check_feasible(torch.log(mu_unary[:, 0].detach().sum(-1)))
-        return ChainMarginals(mu_unary, mu_binary)
+        return log_z, ChainMarginals(mu_unary, mu_binary)
 
     @property
     def argmax(self) -> Tensor:
@@ -254,6 +258,7 @@ class LinearChainCRF(ExpFamily):
         Returns:
             LongTensor ``[*S, B, T]``; positions ``t >= lengths[b]`` hold 0.
         """
+        shape = check_sample_shape(sample_shape)
         if self._validate_args:
             _ = self.log_partition  # raises if some element has no finite-score sequence
         with torch.no_grad():
@@ -261,12 +266,19 @@ class LinearChainCRF(ExpFamily):
                 self.unary.detach(),
                 self.binary.detach(),
                 self.lengths,
-                tuple(torch.Size(sample_shape)),
+                tuple(shape),
                 generator=generator,
             )
 
     def _support_key(self) -> tuple[Any, ...]:
         return ("chain", self.unary.shape[1], self.num_states)
+
+    def _local_entropy(self, mu: tuple[Tensor, ...]) -> Tensor:
+        return chain.entropy(self.unary, self.binary, self.lengths, mu[0])
+
+    def _local_kl(self, other: ExpFamily, mu: tuple[Tensor, ...]) -> Tensor:
+        q = other._natural_params
+        return chain.kl((self.unary, self.binary), (q[0], q[1]), self.lengths, mu[0])
 
     def _same_support(self, other: ExpFamily) -> bool:
         if self._support_key() != other._support_key():

@@ -19,6 +19,7 @@ from structift.families._validation import (
     check_lengths,
     check_log_potential,
     check_same_dtype_device,
+    check_sample_shape,
 )
 from structift.families.base import ExpFamily, _resolve_validate
 from structift.families.crf import ChainMarginals, LinearChainCRF
@@ -199,9 +200,8 @@ class HMM(ExpFamily):
     @property
     def marginals(self) -> ChainMarginals:
         """Posterior marginals of the hidden states: ``ChainMarginals([B,T,Z], [B,T-1,Z,Z])``."""
-        mu = self.posterior.marginals
-        if self._validate_args:
-            self._check_feasible(torch.log(mu.unary[:, 0].detach().sum(-1)))
+        log_z, mu = self.posterior._forward_backward()
+        self._check_feasible(log_z)  # log p(x) = -inf: the observations are impossible
         return mu
 
     @property
@@ -252,7 +252,7 @@ class HMM(ExpFamily):
         Returns:
             ``(observations, states)``, both LongTensor ``[*S, B, T]`` with 0 beyond lengths.
         """
-        shape = torch.Size(sample_shape)
+        shape = check_sample_shape(sample_shape)
         B, T = self.observations.shape
         Z, V = self.num_states, self.num_observations
         n = max(shape.numel(), 1)
@@ -278,6 +278,12 @@ class HMM(ExpFamily):
 
     def _support_key(self) -> tuple[Any, ...]:
         return ("chain", self.observations.shape[1], self.num_states)
+
+    def _local_entropy(self, mu: tuple[Tensor, ...]) -> Tensor:
+        return self.posterior._local_entropy(mu)
+
+    def _local_kl(self, other: ExpFamily, mu: tuple[Tensor, ...]) -> Tensor:
+        return self.posterior._local_kl(other, mu)
 
     def _same_support(self, other: ExpFamily) -> bool:
         if self._support_key() != other._support_key():
