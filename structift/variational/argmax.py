@@ -142,10 +142,34 @@ def _resolve_linear(spec: LinearSolverSpec) -> AbstractLinearSolver | Structured
 
 
 def _check_temperature(temperature: float) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+        if not (isinstance(temperature, Tensor) and temperature.numel() == 1):
+            raise TypeError(
+                "temperature must be a positive finite number (a Python float, e.g. 1.0); got "
+                f"{type(temperature).__name__} {temperature!r}"
+            )
     t = float(temperature)
     if not t > 0 or t == float("inf"):
         raise ValueError(f"temperature must be a positive finite number; got {temperature!r}")
     return t
+
+
+def _check_mu(mu: object, unary: Tensor, binary: Tensor, categorical: bool, shape: tuple) -> None:
+    """Check a candidate μ for ``kkt_residual``: the structure, shapes, dtype and device."""
+    expected = [shape] if categorical else [tuple(unary.shape), tuple(binary.shape)]
+    what = "a tensor" if categorical else "ChainMarginals(unary, binary)"
+    parts = [mu] if categorical else (list(mu) if isinstance(mu, tuple | list) else [mu])
+    if len(parts) != len(expected) or not all(isinstance(p, Tensor) for p in parts):
+        raise TypeError(f"mu must be {what} shaped like dist.marginals; got {type(mu).__name__}")
+    for p, want in zip(parts, expected):
+        if tuple(p.shape) != want:
+            got = [tuple(x.shape) for x in parts]  # type: ignore[union-attr]
+            raise ValueError(f"mu must have the shapes of dist.marginals {expected}; got {got}")
+        if p.dtype != unary.dtype or p.device != unary.device:
+            raise TypeError(
+                f"mu must have the dtype and device of the potentials ({unary.dtype} on "
+                f"{unary.device}); got {p.dtype} on {p.device}"
+            )
 
 
 def _as_chain(dist: object) -> tuple[Tensor, Tensor, Tensor, bool]:
@@ -235,6 +259,23 @@ def _chain_theta_vjp(
     return theta_vjp
 
 
+def _empty_point(unary: Tensor, binary: Tensor) -> ChainKKTPoint:
+    """The solution of an empty batch: empty tensors of the right shapes, attached to θ.
+
+    ``x.sum() * 0`` broadcast to the shape keeps the autograd edge to θ (its gradient is an
+    empty tensor of θ's shape) without touching any entry.
+    """
+    _, T, Z = unary.shape
+    link = (unary.sum() + binary.sum()) * 0
+
+    def empty(*shape: int) -> Tensor:
+        return unary.new_zeros(shape) + link
+
+    return ChainKKTPoint(
+        empty(0, T, Z), empty(0, T - 1, Z, Z), empty(0, T - 1, Z), empty(0, T - 1, Z), empty(0)
+    )
+
+
 def _chain_argmax(
     unary: Tensor,
     binary: Tensor,
@@ -243,6 +284,8 @@ def _chain_argmax(
     solver: Exact | Iterative,
     linear: AbstractLinearSolver | Structured,
 ) -> ChainKKTPoint:
+    if unary.shape[0] == 0:
+        return _empty_point(unary, binary)
     m, M = _forward(unary, binary, lengths, tau, solver)
     with torch.no_grad():
         point = chain_duals(m, M, unary.detach(), binary.detach(), lengths, tau)
@@ -348,12 +391,15 @@ def kkt_residual(
         if mu is None:
             m, M = _chain.marginals(unary / tau, binary / tau, lengths)
         elif categorical:
+            assert isinstance(dist, Categorical)
+            _check_mu(mu, unary, binary, True, tuple(dist.logits.shape))
             assert isinstance(mu, Tensor)
             m, M = mu.reshape(unary.shape), binary.new_zeros(binary.shape)
         else:
+            _check_mu(mu, unary, binary, False, ())
             m, M = mu
         point = chain_duals(m, M, unary, binary, lengths, tau)
         F = chain_kkt_residual(point, unary, binary, lengths, tau)
         B = unary.shape[0]
-        flat = torch.cat([f.reshape(B, -1) for f in F], -1)
+        flat = torch.cat([f.reshape(B, f.shape[1:].numel()) for f in F], -1)
         return KKTResidual(point, F, torch.linalg.vector_norm(flat, dim=-1))

@@ -90,7 +90,7 @@ class StructuredChainSolve(AbstractLinearSolver):
         self.check = check
         m = self.point.mu_unary
         self.rtol = rtol if rtol is not None else torch.finfo(m.dtype).eps ** 0.5
-        self.sizes = [x[0].numel() for x in self.point]
+        self.sizes = [x.shape[1:].numel() for x in self.point]
         self.shapes = [x.shape[1:] for x in self.point]
 
     def init(self, operator: AbstractLinearOperator) -> AbstractLinearOperator:
