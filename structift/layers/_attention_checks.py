@@ -8,8 +8,11 @@ from torch import Tensor
 __all__ = [
     "check_binary",
     "check_choice",
+    "check_floating",
+    "check_layer_inputs",
     "check_query_key_value",
     "check_scores",
+    "check_size",
     "valid_mask",
 ]
 
@@ -21,20 +24,25 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def valid_mask(
-    scores: Tensor, lengths: Tensor | None, mask: Tensor | None
+    shape: tuple[int, ...], device: torch.device, lengths: object, mask: object
 ) -> tuple[Tensor, Tensor]:
-    """Return ``(lengths [*batch], valid [*batch, T])`` from ``lengths`` or a prefix ``mask``."""
-    batch, T = scores.shape[:-1], scores.shape[-1]
+    """Return ``(lengths [*batch], valid [*batch, T])`` from ``lengths`` or a prefix ``mask``.
+
+    ``shape`` is the shape ``[*batch, T]`` of the scores, ``device`` theirs.
+    """
+    batch, T = tuple(shape[:-1]), shape[-1]
     if lengths is not None and mask is not None:
         raise ValueError("pass either lengths or mask, not both.")
     if mask is not None:
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor (True = valid key), got {mask.dtype}.")
-        if mask.shape != scores.shape or mask.device != scores.device:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(
+                f"mask must be a bool tensor (True = valid key), got "
+                f"{getattr(mask, 'dtype', type(mask).__name__)}."
+            )
+        if tuple(mask.shape) != tuple(shape) or mask.device != device:
             raise ValueError(
-                f"mask must have the shape {tuple(scores.shape)} and device {scores.device} of "
-                f"the scores ([B, T] for one query per sequence), got {tuple(mask.shape)} on "
-                f"{mask.device}."
+                f"mask must have the shape {tuple(shape)} and device {device} of the scores "
+                f"([B, T] for one query per sequence), got {tuple(mask.shape)} on {mask.device}."
             )
         lengths = mask.sum(-1)
         prefix = torch.arange(T, device=mask.device) < lengths.unsqueeze(-1)
@@ -45,14 +53,21 @@ def valid_mask(
                 "or give isolated keys a score of -inf."
             )
     if lengths is None:
-        lengths = torch.full(batch, T, dtype=torch.long, device=scores.device)
+        lengths = torch.full(batch, T, dtype=torch.long, device=device)
     if not isinstance(lengths, Tensor) or lengths.dtype.is_floating_point or lengths.is_complex():
         raise TypeError(
             f"lengths must be an integer tensor, got {type(lengths).__name__} "
             f"{getattr(lengths, 'dtype', '')}."
         )
+    if lengths.dtype == torch.bool:
+        # a bool tensor would silently be read as lengths 0 and 1
+        raise TypeError(
+            f"lengths must be an integer tensor (number of valid keys per sequence), got a bool "
+            f"tensor of shape {tuple(lengths.shape)}: it looks like a mask. Pass "
+            "lengths=mask.sum(-1), or pass it as mask=."
+        )
     # lengths are indices, often built on the CPU: follow the scores instead of refusing
-    lengths = lengths.to(scores.device)
+    lengths = lengths.to(device)
     if lengths.shape != batch:
         if lengths.dim() == 1 and len(batch) >= 1 and lengths.shape[0] == batch[0]:
             # one length per sequence, shared by all of its queries
@@ -68,7 +83,7 @@ def valid_mask(
             f"lengths must lie in [1, T={T}], got values in "
             f"[{int(lengths.min())}, {int(lengths.max())}]."
         )
-    valid = torch.arange(T, device=scores.device) < lengths.unsqueeze(-1)
+    valid = torch.arange(T, device=device) < lengths.unsqueeze(-1)
     return lengths, valid
 
 
@@ -120,15 +135,40 @@ def check_binary(binary: Tensor, scores: Tensor) -> Tensor:
     return binary
 
 
+def check_size(name: str, value: object) -> None:
+    """Raise unless ``value`` is a positive Python int (a feature size)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}.")
+    if value < 1:
+        raise ValueError(f"{name} must be a feature size >= 1, got {value}.")
+
+
+def check_floating(**tensors: object) -> None:
+    """Raise TypeError unless every argument that is not None is a floating-point tensor."""
+    for name, x in tensors.items():
+        if x is None:
+            continue
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}.")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{name} must be a floating-point tensor, got dtype {x.dtype}; convert it with "
+                f"{name}.float() (or embed integer ids first)."
+            )
+
+
 def check_query_key_value(query: Tensor, key: Tensor, value: Tensor | None) -> Tensor:
     """Check query [B, D] or [B, M, D], key [B, T, D], value [B, T, Dv]; return the value."""
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        if x is not None and not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}.")
+    check_floating(query=query, key=key, value=value)
     value = key if value is None else value
     if key.dim() != 3:
         raise ValueError(f"key must have shape [B, T, D], got {tuple(key.shape)}.")
     B, T, D = key.shape
+    if D == 0:
+        raise ValueError(
+            f"key must have a feature size D >= 1 (scores are <q, k> / sqrt(D)), got shape "
+            f"{tuple(key.shape)} with D = 0; give the keys at least one feature."
+        )
     if query.dim() not in (2, 3) or query.shape[0] != B or query.shape[-1] != D:
         raise ValueError(
             f"query must have shape [B, D] or [B, M, D] with B={B}, D={D} (from key), "
@@ -145,3 +185,27 @@ def check_query_key_value(query: Tensor, key: Tensor, value: Tensor | None) -> T
                 "they must match."
             )
     return value
+
+
+def check_layer_inputs(
+    query: Tensor, key: Tensor, value: Tensor | None, key_dim: int, query_dim: int | None
+) -> None:
+    """Raise unless query/key/value are float tensors with a layer's feature sizes.
+
+    ``query`` must end in ``query_dim`` (``key_dim`` without a query projection), ``key`` in
+    ``key_dim``; the remaining checks are :func:`check_query_key_value`'s.
+    """
+    check_floating(query=query, key=key, value=value)
+    query_size, query_origin = (
+        (key_dim, "key_dim") if query_dim is None else (query_dim, "query_dim")
+    )
+    for name, x, size, origin in (
+        ("query", query, query_size, query_origin),
+        ("key", key, key_dim, "key_dim"),
+    ):
+        if x.dim() >= 1 and x.shape[-1] != size:
+            raise ValueError(
+                f"{name} has feature size {x.shape[-1]} (shape {tuple(x.shape)}), but the layer "
+                f"was built with {origin}={size} (key_dim={key_dim}); pass {name} [..., {size}] "
+                f"or build the layer with {origin}={x.shape[-1]}."
+            )

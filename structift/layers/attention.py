@@ -31,8 +31,10 @@ from torch import Tensor, nn
 from structift.layers._attention_checks import (
     check_binary,
     check_choice,
+    check_layer_inputs,
     check_query_key_value,
     check_scores,
+    check_size,
     valid_mask,
 )
 
@@ -154,7 +156,8 @@ def attention_weights(
             Must not be NaN or +inf at valid keys; -inf switches a key off.
         lengths: Number of valid keys per sequence, LongTensor ``[B]`` (or the batch shape of
             ``scores``), values in ``[1, T]``, on any device. Keys beyond the length are
-            padding and get weight exactly 0. Defaults to all keys valid.
+            padding and get weight exactly 0. Defaults to all keys valid. A bool tensor is
+            refused (it is a mask: pass ``mask=`` or ``lengths=mask.sum(-1)``).
         mask: Alternative to ``lengths``: BoolTensor ``[B, T]`` (or the batch shape of
             ``scores`` plus T), True on a prefix of valid keys.
         kind: ``"softmax"``, ``"sparsemax"`` or ``"structured"``.
@@ -175,7 +178,7 @@ def attention_weights(
 
     Raises:
         ValueError: Bad shapes, lengths out of range, NaN/+inf scores, unknown kind/gradient.
-        TypeError: Non-float scores, non-integer lengths, dtype or device mismatch.
+        TypeError: Non-float scores, non-integer (or bool) lengths, dtype or device mismatch.
     """
     check_choice("kind", kind, KINDS)
     check_choice("gradient", gradient, GRADIENTS)
@@ -183,7 +186,20 @@ def attention_weights(
         raise TypeError(f"scores must be a tensor, got {type(scores).__name__}.")
     if scores.dim() < 2:
         raise ValueError(f"scores must have shape [B, T] or [B, M, T], got {tuple(scores.shape)}.")
-    lengths, valid = valid_mask(scores, lengths, mask)
+    lengths, valid = valid_mask(tuple(scores.shape), scores.device, lengths, mask)
+    return _weights(scores, lengths, valid, kind, binary, gradient, normalize)
+
+
+def _weights(
+    scores: Tensor,
+    lengths: Tensor,
+    valid: Tensor,
+    kind: str,
+    binary: Tensor | None,
+    gradient: str,
+    normalize: bool,
+) -> Tensor:
+    """Return the weights of checked ``lengths [*batch]`` and ``valid [*batch, T]``."""
     check_scores(scores, valid, kind)
     if kind != "structured":
         if binary is not None or normalize or gradient != "autograd":
@@ -204,42 +220,42 @@ def attention_weights(
     return weights
 
 
-def _dot_scores(
-    query: Tensor, key: Tensor, value: Tensor | None, scale: float | None
-) -> tuple[Tensor, Tensor, bool]:
-    """Validate query/key/value and return ``(scores [B, M, T], value, single)``."""
-    value = check_query_key_value(query, key, value)
-    D = key.shape[-1]
-    single = query.dim() == 2
-    q = query.unsqueeze(1) if single else query  # shape: (B, M, D)
-    scores = torch.einsum("bmd,btd->bmt", q, key) * ((D**-0.5) if scale is None else scale)
-    return scores, value, single
-
-
 def _attend(
-    scores: Tensor,
-    value: Tensor,
-    single: bool,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor | None,
     lengths: Tensor | None,
     mask: Tensor | None,
-    binary: Tensor | None,
+    *,
     kind: str,
+    binary: Tensor | None = None,
     gradient: str = "autograd",
     normalize: bool = False,
+    scale: float | None = None,
+    bias: Tensor | None = None,
 ) -> Attention:
+    """Score ``query`` against ``key`` (plus ``bias``), weigh, and sum the values."""
+    check_choice("kind", kind, KINDS)
+    check_choice("gradient", gradient, GRADIENTS)
+    value = check_query_key_value(query, key, value)
+    (B, T, D), single = key.shape, query.dim() == 2
+    q = query.unsqueeze(1) if single else query  # shape: (B, M, D)
+    M = q.shape[1]
     if single and binary is not None and binary.dim() >= 4:
         binary = binary.unsqueeze(1)  # per-sequence [B, T-1, 2, 2] -> [B, 1, T-1, 2, 2]
-    if mask is not None and mask.dim() == 2:
-        mask = mask.unsqueeze(1).expand(scores.shape)
-    weights = attention_weights(
-        scores,
-        lengths,
-        mask=mask,
-        kind=kind,
-        binary=binary,
-        gradient=gradient,
-        normalize=normalize,
-    )
+    if isinstance(mask, Tensor) and mask.dim() == 2:
+        mask = mask.unsqueeze(1).expand(B, M, T)
+    lengths, valid = valid_mask((B, M, T), key.device, lengths, mask)
+    # Padded keys and values may hold anything, even NaN or inf: select them away before any
+    # product (a 0 weight times NaN is NaN, in the context and in the gradient of the query).
+    # A key is padding when no query of its sequence may attend to it.
+    used = valid.any(1).unsqueeze(-1)  # shape: (B, T, 1)
+    key = torch.where(used, key, 0.0)
+    value = torch.where(used, value, 0.0)
+    scores = torch.einsum("bmd,btd->bmt", q, key) * ((D**-0.5) if scale is None else scale)
+    if bias is not None:
+        scores = scores + bias
+    weights = _weights(scores, lengths, valid, kind, binary, gradient, normalize)
     context = torch.einsum("bmt,btv->bmv", weights, value)
     if single:
         return Attention(context.squeeze(1), weights.squeeze(1))
@@ -264,6 +280,10 @@ def structured_attention(
     Scores are s_t = scale · ⟨q, k_t⟩ (``scale`` defaults to 1/√D); weights come from
     :func:`attention_weights`; the context is Σ_t w_t v_t.
 
+    Padded keys (beyond ``lengths`` for every query of their sequence) never influence an
+    output or a gradient, even if their key or value rows hold NaN or inf: those rows are
+    selected away (``torch.where``) before any product, and their gradients are exactly 0.
+
     Args:
         query: ``[B, D]`` (one query per sequence) or ``[B, M, D]``.
         key: ``[B, T, D]``.
@@ -283,20 +303,22 @@ def structured_attention(
         ``[B, D]`` query).
 
     Raises:
-        ValueError, TypeError: As :func:`attention_weights`, plus
-            mismatched query/key/value shapes, dtypes or devices.
+        ValueError: As :func:`attention_weights`, plus mismatched query/key/value shapes or
+            a feature size D = 0.
+        TypeError: As :func:`attention_weights`, plus non-float query/key/value, or
+            mismatched dtypes or devices.
     """
-    scores, value, single = _dot_scores(query, key, value, scale)
     return _attend(
-        scores,
+        query,
+        key,
         value,
-        single,
         lengths,
         mask,
-        binary,
         kind=kind,
+        binary=binary,
         gradient=gradient,
         normalize=normalize,
+        scale=scale,
     )
 
 
@@ -333,6 +355,9 @@ class StructuredAttention(nn.Module):
             raise ValueError(
                 f"gradient and normalize apply to kind='structured' only, not {kind!r}."
             )
+        check_size("key_dim", key_dim)
+        if query_dim is not None:
+            check_size("query_dim", query_dim)
         self.key_dim = key_dim
         self.kind, self.gradient, self.normalize = kind, gradient, normalize
         self.query_proj = None if query_dim is None else nn.Linear(query_dim, key_dim, bias=False)
@@ -353,23 +378,31 @@ class StructuredAttention(nn.Module):
         """Attend from ``query`` to ``key``; shapes as in :func:`structured_attention`.
 
         With ``query_dim`` given, ``query`` is ``[B, query_dim]`` or ``[B, M, query_dim]``.
+
+        Raises:
+            ValueError: ``query`` or ``key`` whose feature size is not the layer's
+                (``query_dim``, else ``key_dim``; ``key_dim``), and as
+                :func:`structured_attention`.
+            TypeError: As :func:`structured_attention`.
         """
+        query_dim = None if self.query_proj is None else self.query_proj.in_features
+        check_layer_inputs(query, key, value, self.key_dim, query_dim)
         if self.query_proj is not None:
             query = self.query_proj(query)
-        scores, value, single = _dot_scores(query, key, value, None)
         if self.kind != "structured":
-            return _attend(scores, value, single, lengths, mask, None, kind=self.kind)
+            return _attend(query, key, value, lengths, mask, kind=self.kind)
         assert self.pairwise is not None and self.bias is not None
         return _attend(
-            scores + self.bias.to(scores.dtype),
+            query,
+            key,
             value,
-            single,
             lengths,
             mask,
-            self.pairwise.to(scores.dtype),
             kind="structured",
+            binary=self.pairwise.to(key.dtype),
             gradient=self.gradient,
             normalize=self.normalize,
+            bias=self.bias.to(key.dtype),
         )
 
     def extra_repr(self) -> str:

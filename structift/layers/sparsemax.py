@@ -22,34 +22,54 @@ from torch import Tensor, nn
 __all__ = ["Sparsemax", "sparsemax"]
 
 
-def _sparsemax_threshold(theta: Tensor) -> Tensor:
-    """Return τ ``[..., 1]`` with ``sum(max(θ − τ, 0)) = 1`` along the last dim."""
-    sorted_theta, _ = torch.sort(theta, dim=-1, descending=True)
-    n = theta.shape[-1]
-    k = torch.arange(1, n + 1, dtype=theta.dtype, device=theta.device)
-    cumsum = sorted_theta.cumsum(-1)
-    # Support size: the largest k with 1 + k θ_(k) > Σ_{j<=k} θ_(j) (k = 1 always qualifies).
-    in_support = 1 + k * sorted_theta > cumsum
-    support = in_support.sum(-1, keepdim=True)
-    tau = (cumsum.gather(-1, support - 1) - 1) / support.to(theta.dtype)
-    return tau
+def _working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Return the dtype the threshold is computed in: float32 for half and bfloat16."""
+    return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
+
+
+def _sparsemax_forward(theta: Tensor) -> Tensor:
+    """Return ``max(θ − τ, 0)`` along the last dim, with τ such that the result sums to one.
+
+    Works on z = θ − max θ (sparsemax is shift invariant), so z_(1) = 0 exactly and the
+    support condition 1 + k z_(k) > Σ_{j≤k} z_(j) holds exactly at k = 1: the support size is
+    ≥ 1 by construction, whatever the magnitude of θ. (On θ itself, rounding of the cumsum at
+    large |θ| makes even k = 1 fail.) Every support entry lies in (−1, 0], so τ is computed
+    from O(1) numbers; entries with z = −inf (including θ − max θ overflowing) are never in
+    the support. Half and bfloat16 inputs are computed in float32 and rounded once at the end.
+    """
+    work = _working_dtype(theta.dtype)
+    z = theta.to(work)
+    z = z - z.amax(-1, keepdim=True)  # shape: (..., n), max entry exactly 0
+    sorted_z, _ = torch.sort(z, dim=-1, descending=True)
+    n = z.shape[-1]
+    k = torch.arange(1, n + 1, device=z.device)
+    cumsum = sorted_z.cumsum(-1)
+    # Support size: the largest k with 1 + k z_(k) > Σ_{j≤k} z_(j) (Martins & Astudillo,
+    # arXiv:1602.02068, Prop. 1); k = 1 always qualifies (1 > 0), so support >= 1.
+    in_support = 1 + k.to(work) * sorted_z > cumsum
+    support = torch.where(in_support, k, 0).amax(-1, keepdim=True)  # shape: (..., 1)
+    tau = (cumsum.gather(-1, support - 1) - 1) / support.to(work)
+    return torch.clamp(z - tau, min=0).to(theta.dtype)
 
 
 class _SparsemaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, theta: Tensor) -> Tensor:
-        p = torch.clamp(theta - _sparsemax_threshold(theta), min=0)
+        p = _sparsemax_forward(theta)
         ctx.save_for_backward(p)
         return p
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
         (p,) = ctx.saved_tensors
-        # IFT on the support: vᵀ ∂p/∂θ = s ⊙ (v − ⟨s, v⟩ / |S|). Written with differentiable ops
-        # (the support indicator is piecewise constant), so double backward works.
-        s = (p > 0).to(grad.dtype)
-        mean = (grad * s).sum(-1, keepdim=True) / s.sum(-1, keepdim=True)
-        return s * (grad - mean)
+        # IFT on the support: vᵀ ∂p/∂θ = s ⊙ (v − ⟨s, v⟩ / |S|). Off the support the cotangent
+        # is selected away (torch.where), never multiplied by 0, so a NaN/inf cotangent there
+        # cannot leak in. Written with differentiable ops (the support indicator is piecewise
+        # constant), so double backward works.
+        s = p > 0
+        v = grad.to(_working_dtype(grad.dtype))
+        mean = torch.where(s, v, 0.0).sum(-1, keepdim=True) / s.sum(-1, keepdim=True).to(v.dtype)
+        return torch.where(s, v - mean, 0.0).to(grad.dtype)
 
 
 def sparsemax(theta: Tensor, dim: int = -1) -> Tensor:
@@ -57,7 +77,8 @@ def sparsemax(theta: Tensor, dim: int = -1) -> Tensor:
 
     Solves ``argmin_{p ∈ Δ} ‖p − θ‖²`` exactly (sort-based threshold, O(n log n)); the
     result is sparse. Entries equal to ``-inf`` get probability 0; every slice needs at least
-    one finite entry.
+    one finite entry. Any finite magnitude works in every dtype (the threshold is computed
+    on θ − max θ, in float32 for half and bfloat16 inputs); the result has the dtype of θ.
 
     Args:
         theta: scores ``[..., n, ...]``, floating point.
