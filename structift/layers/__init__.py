@@ -7,6 +7,7 @@ from structift.layers.attention import (
     structured_attention,
 )
 from structift.layers.qp import (
+    FarkasCertificate,
     InfeasibleQPError,
     QPConvergenceError,
     QPLayer,
@@ -18,6 +19,7 @@ from structift.layers.sparsemax import Sparsemax, sparsemax
 
 __all__: list[str] = [
     "Attention",
+    "FarkasCertificate",
     "InfeasibleQPError",
     "QPConvergenceError",
     "QPLayer",

@@ -47,8 +47,11 @@ from ._kkt import (
 # iterates strictly interior so W = s/λ stays finite and positive.
 _STEP_FRACTION = 0.99
 # Stop an element after this many iterations in a row that fail to lower its best merit by
-# the factor below: rounding (mostly in float32) has ended progress.
+# the factor below: rounding (mostly in float32) has ended progress. That happens near the
+# attainable accuracy; far from it (residual above √tol) a merit that rises for a few steps is
+# the method's normal course on a narrow feasible region, so it gets more patience there.
 _MAX_STALLS = 3
+_MAX_STALLS_FAR = 8
 _PROGRESS = 0.9
 # Iterative-refinement steps after the polishing solve (float64 needs none in practice).
 _REFINE_STEPS = {torch.float32: 2, torch.float64: 0}
@@ -67,7 +70,7 @@ class IPMResult(NamedTuple):
         Tensor  # [B], scaled max of primal, dual, complementarity residuals (best iterate)
     )
     converged: Tensor  # BoolTensor [B], the residual reached tol
-    infeasible: Tensor  # BoolTensor [B], a Farkas certificate of primal infeasibility was found
+    suspect: Tensor  # BoolTensor [B], the multipliers approach a Farkas ray (see `_qp_infeasible`)
     broke_down: Tensor  # BoolTensor [B], a factorization failed (e.g. dependent constraints)
     keep: Tensor  # BoolTensor [B, k], rows of UK in use (False: dropped inactive constraint)
     polished: Tensor  # BoolTensor [B], z and UK come from `polish`
@@ -112,6 +115,12 @@ def _residuals(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Return rd, rp, re, Gᵀλ + Aᵀν, the scaled primal residual, the KKT residual and merit.
 
+    The dual residual rd = Qz + q + Gᵀλ + Aᵀν is scaled by 1 + its largest term,
+    max(‖q‖∞, max_l ‖Q_l‖∞|z_l|, max_i ‖[G; A]_i‖∞|[λ; ν]_i|): rounding alone leaves up to
+    (n + k)·eps times that, and with large multipliers (an ill-conditioned A) it is far above
+    1 + ‖q‖∞. The primal residuals are scaled by the data only, 1 + ‖h‖∞ and 1 + ‖b‖∞, so that
+    a diverging z can never make an infeasible point look feasible.
+
     ``prods`` is [Qz, [G; A]z] [B, n + k] when the caller has it already.
     """
     q, h, b = data.q, data.h, data.b
@@ -119,7 +128,8 @@ def _residuals(
     if prods is None:
         prods = rmv(z, data.QGAt)  # Q is symmetric: zᵀQ = (Qz)ᵀ
     Qz, GAz = prods[:, :n], prods[:, n:]
-    GAt_mult = rmv(torch.cat([lam, nu], dim=-1), data.GA)
+    mult = torch.cat([lam, nu], dim=-1)
+    GAt_mult = rmv(mult, data.GA)
     rd = Qz + q + GAt_mult
     rp = GAz[:, :m] + s - h
     re = GAz[:, m:] - b
@@ -128,7 +138,8 @@ def _residuals(
     res_p = torch.maximum(
         _inf_norm(rp) / (1.0 + _inf_norm(h)), _inf_norm(re) / (1.0 + _inf_norm(b))
     )
-    parts = torch.stack([_inf_norm(rd) / (1.0 + _inf_norm(q)), res_p, gap / (1.0 + obj.abs())], -1)
+    term = torch.maximum(_inf_norm(q), _inf_norm(data.coef * torch.cat([z, mult], dim=-1)))
+    parts = torch.stack([_inf_norm(rd) / (1.0 + term), res_p, gap / (1.0 + obj.abs())], -1)
     # Progress merit: the sum, so that a shrinking gap counts while rounding holds the
     # residuals at a floor (z still improves then, mostly in float32).
     return rd, rp, re, GAt_mult, res_p, parts.amax(-1), parts.sum(-1)
@@ -149,14 +160,14 @@ def polish(data: QPData, res: IPMResult, accept_tol: float) -> IPMResult:
         data: the batch.
         res: the interior-point result.
         accept_tol: polish elements whose residual is at most its square root (and not
-            infeasible); accept polished points whose own residual is at most accept_tol.
+            suspected infeasible); accept polished points whose own residual is at most accept_tol.
     """
     n, m = data.q.shape[-1], data.h.shape[-1]
-    if data.C.shape[-1] == 0:
+    if data.GA.shape[-2] == 0:
         return res  # unconstrained: the Newton step was already exact
     # Polish where the interior point is close enough to have found the active set; the
     # result is judged on its own residual.
-    todo = ~res.infeasible & (res.kkt_residual <= accept_tol**0.5)
+    todo = ~res.suspect & (res.kkt_residual <= accept_tol**0.5)
     slack_tol = (accept_tol * (1.0 + _inf_norm(data.h)))[:, None]
     mult_tol = (accept_tol * (1.0 + _inf_norm(res.lam)))[:, None]
     active = res.lam > res.s
@@ -233,8 +244,9 @@ def interior_point(
 
     Returns:
         For every element its best iterate (lowest residual), the Schur factor there, and
-        statistics. An element stops moving once it converges, is certified infeasible, or
-        rounding breaks its factorization; the others go on.
+        statistics. An element stops moving once it converges, looks infeasible (its
+        multipliers approach a Farkas ray, which `_qp_infeasible` then verifies), or rounding
+        breaks its factorization; the others go on.
     """
     q, h, b = data.q, data.h, data.b
     B, n, m = q.shape[0], q.shape[-1], h.shape[-1]
@@ -263,7 +275,7 @@ def interior_point(
     broke_down = ~ok
     active = ok.clone()
     converged = torch.zeros_like(active)
-    infeasible = torch.zeros_like(active)
+    suspect = torch.zeros_like(active)
     best = (z, s, lam, nu)
     best_kkt = q.new_full((B,), float("inf"))
     best_merit = q.new_full((B,), float("inf"))
@@ -295,11 +307,14 @@ def interior_point(
         best_merit = torch.where(better, merit, best_merit)
         converged = converged | (usable & (kkt <= tol))
         if m > 0:
-            # Farkas: λ ≥ 0, Gᵀλ + Aᵀν = 0, hᵀλ + bᵀν < 0 proves {Gz ≤ h, Az = b} is empty.
+            # Diverging multipliers with Gᵀλ + Aᵀν ≈ 0 and hᵀλ + bᵀν < 0 approach a Farkas ray:
+            # stop here; the problem is declared infeasible only once `_qp_infeasible` has
+            # found and verified a certificate.
             t = -((h * lam).sum(-1) + (b * nu).sum(-1))
             cert = _inf_norm(GAt_mult)
-            infeasible = infeasible | (usable & (t > 0) & (cert <= tol * t) & (res_p > tol))
-        active = usable & ~converged & ~infeasible & (stalls < _MAX_STALLS)
+            suspect = suspect | (usable & (t > 0) & (cert <= tol * t) & (res_p > tol))
+        patience = torch.where(best_kkt <= tol**0.5, _MAX_STALLS, _MAX_STALLS_FAR)
+        active = usable & ~converged & ~suspect & (stalls < patience)
         if it == max_iter or not bool(active.any()):
             break
         iterations = iterations + active.long()
@@ -341,7 +356,7 @@ def interior_point(
     z, s, lam, nu = best
     stale = (uk_at[0] != s).any(-1) | (uk_at[1] != lam).any(-1)
     broke_down = broke_down & ~converged
-    keep = torch.ones(B, data.C.shape[-1], dtype=torch.bool, device=q.device)
+    keep = torch.ones(B, data.GA.shape[-2], dtype=torch.bool, device=q.device)
     polished = torch.zeros_like(converged)
     return IPMResult(
         z,
@@ -352,7 +367,7 @@ def interior_point(
         iterations,
         best_kkt,
         converged,
-        infeasible,
+        suspect,
         broke_down,
         keep,
         polished,

@@ -35,11 +35,14 @@ class QPData(NamedTuple):
             [G; A]z (row-vector products are faster than matrix-vector ones in torch).
         h: [B, m].
         b: [B, p].
+        coef: [B, n + k], the largest modulus of a coefficient of each z_l in Qz (‖Q_l‖∞)
+            and of each multiplier in Gᵀλ + Aᵀν (‖[G; A]_i‖∞): with |z|, |λ|, |ν| it gives
+            the largest term of the dual residual, which scales it (`_ipm._residuals`).
         Lq: [B, n, n], lower Cholesky factor of Q.
         M: [B, n, k], Lq⁻¹ [G; A]ᵀ.
         Mt: [B, k, n], its transpose, contiguous.
-        C: [B, k, k], [G; A] Q⁻¹ [G; A]ᵀ.
-        UA: [B, p, p], upper Cholesky factor of its equality block C_AA = A Q⁻¹ Aᵀ.
+        UA: [B, p, p], upper triangular with UAᵀUA = C_AA = A Q⁻¹ Aᵀ, the equality block of
+            C = [G; A] Q⁻¹ [G; A]ᵀ (the R of a QR factorization of Lq⁻¹Aᵀ, see `prepare`).
         X: [B, p, m], C_AA⁻¹ C_AG.
         CGA: [B, m, p], the block C_GA = G Q⁻¹ Aᵀ.
         Ct: [B, m, m], C_GG − C_GA C_AA⁻¹ C_AG: the equalities eliminated once per solve,
@@ -52,10 +55,10 @@ class QPData(NamedTuple):
     QGAt: Tensor
     h: Tensor
     b: Tensor
+    coef: Tensor
     Lq: Tensor
     M: Tensor
     Mt: Tensor
-    C: Tensor
     UA: Tensor
     X: Tensor
     CGA: Tensor
@@ -70,6 +73,12 @@ def rmv(x: Tensor, Mt: Tensor) -> Tensor:
 def prepare(Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, Lq: Tensor) -> QPData:
     """Precompute [G; A] Q⁻¹ [G; A]ᵀ from the Cholesky factor Lq of Q.
 
+    The equality block is factored by a QR factorization of M_A = Lq⁻¹Aᵀ = Q_A R, never by a
+    Cholesky factorization of C_AA = M_Aᵀ M_A = RᵀR: that would square cond(M_A) (in float32 a
+    cond(A) of 1e3 already costs all digits). The eliminated block is then the Gram matrix of
+    M_G's component orthogonal to range(M_A), C̃ = (M_G − Q_A Q_Aᵀ M_G)ᵀ(M_G − Q_A Q_Aᵀ M_G),
+    positive semidefinite by construction instead of a difference of two large matrices.
+
     Args:
         Q: [B, n, n]; q: [B, n]; G: [B, m, n]; h: [B, m]; A: [B, p, n]; b: [B, p].
         Lq: [B, n, n], lower Cholesky factor of Q.
@@ -80,17 +89,23 @@ def prepare(Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, Lq
     GA = torch.cat([G, A], dim=-2)  # shape: (B, k, n)
     QGAt = torch.cat([Q, GA.mT], dim=-1)  # shape: (B, n, n + k)
     M = torch.linalg.solve_triangular(Lq, GA.mT, upper=False)  # shape: (B, n, k)
-    C = M.mT @ M
     m = G.shape[-2]
-    CGA = C[:, :m, m:]
+    MG, MA = M[..., :m], M[..., m:]
     if A.shape[-2] == 0:
-        UA, X, Ct = C[:, m:, m:], C[:, m:, :m], C[:, :m, :m]
+        B = M.shape[0]
+        UA, X, CGA = M.new_zeros(B, 0, 0), M.new_zeros(B, 0, m), M.new_zeros(B, m, 0)
+        Ct = MG.mT @ MG
     else:
-        # A full row rank (checked by the caller) makes C_AA positive definite.
-        UA = torch.linalg.cholesky_ex(C[:, m:, m:], upper=True)[0]
-        X = chol_solve(C[:, m:, :m], UA)
-        Ct = C[:, :m, :m] - CGA @ X
-    return QPData(Q, q, GA, QGAt, h, b, Lq, M, M.mT.contiguous(), C, UA, X, CGA, Ct)
+        # A full row rank (checked by the caller) makes R invertible.
+        QA, UA = torch.linalg.qr(MA)  # shape: (B, n, p), (B, p, p)
+        P = QA.mT @ MG  # shape: (B, p, m)
+        X = torch.linalg.solve_triangular(UA, P, upper=True)  # R⁻¹Q_AᵀM_G = C_AA⁻¹ C_AG
+        CGA = P.mT @ UA
+        MG_perp = MG - QA @ P
+        Ct = MG_perp.mT @ MG_perp
+    # Q is symmetric: its column norms are its row norms (reduced along contiguous rows).
+    coef = torch.cat([Q.abs().amax(-1), GA.abs().amax(-1)], dim=-1)  # shape: (B, n + k)
+    return QPData(Q, q, GA, QGAt, h, b, coef, Lq, M, M.mT.contiguous(), UA, X, CGA, Ct)
 
 
 def _cholesky_(K: Tensor) -> tuple[Tensor, Tensor]:
@@ -225,7 +240,7 @@ def factor_active(data: QPData, active: Tensor) -> tuple[Tensor, Tensor, Tensor]
         BoolTensor [B] that is False where that matrix is singular (dependent active
         constraints: a degenerate vertex).
     """
-    B, k, m = data.C.shape[0], data.C.shape[-1], active.shape[-1]
+    B, k, m = data.GA.shape[0], data.GA.shape[-2], active.shape[-1]
     keep = torch.cat([active, active.new_ones(B, k - m)], dim=-1)
     both = active.unsqueeze(-1) & active.unsqueeze(-2)
     K = torch.where(both, data.Ct, 0.0)

@@ -59,11 +59,6 @@ def validate(
                 f"(rows of {mname}), got {tuple(v.shape)}"
             )
         sizes[what] = M.shape[-2]
-    if sizes["p"] > n:
-        raise ValueError(
-            f"qp_solve: A has p = {sizes['p']} rows but only n = {n} variables; A must have full "
-            "row rank"
-        )
     try:
         batch = torch.broadcast_shapes(
             *(x.shape[: x.dim() - (2 if name in "QGA" else 1)] for name, x in args.items())
@@ -100,16 +95,19 @@ def factor_Q(Q: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
     )
 
 
-def check_rank(S: Tensor, shape: torch.Size) -> None:
-    """Raise unless S = A Q⁻¹ Aᵀ [B, p, p] is numerically positive definite (A full row rank)."""
-    U, info = torch.linalg.cholesky_ex(S, upper=True)
-    piv = U.diagonal(dim1=-2, dim2=-1).square()
-    # A pivot this small relative to the largest one means a (numerically) dependent row.
-    small = piv.amin(-1) <= 100 * torch.finfo(S.dtype).eps * piv.amax(-1)
-    bad = (info != 0) | small | ~piv.isfinite().all(-1)
-    if bool(bad.any()):
-        raise ValueError(
-            f"qp_solve: A (shape {tuple(shape)}) does not have full row rank for "
-            f"{int(bad.sum())} of {S.shape[0]} problems; remove redundant or inconsistent "
-            "equality constraints"
-        )
+def rank_deficient(A: Tensor) -> Tensor:
+    """Return a BoolTensor [*B_A]: where A [*B_A, p, n] lacks full row rank numerically.
+
+    The test is on A itself, σ_min(A) ≤ max(p, n) · eps · σ_max(A) (the tolerance of
+    `numpy.linalg.matrix_rank`), not on A Q⁻¹ Aᵀ, whose condition number is cond(A)² cond(Q):
+    in float32 that would reject an A with cond(A) ≈ 1e3. A with p > n rows never has full row
+    rank.
+    """
+    p, n = A.shape[-2], A.shape[-1]
+    if p == 0:
+        return torch.zeros(A.shape[:-2], dtype=torch.bool, device=A.device)
+    if p > n:
+        return torch.ones(A.shape[:-2], dtype=torch.bool, device=A.device)
+    sv = torch.linalg.svdvals(A)  # descending, shape: (*B_A, p)
+    tol = max(p, n) * torch.finfo(A.dtype).eps * sv[..., 0]
+    return ~(sv[..., -1] > tol)

@@ -21,9 +21,19 @@ from torch import Tensor, nn
 
 from ._ipm import IPMResult, interior_point, merge, polish, refresh_factor
 from ._kkt import QPData, kkt_solve, prepare
-from ._qp_checks import check_rank, factor_Q, validate
+from ._qp_checks import factor_Q, rank_deficient, validate
+from ._qp_failures import (
+    InfeasibleQPError,
+    QPConvergenceError,
+    QPStatus,
+    elements,
+    infeasible_error,
+    raise_on_failure,
+)
+from ._qp_infeasible import FarkasCertificate, certify
 
 __all__ = [
+    "FarkasCertificate",
     "InfeasibleQPError",
     "QPConvergenceError",
     "QPLayer",
@@ -39,26 +49,6 @@ _COARSE_TOL = {torch.float64: 1e-6, torch.float32: 1e-6}
 # An element whose progress stalls (rounding) before `tol` still counts as solved within this
 # factor of `tol`.
 _ACCEPT_FACTOR = 100.0
-
-
-class QPStatus(NamedTuple):
-    """Per-problem solver statistics, each of batch shape [*B].
-
-    Attributes:
-        converged: BoolTensor, the KKT residual reached the accepted tolerance.
-        infeasible: BoolTensor, a certificate proved {z : Gz ≤ h, Az = b} empty.
-        iterations: LongTensor, interior-point iterations taken.
-        polished: BoolTensor, z is the exact solution on the identified active set (see
-            `qp_solve`); False where the active set is degenerate or the solve failed.
-        kkt_residual: the scaled KKT residual max(‖r_dual‖∞/(1+‖q‖∞), ‖r_primal‖∞/(1+‖h‖∞,
-            1+‖b‖∞), sᵀλ/(1+|objective|)) at the returned point.
-    """
-
-    converged: Tensor
-    infeasible: Tensor
-    iterations: Tensor
-    polished: Tensor
-    kkt_residual: Tensor
 
 
 class QPSolution(NamedTuple):
@@ -77,70 +67,90 @@ class QPSolution(NamedTuple):
     status: QPStatus
 
 
-class InfeasibleQPError(ValueError):
-    """No z satisfies Gz ≤ h and Az = b for some problem of the batch.
-
-    Attributes:
-        status: the `QPStatus` of the whole batch.
-    """
-
-    def __init__(self, message: str, status: QPStatus) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class QPConvergenceError(RuntimeError):
-    """The interior-point method stopped before reaching its tolerance.
-
-    Attributes:
-        status: the `QPStatus` of the whole batch.
-    """
-
-    def __init__(self, message: str, status: QPStatus) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 def _flat(x: Tensor, batch: torch.Size, core: int) -> Tensor:
     """Broadcast x to [*batch, *core dims] and flatten the batch to one dim B."""
     core_shape = x.shape[x.dim() - core :]
-    return x.expand(*batch, *core_shape).reshape(max(batch.numel(), 1), *core_shape)
+    return x.expand(*batch, *core_shape).reshape(batch.numel(), *core_shape)
 
 
-def _status(res: IPMResult, batch: torch.Size, tol: float) -> QPStatus:
-    converged = res.converged | (~res.infeasible & (res.kkt_residual <= _ACCEPT_FACTOR * tol))
-    return QPStatus(
-        converged.reshape(batch),
-        res.infeasible.reshape(batch),
-        res.iterations.reshape(batch),
-        res.polished.reshape(batch),
-        res.kkt_residual.reshape(batch),
+def _batch_data(opts: dict[str, Any], theta: tuple[Tensor, ...]) -> QPData:
+    """Factor Q, [G; A] Q⁻¹ [G; A]ᵀ and its equality block for the flattened batch [B]."""
+    Q, q, G, h, A, b = theta
+    batch, Qs, Lq = opts["batch"], opts["Qs"], opts["Lq"]
+    if Q.dim() == 2 and G.dim() == 2 and A.dim() == 2:
+        # One factorization of Q and one Gram matrix serve the whole batch.
+        zero = q.new_zeros(1, 1)  # placeholders: prepare ignores q, h, b
+        pre = prepare(Qs[None], zero, G[None], zero, A[None], zero, Lq[None])
+        data = QPData(*(x.expand(batch.numel(), *x.shape[1:]) for x in pre))
+        return data._replace(q=_flat(q, batch, 1), h=_flat(h, batch, 1), b=_flat(b, batch, 1))
+    return prepare(
+        _flat(Qs, batch, 2),
+        _flat(q, batch, 1),
+        _flat(G, batch, 2),
+        _flat(h, batch, 1),
+        _flat(A, batch, 2),
+        _flat(b, batch, 1),
+        _flat(Lq, batch, 2),
     )
 
 
-def _raise_on_failure(status: QPStatus, tol: float, max_iter: int) -> None:
-    if bool(status.converged.all()):
+def _solve(data: QPData, tol: float, max_iter: int) -> IPMResult:
+    """Interior point to a coarse tolerance, polish, and resume where polishing fails."""
+    # Polishing makes z exact once the active set is identified, which a coarser residual
+    # already does on most problems: stop there, polish, and resume the interior point
+    # only where polishing fails (a misidentified or degenerate active set).
+    coarse = max(tol, _COARSE_TOL[data.q.dtype])
+    res = polish(data, interior_point(data, coarse, max_iter), _ACCEPT_FACTOR * tol)
+    redo = ~res.polished & ~res.suspect & ~res.broke_down
+    left = max_iter - int(res.iterations.max())
+    if coarse > tol and left > 0 and bool(redo.any()):
+        more = interior_point(data, tol, left, start=res, only=redo)
+        res = merge(redo, polish(data, more, _ACCEPT_FACTOR * tol), res)
+    # Unpolished elements (e.g. degenerate ones) differentiate with their iterate's factor.
+    return refresh_factor(data, res)
+
+
+def _status(
+    data: QPData, res: IPMResult, batch: torch.Size, tol: float
+) -> tuple[QPStatus, FarkasCertificate | None]:
+    """Accept converged elements; search certificates of infeasibility for the others.
+
+    The search (`_qp_infeasible`) runs only where the interior point failed, so feasible
+    batches never pay for it.
+    """
+    converged = res.converged | (res.kkt_residual <= _ACCEPT_FACTOR * tol)
+    infeasible, cert = torch.zeros_like(converged), None
+    if not bool(converged.all()):
+        m = data.h.shape[-1]
+        GA, bad = data.GA[~converged], ~converged
+        infeasible, cert = certify(bad, batch, GA[:, :m], data.h[bad], GA[:, m:], data.b[bad])
+    parts = (converged, infeasible, res.iterations, res.polished, res.kkt_residual)
+    return QPStatus(*(x.reshape(batch) for x in parts)), cert
+
+
+def _reject_rank_deficient(args: dict[str, Tensor], batch: torch.Size) -> None:
+    """Raise if A lacks full row rank anywhere: `InfeasibleQPError` where a certificate proves
+    the problem infeasible (e.g. Az = b inconsistent), else a ValueError."""
+    deficient = rank_deficient(args["A"]).expand(batch).reshape(-1)
+    if not bool(deficient.any()):
         return
-    B = status.converged.numel()
-    infeasible = status.infeasible.reshape(-1)
-    if bool(infeasible.any()):
-        idx = infeasible.nonzero().reshape(-1)[:5].tolist()
-        raise InfeasibleQPError(
-            f"qp_solve: {int(infeasible.sum())} of {B} problems are infeasible (no z satisfies "
-            f"Gz ≤ h, Az = b; a Farkas certificate was found), e.g. batch elements {idx}. "
-            "Pass check=False to get the status instead of this error",
-            status,
+    G, h, A, b = (_flat(args[k], batch, c)[deficient] for k, c in zip("GhAb", (2, 1, 2, 1)))
+    infeasible, cert = certify(deficient, batch, G, h, A, b)
+    if bool((infeasible == deficient).all()):
+        never = torch.zeros(batch, dtype=torch.bool, device=h.device)
+        status = QPStatus(
+            never, infeasible.reshape(batch), never.long(), never, h.new_full(batch, float("inf"))
         )
-    bad = ~status.converged.reshape(-1)
-    idx = bad.nonzero().reshape(-1)[:5].tolist()
-    worst = status.kkt_residual.reshape(-1)[bad].max().item()
-    raise QPConvergenceError(
-        f"qp_solve: {int(bad.sum())} of {B} problems did not converge (worst scaled KKT residual "
-        f"{worst:.3g} > {_ACCEPT_FACTOR * tol:.3g} after at most {max_iter} iterations), e.g. "
-        f"batch elements {idx}. Causes: linearly dependent active constraints, a badly scaled or "
-        "nearly infeasible problem, or float32 rounding; try float64, rescaling, a larger "
-        "max_iter or tol. Pass check=False to get the status instead of this error",
-        status,
+        note = " (nothing was solved: the solver needs A of full row rank)"
+        raise infeasible_error(status, cert, "A does not have full row rank and ", note)
+    redundant = deficient & ~infeasible
+    raise ValueError(
+        f"qp_solve: A (shape {tuple(args['A'].shape)}) does not have full row rank "
+        f"(σ_min(A) ≤ max(p, n)·eps·σ_max(A)) for {int(deficient.sum())} of {batch.numel()} "
+        f"problems; for {int(redundant.sum())} of them, e.g. "
+        f"{elements(redundant.reshape(batch).nonzero())}, no certificate of infeasibility was "
+        "found, so some equality constraints are redundant: remove them (the solver needs "
+        "linearly independent rows of A)"
     )
 
 
@@ -149,50 +159,28 @@ class _QPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, opts: dict[str, Any], *theta: Tensor) -> tuple[Tensor, ...]:
-        Q, q, G, h, A, b = theta
-        batch, tol, m = opts["batch"], opts["tol"], G.shape[-2]
-        B = max(batch.numel(), 1)
-        Qs, Lq = opts["Qs"], opts["Lq"]
-        shared = Q.dim() == 2 and G.dim() == 2 and A.dim() == 2
-        if shared:
-            # One factorization of Q and one Gram matrix serve the whole batch.
-            zero = q.new_zeros(1, 1)  # placeholders: prepare ignores q, h, b
-            pre = prepare(Qs[None], zero, G[None], zero, A[None], zero, Lq[None])
-            data = QPData(*(x.expand(B, *x.shape[1:]) for x in pre))
-            data = data._replace(q=_flat(q, batch, 1), h=_flat(h, batch, 1), b=_flat(b, batch, 1))
-        else:
-            data = prepare(
-                _flat(Qs, batch, 2),
-                _flat(q, batch, 1),
-                _flat(G, batch, 2),
-                _flat(h, batch, 1),
-                _flat(A, batch, 2),
-                _flat(b, batch, 1),
-                _flat(Lq, batch, 2),
-            )
-        if A.shape[-2] > 0:
-            check_rank(data.C[:, m:, m:], A.shape)
-        # Polishing makes z exact once the active set is identified, which a coarser residual
-        # already does on most problems: stop there, polish, and resume the interior point
-        # only where polishing fails (a misidentified or degenerate active set).
-        coarse = max(tol, _COARSE_TOL[Q.dtype])
-        res = polish(data, interior_point(data, coarse, opts["max_iter"]), _ACCEPT_FACTOR * tol)
-        redo = ~res.polished & ~res.infeasible & ~res.broke_down
-        left = opts["max_iter"] - int(res.iterations.max())
-        if coarse > tol and left > 0 and bool(redo.any()):
-            more = interior_point(data, tol, left, start=res, only=redo)
-            res = merge(redo, polish(data, more, _ACCEPT_FACTOR * tol), res)
-        # Unpolished elements (e.g. degenerate ones) differentiate with their iterate's factor.
-        res = refresh_factor(data, res)
+        q, G, A = theta[1], theta[2], theta[4]
+        batch, tol = opts["batch"], opts["tol"]
+        ctx.batch, ctx.shapes = batch, [x.shape for x in theta]
+        if batch.numel() == 0:
+            # An empty batch: empty results, and zero gradients of the inputs' shapes.
+            ctx.res = None
+            empty = q.new_zeros(0)
+            never = torch.zeros(batch, dtype=torch.bool, device=q.device)
+            status = QPStatus(never, never, never.long(), never, empty.reshape(batch))
+            opts["status"], opts["certificate"] = status, None
+            sizes = (q.shape[-1], G.shape[-2], A.shape[-2])
+            return tuple(q.new_zeros(*batch, k) for k in sizes)
+        data = _batch_data(opts, theta)
+        res = _solve(data, tol, opts["max_iter"])
+        opts["status"], opts["certificate"] = _status(data, res, batch, tol)
         # The backward needs only Q's factor, M = Lq⁻¹[G; A]ᵀ and the equality blocks (see
         # `kkt_solve`): drop the rest so that less is held between forward and backward.
         none = data.q.new_empty(0)
         ctx.data = data._replace(
-            Q=none, q=none, GA=none, QGAt=none, h=none, b=none, C=none, Ct=none
+            Q=none, q=none, GA=none, QGAt=none, h=none, b=none, coef=none, Ct=none
         )
-        ctx.res, ctx.batch = res, batch
-        ctx.shapes = [x.shape for x in theta]
-        opts["status"] = _status(res, batch, tol)
+        ctx.res = res
         z = res.z.reshape(*batch, -1)
         lam = res.lam.reshape(*batch, -1)
         nu = res.nu.reshape(*batch, -1)
@@ -201,6 +189,12 @@ class _QPFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, gz: Tensor, glam: Tensor, gnu: Tensor) -> tuple[Tensor | None, ...]:
+        if ctx.res is None:  # an empty batch
+            empty = [
+                gz.new_zeros(s) if need else None
+                for s, need in zip(ctx.shapes, ctx.needs_input_grad[1:])
+            ]
+            return (None, *empty)
         data: QPData = ctx.data
         res: IPMResult = ctx.res
         B = res.z.shape[0]
@@ -279,8 +273,15 @@ def qp_solve(
     the SUM of the per-problem gradients, as autograd's broadcasting rule says.
 
     Invariants: Q is symmetric positive definite (only its symmetric part ½(Q + Qᵀ) is used,
-    so its gradient is symmetric); A has full row rank. The returned point satisfies the KKT
-    conditions up to the scaled residual in ``status.kkt_residual``.
+    so its gradient is symmetric); A has full row rank, tested on A itself:
+    σ_min(A) > max(p, n)·eps·σ_max(A). The returned point satisfies the KKT conditions up to
+    the scaled residual in ``status.kkt_residual``. An empty batch (some batch dimension 0)
+    returns empty results, and zero gradients of the inputs' shapes.
+
+    Infeasibility: where the interior point fails, a Farkas certificate λ ≥ 0, ν with
+    Gᵀλ + Aᵀν = 0 and hᵀλ + bᵀν < 0 is searched for (in float64) and verified with bounds on
+    its rounding; only a verified one marks a problem infeasible (see `FarkasCertificate`).
+    Feasible batches never run this search.
 
     LPs and singular Q: Q must be positive definite, because where it is singular the solution
     can sit at a vertex of the feasible set, where dz/dθ is zero or undefined. Pass
@@ -312,8 +313,10 @@ def qp_solve(
     Raises:
         TypeError: non-tensor arguments or mixed / non-float dtypes.
         ValueError: bad shapes, devices, NaN/inf, Q not positive definite (non-convex or
-            singular), A without full row rank.
-        InfeasibleQPError: (a ValueError) no feasible point, when ``check=True``.
+            singular), A without full row rank (with consistent, redundant equalities).
+        InfeasibleQPError: (a ValueError) a verified certificate proves no feasible point,
+            when ``check=True``; also with ``check=False`` when A lacks full row rank (the
+            batch cannot be solved then), e.g. for inconsistent equalities Az = b.
         QPConvergenceError: (a RuntimeError) not converged, when ``check=True``.
 
     Example:
@@ -336,6 +339,7 @@ def qp_solve(
         raise ValueError(f"qp_solve: tol must be > 0, got {tol}")
     with torch.no_grad():
         Qs, Lq = factor_Q(args["Q"], ridge)
+        _reject_rank_deficient(args, batch)
     opts: dict[str, Any] = {
         "batch": batch,
         "tol": tol_,
@@ -347,7 +351,7 @@ def qp_solve(
     z, lam, nu = _QPFunction.apply(opts, *theta)
     status: QPStatus = opts["status"]
     if check:
-        _raise_on_failure(status, tol_, max_iter)
+        raise_on_failure(status, opts["certificate"], _ACCEPT_FACTOR * tol_, max_iter)
     if full:
         return QPSolution(z, lam, nu, status)
     return z

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from structift.layers import QPLayer, QPSolution, qp_solve
 from tests.layers.qp_problems import kkt_residual, known_qp
+from tests.seeding import seeded
 
 F64 = torch.float64
 SIZES = [(6, 8, 2), (5, 7, 0), (4, 0, 2), (3, 0, 0), (10, 25, 3)]
@@ -31,14 +32,14 @@ class TestForward:
         assert sol.status.kkt_residual.max() <= 1e-10
 
     def test_polished_solution_is_exact_to_rounding(self) -> None:
-        P = known_qp(16, 12, 20, 3, generator=torch.Generator().manual_seed(8))
+        P = known_qp(16, 12, 20, 3, generator=seeded(8))
         sol = qp_solve(*P.theta, full=True)
         assert bool(sol.status.polished.all())
         assert (sol.z - P.z).abs().max() <= 1e-12
         assert (sol.lam - P.lam).abs().max() <= 1e-12
 
     def test_kkt_residual_is_zero_at_solution(self, device: torch.device) -> None:
-        P = known_qp(8, 12, 20, 3, device=device, generator=torch.Generator().manual_seed(3))
+        P = known_qp(8, 12, 20, 3, device=device, generator=seeded(3))
         sol = qp_solve(*P.theta, full=True)
         for r in kkt_residual(P.theta, sol.z, sol.lam, sol.nu):
             assert r.max() <= 1e-9
@@ -108,7 +109,7 @@ class TestForward:
 
 class TestBackward:
     def test_gradcheck_all_inputs_and_duals(self) -> None:
-        P = known_qp(2, 4, 3, 1, generator=torch.Generator().manual_seed(1))
+        P = known_qp(2, 4, 3, 1, generator=seeded(1))
         inputs = [x.clone().requires_grad_() for x in P.theta]
 
         def f(*theta: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -118,7 +119,7 @@ class TestBackward:
         assert torch.autograd.gradcheck(f, inputs, atol=1e-6)
 
     def test_gradcheck_shared_parameters(self) -> None:
-        P = known_qp(1, 4, 5, 1, generator=torch.Generator().manual_seed(2))
+        P = known_qp(1, 4, 5, 1, generator=seeded(2))
         q = P.q + 0.1 * torch.randn(3, 4, dtype=F64)
         inputs = [x.clone().requires_grad_() for x in (P.Q[0], q, P.G[0], P.h[0], P.A[0], P.b[0])]
         assert torch.autograd.gradcheck(lambda *t: qp_solve(*t), inputs, atol=1e-6)
@@ -144,7 +145,7 @@ class TestBackward:
             )
 
     def test_finite_differences_along_random_direction(self, device: torch.device) -> None:
-        P = known_qp(4, 30, 40, 5, device=device, generator=torch.Generator().manual_seed(4))
+        P = known_qp(4, 30, 40, 5, device=device, generator=seeded(4))
         theta = [x.clone().requires_grad_() for x in P.theta]
         w = torch.randn(4, 30, dtype=F64, device=device)
         grads = torch.autograd.grad((qp_solve(*theta) * w).sum(), theta)
@@ -163,7 +164,7 @@ class TestBackward:
         # smooths W = s/λ by ~1e-5 relative to the Gram matrix; the polished solve removes it,
         # so dz/dh matches finite differences tightly. (The kink where such a constraint
         # releases is ~λ away, so the step must be smaller than that.)
-        P = known_qp(2, 8, 10, 0, generator=torch.Generator().manual_seed(9))
+        P = known_qp(2, 8, 10, 0, generator=seeded(9))
         lam = torch.where(P.lam > 0, P.lam * torch.tensor([1e-4, 1.0], dtype=F64)[:, None], 0.0)
         q = -((P.Q @ P.z[..., None])[..., 0] + (P.G.mT @ lam[..., None])[..., 0])
         h = P.h.clone().requires_grad_()
@@ -209,7 +210,7 @@ class TestProperties:
     @given(_problem_sizes())
     def test_known_solution_and_kkt(self, sizes: tuple[int, int, int, int, int]) -> None:
         B, n, m, p, seed = sizes
-        P = known_qp(B, n, m, p, generator=torch.Generator().manual_seed(seed))
+        P = known_qp(B, n, m, p, generator=seeded(seed))
         sol = qp_solve(*P.theta, full=True)
         assert (sol.z - P.z).abs().max() <= 1e-8
         for r in kkt_residual(P.theta, sol.z, sol.lam, sol.nu):
@@ -218,9 +219,9 @@ class TestProperties:
     @given(_problem_sizes())
     def test_batch_equals_stacked_singles(self, sizes: tuple[int, int, int, int, int]) -> None:
         B, n, m, p, seed = sizes
-        P = known_qp(B, n, m, p, generator=torch.Generator().manual_seed(seed))
+        P = known_qp(B, n, m, p, generator=seeded(seed))
         theta = [x.clone().requires_grad_() for x in P.theta]
-        w = torch.randn(B, n, generator=torch.Generator().manual_seed(seed), dtype=F64)
+        w = torch.randn(B, n, generator=seeded(seed), dtype=F64)
         z = qp_solve(*theta)
         grads = torch.autograd.grad((z * w).sum(), theta)
         for k in range(B):
@@ -230,3 +231,34 @@ class TestProperties:
             gk = torch.autograd.grad((zk * w[k]).sum(), single)
             for a, c in zip(gk, grads):
                 torch.testing.assert_close(a, c[k], atol=1e-7, rtol=1e-6)
+
+
+class TestEmptyBatch:
+    @pytest.mark.parametrize(("m", "p"), [(5, 2), (0, 0), (4, 0)])
+    def test_empty_batch_gives_empty_results_and_gradients(self, m: int, p: int) -> None:
+        n = 3
+        P = known_qp(1, n, m, p)
+        # Per-problem q and h with batch 0; Q, G, A, b shared.
+        shared = [x[0].clone().requires_grad_() for x in (P.Q, P.G, P.A, P.b)]
+        Q, G, A, b = shared
+        q = torch.zeros(0, n, dtype=F64, requires_grad=True)
+        h = torch.zeros(0, m, dtype=F64, requires_grad=True)
+        sol = qp_solve(Q, q, G, h, A, b, full=True)
+        assert (sol.z.shape, sol.lam.shape, sol.nu.shape) == ((0, n), (0, m), (0, p))
+        assert all(s.shape == (0,) for s in sol.status)
+        loss = sol.z.sum() + sol.lam.sum() + sol.nu.sum()
+        inputs = [Q, q, G, h, A, b]
+        grads = torch.autograd.grad(loss, inputs)
+        for g, x in zip(grads, inputs):
+            assert g.shape == x.shape
+            assert bool((g == 0).all())
+
+    def test_empty_leading_dimension_of_a_grid(self) -> None:
+        Q = torch.eye(4, dtype=F64).expand(2, 0, 4, 4)
+        z = qp_solve(Q, torch.zeros(2, 0, 4, dtype=F64), full=True)
+        assert z.z.shape == (2, 0, 4)
+        assert z.status.converged.shape == (2, 0)
+
+    def test_qplayer_on_empty_batch(self) -> None:
+        z = QPLayer()(torch.eye(2, dtype=F64), torch.zeros(0, 2, dtype=F64))
+        assert z.shape == (0, 2)

@@ -67,6 +67,13 @@ class TestInfeasible:
             qp_solve(*self._infeasible())
         assert info.value.status.infeasible.tolist() == [False, True, False]
         assert isinstance(info.value, ValueError)
+        cert = info.value.certificate
+        assert cert.batch_index.tolist() == [[1]]
+        assert bool(cert.check().valid.all())
+        # λ ∝ (1, 1): Gᵀλ = 0 and hᵀλ = −2λ₁ < 0.
+        torch.testing.assert_close(cert.lam[0, 0], cert.lam[0, 1], atol=1e-12, rtol=0)
+        assert "batch elements [1]" in str(info.value)
+        assert "rows [0, 1] of (G, h)" in str(info.value)
 
     def test_check_false_returns_status(self) -> None:
         sol = qp_solve(*self._infeasible(), full=True, check=False)
@@ -75,10 +82,18 @@ class TestInfeasible:
         torch.testing.assert_close(sol.z[[0, 2]], torch.zeros(2, 1, dtype=F64), atol=1e-9, rtol=0)
 
     def test_inconsistent_equalities_raise(self) -> None:
+        # Rank deficient and inconsistent: infeasible, with a certificate ν (Aᵀν = 0, bᵀν < 0).
         Q, q = torch.eye(2, dtype=F64), torch.zeros(2, dtype=F64)
         A = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=F64)
-        with pytest.raises(ValueError, match="full row rank"):
+        with pytest.raises(InfeasibleQPError, match="full row rank") as info:
             qp_solve(Q, q, A=A, b=torch.tensor([0.0, 1.0], dtype=F64))
+        assert bool(info.value.certificate.check().valid.all())
+
+    def test_redundant_equalities_raise(self) -> None:
+        Q, q = torch.eye(2, dtype=F64), torch.zeros(2, dtype=F64)
+        A = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=F64)
+        with pytest.raises(ValueError, match=r"full row rank.*redundant"):
+            qp_solve(Q, q, A=A, b=torch.tensor([1.0, 1.0], dtype=F64))
 
     def test_too_many_equalities_raise(self) -> None:
         Q, q = torch.eye(2, dtype=F64), torch.zeros(2, dtype=F64)

@@ -8,6 +8,7 @@ import torch
 
 from structift.layers import qp_solve
 from tests.layers.qp_problems import known_qp
+from tests.seeding import seeded
 
 pytestmark = pytest.mark.reference
 F64 = torch.float64
@@ -31,7 +32,7 @@ def _clarabel(theta: tuple[torch.Tensor, ...]) -> np.ndarray:
 class TestClarabel:
     @pytest.mark.parametrize(("n", "m", "p"), [(8, 12, 2), (15, 30, 0), (5, 0, 3)])
     def test_known_solution_problems(self, n: int, m: int, p: int) -> None:
-        P = known_qp(4, n, m, p, generator=torch.Generator().manual_seed(n + m + p))
+        P = known_qp(4, n, m, p, generator=seeded(n + m + p))
         z = qp_solve(*P.theta)
         for k in range(4):
             ref = torch.from_numpy(_clarabel(tuple(x[k] for x in P.theta)))
@@ -40,7 +41,7 @@ class TestClarabel:
 
     def test_random_feasible_problems(self) -> None:
         # Not built from a solution: random data, feasible by construction (h ≥ G z0).
-        g = torch.Generator().manual_seed(7)
+        g = seeded(7)
         B, n, m, p = 4, 10, 25, 3
         L = torch.randn(B, n, n, generator=g, dtype=F64)
         Q = L @ L.mT + 0.1 * torch.eye(n, dtype=F64)
@@ -66,8 +67,8 @@ def _qpth(*theta: torch.Tensor) -> torch.Tensor:
 
 class TestQpth:
     def test_solution_and_per_example_gradients_match(self) -> None:
-        P = known_qp(6, 10, 15, 2, generator=torch.Generator().manual_seed(11))
-        w = torch.randn(6, 10, generator=torch.Generator().manual_seed(12), dtype=F64)
+        P = known_qp(6, 10, 15, 2, generator=seeded(11))
+        w = torch.randn(6, 10, generator=seeded(12), dtype=F64)
         ours = [x.clone().requires_grad_() for x in P.theta]
         theirs = [x.clone().requires_grad_() for x in P.theta]
         z = qp_solve(*ours)
@@ -81,10 +82,10 @@ class TestQpth:
 
     def test_shared_parameter_sum_versus_qpth_mean(self) -> None:
         # qpth 0.0.18 returns the batch mean for a parameter given without batch dim; we sum.
-        P = known_qp(1, 8, 10, 0, generator=torch.Generator().manual_seed(13))
+        P = known_qp(1, 8, 10, 0, generator=seeded(13))
         B = 4
-        q = P.q + 0.2 * torch.randn(B, 8, generator=torch.Generator().manual_seed(14), dtype=F64)
-        w = torch.randn(B, 8, generator=torch.Generator().manual_seed(15), dtype=F64)
+        q = P.q + 0.2 * torch.randn(B, 8, generator=seeded(14), dtype=F64)
+        w = torch.randn(B, 8, generator=seeded(15), dtype=F64)
         h_ours = P.h[0].clone().requires_grad_()
         h_qpth = P.h[0].clone().requires_grad_()
         (qp_solve(P.Q[0], q, P.G[0], h_ours) * w).sum().backward()

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from structift.implicit import custom_root
 from structift.layers import qp_solve, sparsemax
 from tests.layers.qp_problems import known_qp
+from tests.seeding import seeded
 
 F64 = torch.float64
 
@@ -55,14 +56,14 @@ def _sparsemax_jacobian(p: torch.Tensor) -> torch.Tensor:
 class TestSparsemaxTriangle:
     @given(st.integers(2, 5), st.integers(0, 2**16))
     def test_values_agree(self, n: int, seed: int) -> None:
-        theta = 2 * torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=F64)
+        theta = 2 * torch.randn(n, generator=seeded(seed), dtype=F64)
         p_qp = _sparsemax_qp(theta)
         torch.testing.assert_close(p_qp, sparsemax(theta), atol=1e-8, rtol=0)
         torch.testing.assert_close(p_qp, _sparsemax_variational(theta), atol=1e-8, rtol=0)
 
     @given(st.integers(2, 6), st.integers(0, 2**16))
     def test_jacobians_agree(self, n: int, seed: int) -> None:
-        theta = 2 * torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=F64)
+        theta = 2 * torch.randn(n, generator=seeded(seed), dtype=F64)
         p = sparsemax(theta)
         tau = (theta - p)[p > 0][0]
         # The Jacobian jumps where some θ_i crosses the threshold τ; stay clear of that.
@@ -74,7 +75,7 @@ class TestSparsemaxTriangle:
         torch.testing.assert_close(J_sm, J_cf, atol=1e-12, rtol=0)
 
     def test_batched(self) -> None:
-        theta = torch.randn(16, 5, generator=torch.Generator().manual_seed(0), dtype=F64)
+        theta = torch.randn(16, 5, generator=seeded(0), dtype=F64)
         torch.testing.assert_close(_sparsemax_qp(theta), sparsemax(theta), atol=1e-8, rtol=0)
 
 
@@ -97,14 +98,14 @@ def _kkt_residual(
 
 
 def test_custom_root_on_kkt_residual_gives_same_gradients() -> None:
-    P = known_qp(3, 6, 9, 2, generator=torch.Generator().manual_seed(5))
+    P = known_qp(3, 6, 9, 2, generator=seeded(5))
 
     @custom_root(_kkt_residual, batch_ndim=1)
     def solve(*theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         sol = qp_solve(*theta, full=True)
         return sol.z, sol.lam, sol.nu
 
-    g = torch.Generator().manual_seed(6)
+    g = seeded(6)
     w = [torch.randn(3, k, generator=g, dtype=F64) for k in (6, 9, 2)]
     ours = [x.clone().requires_grad_() for x in P.theta]
     theirs = [x.clone().requires_grad_() for x in P.theta]
