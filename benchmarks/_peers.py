@@ -1,4 +1,4 @@
-"""Shared benchmark helpers for the chain peers and kernel selection.
+"""Shared benchmark helpers for the chain peers and backend selection.
 
 The peers get the model ``emissions U [B, T, Z] + one transition matrix W [Z, Z]`` in their own
 layouts: pytorch-crf with start/end transitions set to 0, torch-struct as edge potentials
@@ -8,36 +8,20 @@ layouts: pytorch-crf with start/end transitions set to 0, torch-struct as edge p
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 
-@contextmanager
-def chain_kernel(name: str | None) -> Iterator[None]:
-    """Run the block with ``STRUCTIFT_CHAIN_KERNEL=name`` (``None``: leave it as it is)."""
-    old = os.environ.get("STRUCTIFT_CHAIN_KERNEL")
-    if name is not None:
-        os.environ["STRUCTIFT_CHAIN_KERNEL"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("STRUCTIFT_CHAIN_KERNEL", None)
-        else:
-            os.environ["STRUCTIFT_CHAIN_KERNEL"] = old
-
-
 def with_kernel(name: str | None, run: Callable[[], Any]) -> Callable[[], Any]:
-    """Wrap ``run`` so that every call uses the chain kernel ``name``."""
+    """Wrap ``run`` so that every call uses the chain backend ``name`` (``None``: the default)."""
+    from structift.structures.chain import use_backend
 
     def wrapped() -> Any:
-        with chain_kernel(name):
+        with use_backend(name):
             return run()
 
     return wrapped

@@ -8,7 +8,7 @@ all lengths = T, float32. Each one receives it in its own native layout, built b
 * ``structift-full`` ``chain.log_partition(U, B_full, lengths)``: ``B_full`` = ``W`` copied to a
   [B, T-1, Z, Z] leaf (the general per-position case, same math).
 * ``structift-scaled``, ``structift-full-scaled``: the same two with
-  ``STRUCTIFT_CHAIN_KERNEL=scaled`` (on CUDA the default is the fused Triton kernel; on CPU the
+  ``backend 'scaled'`` (on CUDA the default is the fused Triton kernel; on CPU the
   two are the same kernel, so these rows are skipped there).
 * ``pytorch-crf``    ``CRF._compute_normalizer`` (its log Z) with ``transitions = W``.
 * ``torch-struct``   ``LinearChainCRF(phi, lengths).partition`` where
@@ -43,7 +43,7 @@ from collections.abc import Callable
 import torch
 from _peers import pytorch_crf, torch_struct_potentials, with_kernel
 
-from structift import chain
+from structift.structures import chain
 
 IMPLS = [
     "structift",
@@ -318,7 +318,7 @@ def main() -> None:
     if args.impls is None:
         cpu = args.device == "cpu"
         args.impls = [i for i in IMPLS if not (cpu and i.endswith("-scaled"))]
-    kernel = chain.kernel_for(torch.zeros(1, 2, 1, device=args.device))
+    kernel = chain.resolve(None, torch.zeros(1, 2, 1, device=args.device)).name
     args.bandwidth = copy_bandwidth(args.device) if args.floor else float("nan")
     print(
         f"device={args.device} threads={args.threads} torch={torch.__version__} repeats={args.repeats}"

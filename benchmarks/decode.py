@@ -6,7 +6,7 @@ Same model as ``benchmarks/chain.py``: emissions ``U`` [B, T, Z], one transition
 Viterbi (MAP tags):
 
 * ``structift``       ``chain.viterbi(U, W, lengths)`` with the default kernel (fused on CUDA);
-* ``structift-loop``  the same with ``STRUCTIFT_CHAIN_KERNEL=scaled`` (the log-space torch loop;
+* ``structift-loop``  the same with ``backend 'scaled'`` (the log-space torch loop;
   on CPU this is what ``structift`` runs, so the row is skipped there);
 * ``pytorch-crf``     ``CRF.decode`` (returns Python lists: its backtrack runs on the host);
 * ``torch-struct``    ``LinearChainCRF(phi, lengths).argmax`` (one-hot edges, by autograd
@@ -38,7 +38,7 @@ from _peers import (
     with_kernel,
 )
 
-from structift import chain
+from structift.structures import chain
 
 IMPLS = ["structift", "structift-loop", "pytorch-crf", "torch-struct"]
 
@@ -105,7 +105,7 @@ def main() -> None:
         tags = {k: r() for k, r in runs.items()}  # warm-up (and Triton compilation)
         best = {k: chain.score(U, W, lengths, t) for k, t in tags.items()}
         secs = median_times(runs, args.repeats, args.device)
-    kernel = chain.kernel_for(U)
+    kernel = chain.resolve(None, U).name
     print(
         f"device={args.device} threads={args.threads} B={B} T={T} Z={Z} repeats={args.repeats}"
         f" structift kernel={kernel}"

@@ -7,7 +7,7 @@ the unary potentials. Timed, median of interleaved repeats:
 
 * ``structift``       ``grad(<marginals(U, W, create_graph=True).unary, v>, U)``: the marginals'
   backward is the analytic HVP (two tangent sweeps; one fused launch on CUDA);
-* ``structift-loop``  the same with ``STRUCTIFT_CHAIN_KERNEL=scaled`` (skipped on CPU, where it
+* ``structift-loop``  the same with ``backend 'scaled'`` (skipped on CPU, where it
   is what ``structift`` runs);
 * ``pytorch-crf``     autograd twice through ``CRF._compute_normalizer``: ``mu = grad(A, U,
   create_graph=True)``, then ``grad(<mu, v>, U)``;
@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 from _peers import chain_parser, median_times, pytorch_crf, setup, with_kernel
 
-from structift import chain
+from structift.structures import chain
 
 IMPLS = ["structift", "structift-loop", "pytorch-crf", "torch-struct"]
 
@@ -95,7 +95,7 @@ def main() -> None:
     secs = median_times(runs, args.repeats, args.device)
     print(
         f"device={args.device} threads={args.threads} B={B} T={T} Z={Z} repeats={args.repeats}"
-        f" structift kernel={chain.kernel_for(U)}"
+        f" structift kernel={chain.resolve(None, U).name}"
     )
     print(f"{'H v':<16} {'time ms':>10} {'time / structift':>17} {'max |diff|':>11}")
     base = secs.get("structift", float("nan"))

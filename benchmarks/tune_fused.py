@@ -1,6 +1,6 @@
 """Time the fused chain kernel's launch settings on a GPU (warps per program, prefetching).
 
-The defaults in ``structift/chain/_fused.py`` (``WARPS``, ``PREFETCH``) are reasoned, not
+The defaults of the ``Fused`` backend's fields (``warps``, ``prefetch``) are reasoned, not
 measured. This script times log Z + marginals (forward + backward, per-position binary
 ``[B, T-1, Z, Z]`` and a shared ``[Z, Z]``) for every combination at one shape, checks each
 against the default's result, and prints the bandwidth floor for reference.
@@ -16,10 +16,10 @@ from __future__ import annotations
 import itertools
 
 import torch
-from _peers import chain_kernel, chain_parser, median_times, setup
+from _peers import chain_parser, median_times, setup
 
-from structift import chain
-from structift.chain import _fused
+from structift.structures import chain
+from structift.structures.chain import Fused
 
 
 def timed(run, repeats: int, device: str) -> float:
@@ -38,10 +38,10 @@ def main() -> None:
     full = shared.expand(B, T - 1, Z, Z).contiguous().requires_grad_(True)
     shared.requires_grad_(True)
 
-    def make(W: torch.Tensor):
+    def make(W: torch.Tensor, backend: Fused = Fused()):
         def run() -> torch.Tensor:
             U.grad = W.grad = None
-            log_z = chain.log_partition(U, W, lengths)
+            log_z = chain.log_partition(U, W, lengths, backend=backend)
             log_z.sum().backward()
             return W.grad
 
@@ -57,23 +57,20 @@ def main() -> None:
             f"bandwidth floor: 3 x {pot / 2**20:.1f} MiB / {bw / 1e9:.0f} GB/s = {3e3 * pot / bw:.3f} ms"
         )
     print(f"{'warps':>5} {'prefetch':>8} {'full ms':>9} {'shared ms':>10} {'max |dgrad|':>12}")
-    with chain_kernel("fused"):
-        ref = make(full)().clone()
-        for warps, prefetch in itertools.product((None, 1, 2, 4, 8), (None, True, False)):
-            _fused.WARPS, _fused.PREFETCH = warps, prefetch
-            try:
-                t_full = timed(make(full), args.repeats, args.device)
-                t_shared = timed(make(shared), args.repeats, args.device)
-                diff = (make(full)() - ref).abs().max().item()
-            except Exception as err:  # a setting that does not compile: report it, go on
-                print(f"{warps!s:>5} {prefetch!s:>8}  failed: {type(err).__name__}: {err}"[:160])
-                continue
-            finally:
-                _fused.WARPS, _fused.PREFETCH = None, None
-            print(
-                f"{warps!s:>5} {prefetch!s:>8} {1e3 * t_full:>9.3f} {1e3 * t_shared:>10.3f}"
-                f" {diff:>12.1e}"
-            )
+    ref = make(full)().clone()
+    for warps, prefetch in itertools.product((None, 1, 2, 4, 8), (None, True, False)):
+        backend = Fused(warps=warps, prefetch=prefetch)  # the knobs are the backend's fields
+        try:
+            t_full = timed(make(full, backend), args.repeats, args.device)
+            t_shared = timed(make(shared, backend), args.repeats, args.device)
+            diff = (make(full, backend)() - ref).abs().max().item()
+        except Exception as err:  # a setting that does not compile: report it, go on
+            print(f"{warps!s:>5} {prefetch!s:>8}  failed: {type(err).__name__}: {err}"[:160])
+            continue
+        print(
+            f"{warps!s:>5} {prefetch!s:>8} {1e3 * t_full:>9.3f} {1e3 * t_shared:>10.3f}"
+            f" {diff:>12.1e}"
+        )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ import torch
 from _memory import peak_bytes, sync
 
 import structift as sf
-from structift import chain
+from structift.structures import chain
 from structift.implicit import MINRES, ConvergenceWarning
 from structift.variational import (
     Iterative,

@@ -22,6 +22,7 @@ __all__ = [
     "check_ndim",
     "check_same_dtype_device",
     "check_sample_shape",
+    "lengths_from",
 ]
 
 
@@ -157,6 +158,12 @@ def check_lengths(lengths: object, batch: int, length: int, device: torch.device
         TypeError: not an integer tensor.
         ValueError: wrong shape, value out of range, or wrong device.
     """
+    if isinstance(lengths, Tensor) and lengths.dtype == torch.bool:
+        raise TypeError(
+            f"lengths must be an integer tensor [B]; got a bool tensor of shape "
+            f"{tuple(lengths.shape)}, which looks like a mask: pass mask=... instead, or "
+            "lengths=mask.sum(-1)."
+        )
     x = _check_integer("lengths", lengths, device)
     if tuple(x.shape) != (batch,):
         raise ValueError(f"lengths must have shape [B] = ({batch},); got {tuple(x.shape)}.")
@@ -224,3 +231,41 @@ def check_sample_shape(sample_shape: object) -> torch.Size:
             f"sample_shape must have non-negative sizes (the number of samples); got {tuple(shape)}"
         )
     return shape
+
+
+def lengths_from(
+    lengths: Tensor | None, mask: Tensor | None, batch: int, length: int, device: torch.device
+) -> Tensor | None:
+    """Turn a prefix ``mask`` (bool ``[B, T]``) into lengths, or pass ``lengths`` through.
+
+    Exactly one of the two may be given (``None`` for both means every sequence is full).
+
+    Raises:
+        ValueError: both given; a mask of the wrong shape, with holes, or with an empty row.
+        TypeError: a mask that is not a bool tensor.
+    """
+    if mask is None:
+        return lengths
+    if lengths is not None:
+        raise ValueError("give lengths or mask, not both (mask is turned into lengths).")
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = f"dtype {mask.dtype}" if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a bool tensor [B, T]; got {got}. Use mask.bool().")
+    if tuple(mask.shape) != (batch, length):
+        raise ValueError(
+            f"mask must have shape [B, T] = ({batch}, {length}); got {tuple(mask.shape)}."
+        )
+    if mask.device != device:
+        raise ValueError(
+            f"mask must be on device {device} (where the potentials are); got {mask.device}."
+        )
+    counts = mask.sum(-1)
+    prefix = torch.arange(length, device=device)[None, :] < counts[:, None]
+    holes = (prefix != mask).any(-1)
+    if bool(holes.any()):
+        b = int(holes.nonzero()[0, 0])
+        raise ValueError(
+            f"mask must be a prefix mask (True then False along each row); row {b} has holes: "
+            f"{mask[b].int().tolist()}. Sequences must be left-aligned."
+        )
+    return counts

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["lengths_to_mask", "logsumexp", "softmax_entropy", "softmax_kl"]
+__all__ = ["lengths_to_mask", "logsumexp", "softmax_entropy", "softmax_kl", "sum_to_shape"]
 
 
 def logsumexp(x: Tensor, dim: int | tuple[int, ...], keepdim: bool = False) -> Tensor:
@@ -133,3 +133,14 @@ def softmax_kl(p_logits: Tensor, q_logits: Tensor, dim: int = -1) -> Tensor:
         term = torch.where(d >= -1, near, far).clamp_min(0)
         term = torch.where(p > 0, term, q)
         return term.sum(dim)
+
+
+def sum_to_shape(x: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """Sum a broadcast gradient back to ``shape`` (the reverse of ``expand``)."""
+    shape = torch.Size(shape)
+    if x.shape == shape:
+        return x
+    lead = x.dim() - len(shape)
+    x = x.sum(dim=tuple(range(lead))) if lead > 0 else x
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+    return x.sum(dim=dims, keepdim=True) if dims else x

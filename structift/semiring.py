@@ -51,6 +51,15 @@ class Semiring:
         """
         return self.sum(alpha.unsqueeze(-1) + weights, -2)
 
+    def matvec_argmax(self, alpha: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+        """``matvec`` and the maximizing ``from`` state (the max semiring's back-pointers).
+
+        Ties go to the lowest index. Only for selective semirings (``Max``).
+        """
+        if self.name != "max":
+            raise TypeError(f"matvec_argmax needs the max semiring; {self.name} is not selective")
+        return (alpha.unsqueeze(-1) + weights).max(dim=-2)
+
 
 Log = Semiring("log", logsumexp)
 """Log semiring: ``plus`` = NaN-safe logsumexp, ``times`` = ``+``; gives ``log Z``."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -34,7 +36,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 CUDA = torch.cuda.is_available()
 
-# Without CUDA, Triton kernels (structift/chain/_fused.py) are tested through Triton's CPU
+# Without CUDA, Triton kernels (structures/chain/_fused.py) are tested through Triton's CPU
 # interpreter. Triton reads this once, when it is first imported, so it is set here, first.
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -95,3 +97,16 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 def _seed(request: pytest.FixtureRequest) -> None:
     """Seed the global generator per test (stable id hash plus the suite's offset)."""
     torch.manual_seed(node_seed(request.node.nodeid))
+
+
+@pytest.fixture
+def use_chain_backend() -> Iterator[Callable[[object], None]]:
+    """``use_chain_backend("scaled")``: chains built from then on in the test use that backend.
+
+    The imperative form of ``structift.structures.chain.use_backend`` (each call enters one
+    more block; all are left at teardown, innermost first).
+    """
+    from structift.structures.chain import use_backend
+
+    with contextlib.ExitStack() as stack:
+        yield lambda backend: stack.enter_context(use_backend(backend))  # type: ignore[arg-type]

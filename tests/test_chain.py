@@ -14,7 +14,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from structift import chain
+from structift.structures import chain
 from tests.seeding import seeded
 
 INF = float("inf")
@@ -113,7 +113,7 @@ CASES = [
 @pytest.fixture(params=["eager", "lazy"])
 def binary_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run on both ways of forming per-(b, t) binary marginals (CPU default: eager)."""
-    from structift.chain import _scaled
+    from structift.structures.chain import _scaled
 
     monkeypatch.setattr(_scaled, "eager_on", lambda device: request.param == "eager")
     return request.param
@@ -326,7 +326,7 @@ def _forward_mode_hvp(
     symmetric, so it equals ``H v``)."""
     import torch.autograd.forward_ad as fwad
 
-    from structift.chain import _log
+    from structift.structures.chain import _log
 
     B, T, Z = unary.shape
     b = binary.expand(B, T - 1, Z, Z).contiguous()
@@ -659,9 +659,9 @@ BINARY_KINDS = ["full", "shared", "shared4", "time", "batch", "expanded"]
 
 class TestScaledPath:
     @pytest.fixture(autouse=True)
-    def _scaled_kernel(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def _scaled_kernel(self, use_chain_backend) -> None:
         """Pin the scaled kernel (on CUDA the default is the fused one)."""
-        monkeypatch.setenv("STRUCTIFT_CHAIN_KERNEL", "scaled")
+        use_chain_backend("scaled")
 
     @pytest.mark.parametrize("kind", BINARY_KINDS)
     def test_every_broadcast_form_matches_brute_force(
@@ -700,7 +700,7 @@ class TestScaledPath:
     @pytest.mark.parametrize("dtype", [torch.float32, F64])
     def test_scaled_equals_log_space_and_is_certified(self, kind: str, dtype: torch.dtype) -> None:
         """On moderate potentials every row takes the scaled path and matches log space."""
-        from structift.chain import _log, _scaled
+        from structift.structures.chain import _log, _scaled
 
         g = seeded(22)
         B, T, Z = 4, 30, 6
@@ -728,7 +728,7 @@ class TestScaledPath:
         wrong or -inf); the certificate must reject the row and log space must redo it, while
         row 1 (ordinary) stays on the scaled path.
         """
-        from structift.chain import _scaled
+        from structift.structures.chain import _scaled
 
         Z, T = 3, 4
         unary = torch.zeros(2, T, Z, dtype=F64)
@@ -756,7 +756,7 @@ class TestScaledPath:
         self, kind: str, monkeypatch: pytest.MonkeyPatch, binary_mode: str
     ) -> None:
         """With nothing certified every row goes through log space and still matches."""
-        from structift.chain import _scaled
+        from structift.structures.chain import _scaled
 
         monkeypatch.setattr(_scaled, "certified_threshold", lambda dtype: INF)
         g = seeded(23)
@@ -842,8 +842,8 @@ def test_cuda_matches_cpu_float32(kind: str) -> None:
 
 def test_certificate_guarantee_without_masks() -> None:
     """Transition blocks spanning < 25 nats are always certified in float32, whatever the unary
-    span (here up to 400 nats), as the bound in structift/chain/_scaled.py promises."""
-    from structift.chain import _log, _scaled
+    span (here up to 400 nats), as the bound in structift/structures/chain/_scaled.py promises."""
+    from structift.structures.chain import _log, _scaled
 
     g = seeded(29)
     B, T, Z = 16, 20, 8

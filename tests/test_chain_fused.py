@@ -1,4 +1,4 @@
-"""Tests for the fused Triton chain kernel (structift/chain/_fused.py).
+"""Tests for the fused Triton chain kernel (structift/structures/chain/_fused.py).
 
 On CPU the kernels run through Triton's interpreter (``TRITON_INTERPRET=1``), so CI checks the
 very code that a GPU compiles; on CUDA (``gpu`` marker) they are compiled. References: brute-force
@@ -11,9 +11,20 @@ import pytest
 import torch
 from hypothesis import given
 
-from structift import LinearChainCRF, chain
+from structift import LinearChainCRF
 from structift._ops import lengths_to_mask
-from structift.chain import _decode, _fused, _fused_decode, _hvp, _log
+from structift.structures import chain
+from structift.structures.chain import (
+    Fused,
+    Scaled,
+    _decode,
+    _fused,
+    _fused_decode,
+    _hvp,
+    _log,
+    resolve,
+    use_backend,
+)
 from tests.families.cases import CHAIN_CASES
 from tests.families.test_sampling import S, _assert_frequencies, _encode
 from tests.reference import brute_force
@@ -26,11 +37,11 @@ F64 = torch.float64
 
 
 @pytest.fixture
-def fused(monkeypatch: pytest.MonkeyPatch, device: torch.device) -> torch.device:
+def fused(use_chain_backend, device: torch.device) -> torch.device:
     """Force the fused kernel on ``device`` (through the interpreter on CPU)."""
     if device.type == "cpu":
         _need_interpreter()
-    monkeypatch.setenv("STRUCTIFT_CHAIN_KERNEL", "fused")
+    use_chain_backend("fused")
     return device
 
 
@@ -120,7 +131,7 @@ class TestAgainstLogSpace:
         torch.testing.assert_close(gu.cpu(), ref_gu)
         torch.testing.assert_close(gw.cpu(), ref_gw)
         tags, _ = chain.viterbi(u.detach(), w.detach(), lengths.to(fused))
-        ref_tags, _ = _decode.viterbi(unary, binary_t, lengths)
+        ref_tags = _decode.viterbi(unary, binary_t, lengths)
         assert torch.equal(tags.cpu(), ref_tags)
 
     def test_padding_never_leaks(self, fused):
@@ -202,9 +213,8 @@ def test_property_matches_brute_force(params):
     unary, binary, lengths = params["unary"], params["binary"], params["lengths"]
     B, T, Z = unary.shape
     _need_interpreter()
-    with pytest.MonkeyPatch.context() as mp:  # the fused kernel on CPU, through the interpreter
-        mp.setenv("STRUCTIFT_CHAIN_KERNEL", "fused")
-        assert chain.kernel_for(unary) == ("fused" if T > 1 else "scaled")
+    with use_backend("fused"):  # the fused kernel on CPU, through the interpreter
+        assert isinstance(resolve(None, unary), Fused if T > 1 else Scaled)
         log_z = chain.log_partition(unary, binary, lengths)
         mu_u, mu_b = chain.marginals(unary, binary, lengths)
     wide = binary.expand(B, T - 1, Z, Z)
@@ -230,7 +240,7 @@ class TestDerivatives:
         assert torch.autograd.gradcheck(f, (unary, binary))
         assert torch.autograd.gradgradcheck(f, (unary, binary))
 
-    def test_family_api_matches_scaled(self, fused, monkeypatch):
+    def test_family_api_matches_scaled(self, fused, use_chain_backend):
         """LinearChainCRF's A, marginals and entropy agree between the two kernels."""
         B, T, Z = 3, 6, 4
         unary = torch.randn(B, T, Z, dtype=F64, device=fused)
@@ -238,7 +248,7 @@ class TestDerivatives:
         lengths = torch.tensor([6, 3, 1], device=fused)
         got = LinearChainCRF(unary, binary, lengths)
         got = (got.log_partition, got.marginals.unary, got.marginals.binary, got.entropy())
-        monkeypatch.setenv("STRUCTIFT_CHAIN_KERNEL", "scaled")
+        use_chain_backend("scaled")
         ref = LinearChainCRF(unary, binary, lengths)
         ref = (ref.log_partition, ref.marginals.unary, ref.marginals.binary, ref.entropy())
         for a, b in zip(got, ref):
@@ -259,7 +269,7 @@ class TestDerivatives:
 
 class TestViterbi:
     @pytest.mark.parametrize("layout", ["full", "shared", "per-sequence"])
-    def test_matches_log_space_path(self, fused, layout, monkeypatch):
+    def test_matches_log_space_path(self, fused, layout, use_chain_backend):
         """Same tags and score as the log-space loop (continuous scores: no ties), 0 on padding."""
         B, T, Z = 4, 7, 5
         unary = torch.randn(B, T, Z, dtype=F64, device=fused)
@@ -267,7 +277,7 @@ class TestViterbi:
         unary[0, :, 1] = float("-inf")
         lengths = torch.tensor([7, 1, 4, 6], device=fused)
         tags, best = chain.viterbi(unary, binary, lengths)
-        monkeypatch.setenv("STRUCTIFT_CHAIN_KERNEL", "scaled")
+        use_chain_backend("scaled")
         ref_tags, ref_best = chain.viterbi(unary, binary, lengths)
         assert torch.equal(tags, ref_tags)
         torch.testing.assert_close(best, ref_best)
@@ -288,8 +298,7 @@ class TestViterbi:
         _need_interpreter()
         unary, binary, lengths = params["unary"], params["binary"], params["lengths"]
         B, T, Z = unary.shape
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("STRUCTIFT_CHAIN_KERNEL", "fused")
+        with use_backend("fused"):
             tags, best = chain.viterbi(unary, binary, lengths)
         torch.testing.assert_close(best, chain.score(unary, binary, lengths, tags))
         wide = binary.expand(B, T - 1, Z, Z) if T > 1 else binary
@@ -315,12 +324,12 @@ class TestHessianVectorProduct:
         vu = torch.randn_like(unary)
         vb = torch.randn_like(binary) if with_binary_direction else None
         ref = _hvp.hvp(mu_u, mu_b, mask, vu, vb)
-        got = _hvp.hvp(mu_u, mu_b, mask, vu, vb, fused=True)
+        got = _hvp.hvp(mu_u, mu_b, mask, vu, vb, sweeps=Fused().sweeps)
         tol = {} if dtype == F64 else {"atol": 1e-6, "rtol": 1e-5}
         for a, b in zip(got, ref):
             torch.testing.assert_close(a, b, **tol)
 
-    def test_variational_covariance_product_uses_the_fused_sweeps(self, fused, monkeypatch):
+    def test_variational_covariance_product_uses_the_fused_sweeps(self, fused, use_chain_backend):
         """structift.variational's Cov v: fused path = its own loops (float64, with padding)."""
         from structift.variational.covariance import chain_covariance_vector_product as cov
 
@@ -331,7 +340,7 @@ class TestHessianVectorProduct:
         mu_u, mu_b = chain.marginals(unary, binary, lengths)
         vu, vb = torch.randn_like(unary), torch.randn_like(binary)
         got = cov(mu_u, mu_b, lengths, vu, vb, scale=-0.5)
-        monkeypatch.setenv("STRUCTIFT_CHAIN_KERNEL", "scaled")
+        use_chain_backend("scaled")
         ref = cov(mu_u, mu_b, lengths, vu, vb, scale=-0.5)
         for a, b in zip(got, ref):
             torch.testing.assert_close(a, b)
@@ -393,17 +402,16 @@ class TestSample:
 
 class TestDispatch:
     def test_auto_uses_scaled_on_cpu(self, monkeypatch):
-        monkeypatch.delenv("STRUCTIFT_CHAIN_KERNEL", raising=False)
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter is never picked by auto
-        assert chain.kernel_for(torch.zeros(2, 5, 3)) == "scaled"
+        assert isinstance(resolve("auto", torch.zeros(2, 5, 3)), Scaled)
 
     @pytest.mark.gpu
     @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
     def test_auto_uses_fused_on_cuda(self, monkeypatch):
-        monkeypatch.delenv("STRUCTIFT_CHAIN_KERNEL", raising=False)
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-        assert chain.kernel_for(torch.zeros(2, 5, 3, device="cuda")) == "fused"
-        assert chain.kernel_for(torch.zeros(2, 5, _fused.MAX_Z + 1, device="cuda")) == "scaled"
+        assert isinstance(resolve("auto", torch.zeros(2, 5, 3, device="cuda")), Fused)
+        big = torch.zeros(2, 5, _fused.MAX_Z + 1, device="cuda")
+        assert isinstance(resolve("auto", big), Scaled)
 
     def test_self_check_passes_where_the_kernel_works(self):
         _need_interpreter()
@@ -437,20 +445,39 @@ class TestDispatch:
         finally:
             _fused.works_on.cache_clear()
 
-    def test_length_one_chains_use_scaled(self, monkeypatch):
-        monkeypatch.setenv("STRUCTIFT_CHAIN_KERNEL", "fused")
-        assert chain.kernel_for(torch.zeros(2, 1, 3)) == "scaled"
+    def test_length_one_chains_use_scaled(self, use_chain_backend):
+        use_chain_backend("fused")
+        assert isinstance(resolve(None, torch.zeros(2, 1, 3)), Scaled)
 
     def test_forced_fused_where_it_cannot_run_raises(self, monkeypatch):
-        monkeypatch.setenv("STRUCTIFT_CHAIN_KERNEL", "fused")
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         with pytest.raises(ValueError, match=r"TRITON_INTERPRET=1.*cpu tensor with Z = 3"):
-            chain.kernel_for(torch.zeros(2, 5, 3))
+            resolve(Fused(), torch.zeros(2, 5, 3))
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         with pytest.raises(ValueError, match=f"Z <= {_fused.MAX_Z}"):
-            chain.kernel_for(torch.zeros(2, 5, _fused.MAX_Z + 1))
+            resolve("fused", torch.zeros(2, 5, _fused.MAX_Z + 1))
+
+    def test_environment_sets_only_the_default(self, monkeypatch):
+        """STRUCTIFT_CHAIN_KERNEL is the default (read in structift.config); code overrides it."""
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setenv("STRUCTIFT_CHAIN_KERNEL", "log")
+        assert isinstance(resolve(None, torch.zeros(2, 5, 3)), chain.Log)
+        with use_backend("scaled"):
+            assert isinstance(resolve(None, torch.zeros(2, 5, 3)), Scaled)
+        assert isinstance(resolve(Fused(warps=2), torch.zeros(2, 5, 3)), Fused)
 
     def test_unknown_choice_raises(self, monkeypatch):
         monkeypatch.setenv("STRUCTIFT_CHAIN_KERNEL", "cuda-graph")
         with pytest.raises(ValueError, match="STRUCTIFT_CHAIN_KERNEL must be one of"):
-            chain.kernel_for(torch.zeros(2, 5, 3))
+            resolve(None, torch.zeros(2, 5, 3))
+        with pytest.raises(ValueError, match="backend must be a chain backend object"):
+            resolve("cuda-graph", torch.zeros(2, 5, 3))
+        with pytest.raises(TypeError, match="backend must be a chain backend object"):
+            use_backend(3).__enter__()
+
+    def test_backend_is_chosen_once_per_distribution(self, use_chain_backend):
+        """A CRF keeps the backend in effect when it was built."""
+        use_chain_backend("log")
+        crf = LinearChainCRF(torch.randn(2, 4, 3), torch.randn(3, 3))
+        with use_backend("scaled"):
+            assert isinstance(crf.structure.backend, chain.Log)

@@ -73,9 +73,9 @@ class TestSemirings:
         assert Log.zero == Max.zero == -INF and Log.one == Max.one == 0.0
 
     def test_max_semiring_forward_gives_viterbi_score(self) -> None:
-        from structift import chain
-        from structift.chain import _log
         from structift.semiring import Max
+        from structift.structures import chain
+        from structift.structures.chain import _log
 
         g = seeded(3)
         unary = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)

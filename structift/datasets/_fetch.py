@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from structift import config
+
 __all__ = ["cache_dir", "nltk_data_dirs", "npm_pack"]
 
 
@@ -25,10 +27,10 @@ def cache_dir() -> Path:
     ``$STRUCTIFT_CACHE`` if set, else ``$XDG_CACHE_HOME/structift``, else
     ``~/.cache/structift``. The folder is not created here.
     """
-    explicit = os.environ.get("STRUCTIFT_CACHE")
+    explicit = config.structift_cache()
     if explicit:
         return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
+    xdg = config.xdg_cache_home()
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "structift"
 
@@ -41,7 +43,7 @@ def nltk_data_dirs() -> list[Path]:
     the drive roots on Windows).
     """
     dirs: list[Path] = []
-    env = os.environ.get("NLTK_DATA")
+    env = config.nltk_data()
     if env:
         dirs.extend(Path(p).expanduser() for p in env.split(os.pathsep) if p)
     dirs.append(Path.home() / "nltk_data")
@@ -49,7 +51,7 @@ def nltk_data_dirs() -> list[Path]:
         p = Path(prefix)
         dirs.extend([p / "nltk_data", p / "share" / "nltk_data", p / "lib" / "nltk_data"])
     if sys.platform.startswith("win"):
-        appdata = os.environ.get("APPDATA")
+        appdata = config.appdata()
         if appdata:
             dirs.append(Path(appdata) / "nltk_data")
         dirs.extend(Path(d) for d in (r"C:\nltk_data", r"D:\nltk_data", r"E:\nltk_data"))

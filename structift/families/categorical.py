@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.distributions import constraints
 
-from structift._ops import logsumexp, softmax_entropy, softmax_kl
-from structift.families._validation import (
+from structift._checks import (
     LOG_POTENTIAL,
     check_float_tensor,
-    check_index_tensor,
     check_log_potential,
-    check_sample_shape,
 )
 from structift.families.base import ExpFamily, _resolve_validate
+from structift.structures.simplex import Simplex
 
 __all__ = ["Categorical"]
 
@@ -44,7 +41,7 @@ class Categorical(ExpFamily):
     }
 
     def __init__(self, logits: Tensor, validate_args: bool | None = None) -> None:
-        validate = _resolve_validate(validate_args)
+        validate = _resolve_validate(validate_args, logits)
         if validate:
             check_float_tensor("logits", logits)
             if logits.dim() < 1 or logits.shape[-1] < 1:
@@ -60,6 +57,7 @@ class Categorical(ExpFamily):
                     f"logits[{index}] is all -inf."
                 )
         self.logits = logits
+        self._structure = Simplex(logits.shape[:-1], logits.shape[-1])
         super().__init__(logits.shape[:-1], torch.Size(), validate_args=False)
         self._validate_args = validate
 
@@ -67,6 +65,10 @@ class Categorical(ExpFamily):
     def num_events(self) -> int:
         """The number n of outcomes."""
         return self.logits.shape[-1]
+
+    @property
+    def structure(self) -> Simplex:
+        return self._structure
 
     @constraints.dependent_property(is_discrete=True, event_dim=0)
     def support(self) -> Any:
@@ -81,81 +83,14 @@ class Categorical(ExpFamily):
     def _natural_params(self) -> tuple[Tensor, ...]:
         return (self.logits,)
 
-    def _log_normalizer(self, *natural_params: Tensor) -> Tensor:
-        (logits,) = natural_params
-        return logsumexp(logits, -1)
-
     @property
-    def _mean_params(self) -> tuple[Tensor, ...]:
-        return (self.marginals,)
+    def _parameters(self) -> tuple[Tensor, ...]:
+        return (self.logits,)
 
-    @property
-    def marginals(self) -> Tensor:
-        """The probabilities μ = softmax(θ), shape ``[*batch, n]``."""
-        return torch.softmax(self.logits, -1)
+    def _replace(self, *parameters: Tensor) -> Categorical:
+        return Categorical(parameters[0], validate_args=False)
 
     @property
     def probs(self) -> Tensor:
         """Alias of ``marginals`` (torch's name)."""
         return self.marginals
-
-    @property
-    def argmax(self) -> Tensor:
-        """The most probable outcome, LongTensor ``[*batch]`` (the first one on ties)."""
-        return self.logits.argmax(-1)
-
-    def _check_value(self, value: Tensor) -> None:
-        check_index_tensor(
-            "value", value, tuple(self.batch_shape), self.num_events, self.logits.device
-        )
-
-    def score(self, value: Tensor) -> Tensor:
-        """Compute ⟨θ, φ(x)⟩ = θ_x.
-
-        Args:
-            value: LongTensor ``[*S, *batch]`` of outcomes in ``[0, n)``.
-
-        Returns:
-            Tensor ``[*S, *batch]``.
-        """
-        if self._validate_args:
-            self._check_value(value)
-        logits = self.logits.expand((*value.shape, self.num_events))
-        return logits.gather(-1, value.unsqueeze(-1)).squeeze(-1)
-
-    def sufficient_statistics(self, value: Tensor) -> Tensor:
-        """Compute the one-hot vector φ(x) = e_x, shape ``[*S, *batch, n]`` (logits' dtype)."""
-        if self._validate_args:
-            self._check_value(value)
-        one_hot = torch.nn.functional.one_hot(value, self.num_events)
-        return one_hot.to(self.logits.dtype)
-
-    def sample(
-        self, sample_shape: Sequence[int] = (), generator: torch.Generator | None = None
-    ) -> Tensor:
-        """Draw outcomes, LongTensor ``[*sample_shape, *batch]`` (no gradient).
-
-        Args:
-            sample_shape: Leading shape S of the draw.
-            generator: Optional ``torch.Generator`` for reproducible draws.
-        """
-        shape = check_sample_shape(sample_shape)
-        if shape.numel() == 0:
-            return torch.zeros(
-                shape + self.batch_shape, dtype=torch.long, device=self.logits.device
-            )
-        with torch.no_grad():
-            probs = self.marginals.reshape(-1, self.num_events)
-            count = max(shape.numel(), 1)
-            draws = torch.multinomial(probs, count, replacement=True, generator=generator)
-        # draws: [prod(batch), prod(S)] -> [*S, *batch]
-        return draws.t().reshape(shape + self.batch_shape)
-
-    def _support_key(self) -> tuple[Any, ...]:
-        return ("categorical", self.num_events)
-
-    def _local_entropy(self, mu: tuple[Tensor, ...]) -> Tensor:
-        return softmax_entropy(self.logits)
-
-    def _local_kl(self, other: ExpFamily, mu: tuple[Tensor, ...]) -> Tensor:
-        return softmax_kl(self.logits, other.logits)  # type: ignore[attr-defined]

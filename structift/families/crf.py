@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.distributions import constraints
 
-from structift import chain
-from structift._ops import lengths_to_mask
-from structift.families._validation import (
+from structift._checks import (
     LOG_POTENTIAL,
     check_expand_shape,
     check_float_tensor,
-    check_index_tensor,
     check_lengths,
     check_log_potential,
     check_ndim,
     check_same_dtype_device,
-    check_sample_shape,
+    lengths_from,
 )
 from structift.families.base import ExpFamily, _resolve_validate
+from structift.structures.chain import BackendSpec, Chain
 
 __all__ = ["ChainMarginals", "LinearChainCRF"]
 
@@ -60,12 +57,17 @@ class LinearChainCRF(ExpFamily):
         p(y) ∝ exp( Σ_{t<L} unary[b, t, y_t] + Σ_{t<L−1} binary[b, t, y_t, y_{t+1}] ),
 
     so the natural parameters are θ = (unary, binary) and the sufficient statistics are the
-    one-hot indicators of the tags and of consecutive tag pairs. The log-partition A(θ) and the
-    marginals μ = ∇A(θ) come from the forward-backward kernels in :mod:`structift.chain`.
+    one-hot indicators of the tags and of consecutive tag pairs. Its structure is a
+    :class:`~structift.structures.chain.Chain`, which computes A(θ), the marginals, Viterbi,
+    sampling and the local terms of entropy and KL with the chosen backend.
 
     Padding: positions ``t >= lengths[b]`` are ignored (any finite or ``-inf`` value there is
     fine; NaN is rejected everywhere). Marginals are zero there; ``argmax`` and ``sample`` put
     tag 0 there; ``log_prob`` ignores tags there.
+
+    One batch dimension: for more, flatten them (``x.flatten(0, k)``, free) or map the
+    distribution over them with ``torch.func.vmap`` (the kernels fold vmapped dimensions into
+    their batch).
 
     Args:
         unary: Tensor ``[B, T, Z]`` of log-potentials (real or ``-inf``).
@@ -73,6 +75,9 @@ class LinearChainCRF(ExpFamily):
             (e.g. one ``[Z, Z]`` transition matrix shared by every position).
         lengths: LongTensor ``[B]`` with ``1 <= lengths[b] <= T``; ``None`` means all ``T``.
         validate_args: Check the arguments (torch's default when ``None``, i.e. on).
+        mask: BoolTensor ``[B, T]``, a prefix mask, instead of ``lengths``.
+        backend: the chain backend (``structift.structures.chain.backends``), chosen once here;
+            default: the choice in effect (``use_backend``, else ``auto``).
 
     Attributes:
         unary: The unary potentials ``[B, T, Z]`` (the caller's tensor, never modified).
@@ -80,17 +85,28 @@ class LinearChainCRF(ExpFamily):
         lengths: LongTensor ``[B]`` (filled with ``T`` when ``None`` was given).
     """
 
+    _value_name = "tags"
+
     def __init__(
         self,
         unary: Tensor,
         binary: Tensor,
         lengths: Tensor | None = None,
         validate_args: bool | None = None,
+        *,
+        mask: Tensor | None = None,
+        backend: BackendSpec = None,
     ) -> None:
-        validate = _resolve_validate(validate_args)
+        validate = _resolve_validate(validate_args, unary, binary)
         if validate:
             check_float_tensor("unary", unary)
             check_float_tensor("binary", binary)
+            if unary.dim() > 3:
+                raise ValueError(
+                    f"unary must have shape [B, T, Z] (one batch dimension); got shape "
+                    f"{tuple(unary.shape)}. Flatten the leading dimensions (unary.flatten(0, "
+                    f"{unary.dim() - 3})) or map over them with torch.func.vmap."
+                )
             check_ndim("unary", unary, (3,), "[B, T, Z]")
             if unary.shape[1] < 1 or unary.shape[2] < 1:
                 raise ValueError(
@@ -100,6 +116,7 @@ class LinearChainCRF(ExpFamily):
             check_same_dtype_device("unary", unary, binary=binary)
         B, T, Z = unary.shape
         target = (B, T - 1, Z, Z)
+        lengths = lengths_from(lengths, mask, B, T, unary.device)
         if validate:
             _check_binary_shape(binary, target)
             check_log_potential("unary", unary)
@@ -111,8 +128,13 @@ class LinearChainCRF(ExpFamily):
         self.unary = unary
         self.binary = binary.expand(target)
         self.lengths = lengths.long()
+        self._structure = Chain.build(unary, self.lengths, backend)
         super().__init__(torch.Size((B,)), torch.Size((T,)), validate_args=False)
         self._validate_args = validate
+
+    @property
+    def structure(self) -> Chain:
+        return self._structure
 
     @property
     def arg_constraints(self) -> dict[str, Any]:
@@ -140,148 +162,37 @@ class LinearChainCRF(ExpFamily):
             self.binary.expand(B, T - 1, Z, Z),
             self.lengths.expand(B),
             validate_args=self._validate_args,
+            backend=self.structure.backend,
         )
-
-    # ---- exponential-family hooks ----------------------------------------------------------
 
     @property
     def _natural_params(self) -> tuple[Tensor, ...]:
         return (self.unary, self.binary)
 
-    def _log_normalizer(self, *natural_params: Tensor) -> Tensor:
-        unary, binary = natural_params
-        return chain.log_partition(unary, binary, self.lengths)
-
     @property
-    def _mean_params(self) -> tuple[Tensor, ...]:
-        return tuple(self.marginals)
+    def _parameters(self) -> tuple[Tensor, ...]:
+        return (self.unary, self.binary)
+
+    def _replace(self, *parameters: Tensor) -> LinearChainCRF:
+        unary, binary = parameters
+        return LinearChainCRF(
+            unary, binary, self.lengths, validate_args=False, backend=self.structure.backend
+        )
+
+    def _present(self, mu: tuple[Tensor, ...]) -> ChainMarginals:
+        return ChainMarginals(mu[0], mu[1])
 
     @property
     def marginals(self) -> ChainMarginals:
         """The marginals μ = ∇A(θ) as ``ChainMarginals(unary [B,T,Z], binary [B,T-1,Z,Z])``.
 
-        Computed by forward-backward; differentiable in the potentials (for Hessian-vector
-        products) whenever gradients are enabled and a potential requires grad. That
-        differentiable path is much slower than the detached one: read the marginals under
-        ``torch.no_grad()`` when you do not differentiate through them.
+        Differentiable in the potentials (for Hessian-vector products) whenever gradients are
+        enabled and a potential requires grad; read them under ``torch.no_grad()`` when you do
+        not differentiate through them.
         """
-        log_z, mu = self._forward_backward()
-        self._check_feasible(log_z)  # infeasible exactly where log Z = -inf
-        return mu
-
-    def _forward_backward(self) -> tuple[Tensor, ChainMarginals]:
-        """``(log Z, marginals)``: the marginals differentiable where gradients are enabled."""
-        create_graph = torch.is_grad_enabled() and (
-            self.unary.requires_grad or self.binary.requires_grad
-        )
-        log_z, mu_unary, mu_binary = chain.forward_backward(
-            self.unary, self.binary, self.lengths, create_graph=create_graph
-        )
-        return log_z, ChainMarginals(mu_unary, mu_binary)
+        return self._present(self._mean_params)
 
     @property
     def argmax(self) -> Tensor:
         """The Viterbi tags, LongTensor ``[B, T]``; positions ``t >= lengths[b]`` hold 0."""
-        with torch.no_grad():
-            tags, best = chain.viterbi(self.unary, self.binary, self.lengths)
-        self._check_feasible(best)
-        return tags
-
-    @property
-    def max_score(self) -> Tensor:
-        """The score ⟨θ, φ(argmax)⟩ of the Viterbi path, shape ``[B]`` (differentiable)."""
-        return self.score(self.argmax)
-
-    # ---- structures ------------------------------------------------------------------------
-
-    def _check_tags(self, tags: Tensor) -> None:
-        T = self.unary.shape[1]
-        mask = lengths_to_mask(self.lengths, T)
-        check_index_tensor(
-            "tags", tags, (self.unary.shape[0], T), self.num_states, self.unary.device, mask
-        )
-
-    def _clean_tags(self, tags: Tensor) -> Tensor:
-        """Replace padding tags by 0 (a new tensor) so kernels can index with them."""
-        mask = lengths_to_mask(self.lengths, self.unary.shape[1])
-        return torch.where(mask, tags, torch.zeros_like(tags))
-
-    def score(self, value: Tensor) -> Tensor:
-        """Compute ⟨θ, φ(y)⟩ = Σ unary[y_t] + Σ binary[y_t, y_{t+1}] within each length.
-
-        Args:
-            value: Tags, LongTensor ``[*S, B, T]``; padding positions may hold anything.
-
-        Returns:
-            Tensor ``[*S, B]``.
-        """
-        if self._validate_args:
-            self._check_tags(value)
-        tags = self._clean_tags(value)
-        B, T, Z = self.unary.shape
-        sample_shape = tags.shape[:-2]
-        n = sample_shape.numel()
-        if n == 1:
-            out = chain.score(self.unary, self.binary, self.lengths, tags.reshape(B, T))
-            return out.reshape((*sample_shape, B))
-        # Score every sample against the same potentials by folding S into the batch.
-        unary = self.unary.unsqueeze(0).expand(n, B, T, Z).reshape(n * B, T, Z)
-        binary = self.binary.unsqueeze(0).expand(n, B, T - 1, Z, Z).reshape(n * B, T - 1, Z, Z)
-        lengths = self.lengths.repeat(n)
-        out = chain.score(unary, binary, lengths, tags.reshape(n * B, T))
-        return out.reshape((*sample_shape, B))
-
-    def sufficient_statistics(self, value: Tensor) -> ChainMarginals:
-        """Compute φ(y): one-hot tags ``[*S, B, T, Z]`` and tag pairs ``[*S, B, T-1, Z, Z]``.
-
-        Entries at padding positions are zero.
-        """
-        if self._validate_args:
-            self._check_tags(value)
-        tags = self._clean_tags(value)
-        _B, T, Z = self.unary.shape
-        mask = lengths_to_mask(self.lengths, T).to(self.unary.dtype)  # shape: (B, T)
-        unary = torch.nn.functional.one_hot(tags, Z).to(self.unary.dtype) * mask[..., None]
-        pair_mask = mask[:, 1:]  # pair (t, t+1) exists iff t + 1 < length
-        binary = unary[..., :-1, :, None] * unary[..., 1:, None, :] * pair_mask[..., None, None]
-        return ChainMarginals(unary, binary)
-
-    def sample(
-        self, sample_shape: Sequence[int] = (), generator: torch.Generator | None = None
-    ) -> Tensor:
-        """Draw tag sequences by forward-filtering backward-sampling (no gradient).
-
-        Args:
-            sample_shape: Leading shape S.
-            generator: Optional ``torch.Generator`` for reproducible draws.
-
-        Returns:
-            LongTensor ``[*S, B, T]``; positions ``t >= lengths[b]`` hold 0.
-        """
-        shape = check_sample_shape(sample_shape)
-        if self._validate_args:
-            _ = self.log_partition  # raises if some element has no finite-score sequence
-        with torch.no_grad():
-            return chain.sample(
-                self.unary.detach(),
-                self.binary.detach(),
-                self.lengths,
-                tuple(shape),
-                generator=generator,
-            )
-
-    def _support_key(self) -> tuple[Any, ...]:
-        return ("chain", self.unary.shape[1], self.num_states)
-
-    def _local_entropy(self, mu: tuple[Tensor, ...]) -> Tensor:
-        return chain.entropy(self.unary, self.binary, self.lengths, mu[0])
-
-    def _local_kl(self, other: ExpFamily, mu: tuple[Tensor, ...]) -> Tensor:
-        q = other._natural_params
-        return chain.kl((self.unary, self.binary), (q[0], q[1]), self.lengths, mu[0])
-
-    def _same_support(self, other: ExpFamily) -> bool:
-        if self._support_key() != other._support_key():
-            return False
-        lengths = other.lengths  # type: ignore[attr-defined]
-        return lengths.shape == self.lengths.shape and bool((lengths == self.lengths).all())
+        return super().argmax

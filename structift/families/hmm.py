@@ -9,9 +9,7 @@ import torch
 from torch import Tensor
 from torch.distributions import constraints
 
-from structift import chain
-from structift._ops import lengths_to_mask
-from structift.families._validation import (
+from structift._checks import (
     LOG_POTENTIAL,
     check_expand_shape,
     check_float_tensor,
@@ -20,9 +18,12 @@ from structift.families._validation import (
     check_log_potential,
     check_same_dtype_device,
     check_sample_shape,
+    lengths_from,
 )
+from structift._ops import lengths_to_mask
 from structift.families.base import ExpFamily, _resolve_validate
 from structift.families.crf import ChainMarginals, LinearChainCRF
+from structift.structures.chain import BackendSpec, Chain
 
 __all__ = ["HMM"]
 
@@ -69,7 +70,11 @@ class HMM(ExpFamily):
             (padding may hold anything, e.g. -100).
         lengths: LongTensor ``[B]`` with ``1 <= lengths[b] <= T``; ``None`` means all ``T``.
         validate_args: Check the arguments (torch's default when ``None``, i.e. on).
+        mask: BoolTensor ``[B, T]``, a prefix mask, instead of ``lengths``.
+        backend: the chain backend of the posterior (see ``LinearChainCRF``).
     """
+
+    _value_name = "tags"
 
     def __init__(
         self,
@@ -79,8 +84,11 @@ class HMM(ExpFamily):
         observations: Tensor,
         lengths: Tensor | None = None,
         validate_args: bool | None = None,
+        *,
+        mask: Tensor | None = None,
+        backend: BackendSpec = None,
     ) -> None:
-        validate = _resolve_validate(validate_args)
+        validate = _resolve_validate(validate_args, init_logits, transition_logits, emission_logits)
         if validate:
             check_float_tensor("init_logits", init_logits)
             check_float_tensor("transition_logits", transition_logits)
@@ -106,19 +114,22 @@ class HMM(ExpFamily):
             _check_parameter("init_logits", init_logits, (Z,), B)
             _check_parameter("transition_logits", transition_logits, (Z, Z), B)
             _check_parameter("emission_logits", emission_logits, (Z, V), B)
+        lengths = lengths_from(lengths, mask, B, T, device)
         if lengths is None:
             lengths = torch.full((B,), T, dtype=torch.long, device=device)
         elif validate:
             check_lengths(lengths, B, T, device)
-        mask = lengths_to_mask(lengths, T)  # shape: (B, T)
         if validate:
-            check_index_tensor("observations", observations, (B, T), V, device, mask)
+            valid = lengths_to_mask(lengths, T)  # shape: (B, T)
+            check_index_tensor("observations", observations, (B, T), V, device, valid)
         self.init_logits = init_logits
         self.transition_logits = transition_logits
         self.emission_logits = emission_logits
         self.observations = observations
         self.lengths = lengths.long()
         self.num_observations = V
+        like = emission_logits.new_empty(0, T, Z)  # the posterior's shape and device
+        self._structure = Chain.build(like, self.lengths, backend)
 
         super().__init__(torch.Size((B,)), torch.Size((T,)), validate_args=False)
         self._validate_args = validate
@@ -143,7 +154,9 @@ class HMM(ExpFamily):
         first = unary[:, :1] + log_init.reshape(-1, 1, Z)
         unary = torch.cat([first, unary[:, 1:]], dim=1)
         binary = log_transition.reshape(-1, 1, Z, Z)  # broadcast over time and batch
-        return LinearChainCRF(unary, binary, self.lengths, validate_args=False)
+        return LinearChainCRF(
+            unary, binary, self.lengths, validate_args=False, backend=self._structure.backend
+        )
 
     @property
     def arg_constraints(self) -> dict[str, Any]:
@@ -181,60 +194,46 @@ class HMM(ExpFamily):
             self.observations.expand(n, T),
             self.lengths.expand(n),
             validate_args=self._validate_args,
+            backend=self.structure.backend,
         )
 
     # ---- exponential-family hooks: those of the posterior ----------------------------------
 
     @property
+    def structure(self) -> Chain:
+        return self._structure
+
+    @property
     def _natural_params(self) -> tuple[Tensor, ...]:
         return self.posterior._natural_params
 
-    def _log_normalizer(self, *natural_params: Tensor) -> Tensor:
-        unary, binary = natural_params
-        return chain.log_partition(unary, binary, self.lengths)
-
     @property
-    def _mean_params(self) -> tuple[Tensor, ...]:
-        return tuple(self.marginals)
+    def _parameters(self) -> tuple[Tensor, ...]:
+        return (self.init_logits, self.transition_logits, self.emission_logits)
+
+    def _replace(self, *parameters: Tensor) -> HMM:
+        init, transition, emission = parameters
+        return HMM(
+            init, transition, emission, self.observations, self.lengths,
+            validate_args=False, backend=self.structure.backend,
+        )  # fmt: skip
+
+    def _present(self, mu: tuple[Tensor, ...]) -> ChainMarginals:
+        return ChainMarginals(mu[0], mu[1])
 
     @property
     def marginals(self) -> ChainMarginals:
         """Posterior marginals of the hidden states: ``ChainMarginals([B,T,Z], [B,T-1,Z,Z])``."""
-        log_z, mu = self.posterior._forward_backward()
-        self._check_feasible(log_z)  # log p(x) = -inf: the observations are impossible
-        return mu
+        return self._present(self._mean_params)
 
     @property
     def argmax(self) -> Tensor:
         """The most probable hidden states given x (Viterbi), ``[B, T]``, 0 beyond lengths."""
-        with torch.no_grad():
-            posterior = self.posterior
-            # Viterbi returns the best score too: check feasibility without rescoring the tags.
-            tags, best = chain.viterbi(posterior.unary, posterior.binary, self.lengths)
-        self._check_feasible(best)
-        return tags
+        return super().argmax
 
     def score(self, value: Tensor) -> Tensor:
         """Compute log p(x, z) for hidden states z (``[*S, B, T]``) -> ``[*S, B]``."""
-        posterior = self.posterior
-        if self._validate_args:
-            posterior._check_tags(value)
-        return posterior.score(value)
-
-    def sufficient_statistics(self, value: Tensor) -> ChainMarginals:
-        """Compute φ(z) (indicators of states and state pairs), as for the posterior CRF."""
-        posterior = self.posterior
-        if self._validate_args:
-            posterior._check_tags(value)
-        return posterior.sufficient_statistics(value)
-
-    def sample(
-        self, sample_shape: Sequence[int] = (), generator: torch.Generator | None = None
-    ) -> Tensor:
-        """Draw hidden states from p(z | x), LongTensor ``[*S, B, T]`` (0 beyond lengths)."""
-        if self._validate_args:
-            _ = self.log_partition  # raises if some sequence has probability zero
-        return self.posterior.sample(sample_shape, generator=generator)
+        return super().score(value)
 
     def sample_joint(
         self, sample_shape: Sequence[int] = (), generator: torch.Generator | None = None
@@ -275,18 +274,3 @@ class HMM(ExpFamily):
             z = torch.where(mask, z, torch.zeros_like(z))
             x = torch.where(mask, x, torch.zeros_like(x))
         return x.reshape((*shape, B, T)), z.reshape((*shape, B, T))
-
-    def _support_key(self) -> tuple[Any, ...]:
-        return ("chain", self.observations.shape[1], self.num_states)
-
-    def _local_entropy(self, mu: tuple[Tensor, ...]) -> Tensor:
-        return self.posterior._local_entropy(mu)
-
-    def _local_kl(self, other: ExpFamily, mu: tuple[Tensor, ...]) -> Tensor:
-        return self.posterior._local_kl(other, mu)
-
-    def _same_support(self, other: ExpFamily) -> bool:
-        if self._support_key() != other._support_key():
-            return False
-        lengths = other.lengths  # type: ignore[attr-defined]
-        return lengths.shape == self.lengths.shape and bool((lengths == self.lengths).all())

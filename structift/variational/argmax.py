@@ -6,34 +6,28 @@ For an exponential family with sufficient statistics φ and marginal polytope M 
 
 (Wainwright & Jordan 2008, Thm. 3.4). Its Jacobian dμ*/dθ = (1/τ) ∇²A(θ/τ) comes here from the
 implicit function theorem on the KKT system of the problem (not from autograd through A),
-through :func:`structift.implicit.custom_root`, so the forward solver is free: exact
-forward-backward (or softmax) at θ/τ, or an iterative solver that never runs forward-backward.
-The simplex (Categorical) is handled as the chain of length one.
+through :func:`structift.implicit.custom_root`, so the forward solver is free: the structure's
+exact dynamic program at θ/τ, or an iterative solver that never runs it.
+
+Everything structure-specific (the forward solvers, the KKT system, its exact solve) is the
+structure's (``dist.structure.regularized(τ)``, see ``structift.structures.base``); this module
+only wires it to ``custom_root`` and never looks at the family's class.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-from structift import chain as _chain
-from structift.families import HMM, Categorical, ChainMarginals, LinearChainCRF
+from structift._ops import sum_to_shape
+from structift.families import ExpFamily
 from structift.implicit import custom_root
 from structift.implicit.krylov import GMRES, MINRES
 from structift.implicit.solvers import AbstractLinearSolver, Dense
-from structift.variational.chain_kkt import (
-    ChainKKTPoint,
-    _Support,
-    chain_duals,
-    chain_kkt_residual,
-    chain_support,
-)
-from structift.variational.message_passing import chain_message_passing, simplex_mirror_descent
-from structift.variational.structured import StructuredChainSolve
+from structift.structures.base import AbstractKKTSystem, Exact, Iterative, Params
 
 __all__ = [
     "Exact",
@@ -46,36 +40,10 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class Exact:
-    """Forward solver: exact marginals at θ/τ (forward-backward for chains, softmax)."""
-
-
-@dataclass(frozen=True)
-class Iterative:
-    """Forward solver that does not use forward-backward.
-
-    Chains: damped parallel sum-product message passing (block coordinate ascent on the dual of
-    the Bethe problem, exact on chains at convergence). Categorical: entropic mirror descent,
-    log μ ← (1 − ρ) log μ + ρ θ/τ, normalized. Both stop when the max-abs change of the
-    log-iterate is below ``tol``, or after ``max_iter`` steps.
-
-    Args:
-        tol: stopping tolerance on the change of the log-messages / log-iterate.
-        max_iter: iteration budget.
-        damping: ρ in (0, 1].
-    """
-
-    tol: float = 1e-12
-    max_iter: int = 10_000
-    damping: float = 0.5
-
-
-@dataclass(frozen=True)
 class Structured:
-    """Backward linear solver: the exact structured solve of the chain KKT system.
+    """Backward linear solver: the structure's exact solve of its KKT system.
 
-    Bound to the forward solution inside :func:`regularized_argmax` as a
-    :class:`~structift.variational.StructuredChainSolve` (covariance recursions, O(T Z²)).
+    For a chain, the covariance recursions (O(T Z²)); for the simplex, a closed form.
 
     Args:
         check: also solve the dual block and measure the true KKT residual of the solve, raising
@@ -100,24 +68,23 @@ class KKTResidual(NamedTuple):
     """The KKT system evaluated at a point.
 
     Attributes:
-        point: primal and dual variables, a :class:`ChainKKTPoint` (a Categorical is the chain
-            of length one: ``mu_unary`` ``[B, 1, n]``).
+        point: primal and dual variables, the structure's KKT point (a NamedTuple).
         residual: F(point; θ), same structure.
-        norm: ``‖F‖₂`` per batch element ``[B]``.
+        norm: ``‖F‖₂`` per batch element, ``batch_shape``.
     """
 
-    point: ChainKKTPoint
-    residual: ChainKKTPoint
+    point: Any
+    residual: Any
     norm: Tensor
 
 
 def _resolve_forward(solver: ForwardSolver) -> Exact | Iterative:
+    if isinstance(solver, Exact | Iterative):
+        return solver
     if solver == "exact":
         return Exact()
     if solver == "iterative":
         return Iterative()
-    if isinstance(solver, Exact | Iterative):
-        return solver
     raise ValueError(
         f"solver must be 'exact', 'iterative', Exact() or Iterative(...); got {solver!r}"
     )
@@ -154,252 +121,153 @@ def _check_temperature(temperature: float) -> float:
     return t
 
 
-def _check_mu(mu: object, unary: Tensor, binary: Tensor, categorical: bool, shape: tuple) -> None:
-    """Check a candidate μ for ``kkt_residual``: the structure, shapes, dtype and device."""
-    expected = [shape] if categorical else [tuple(unary.shape), tuple(binary.shape)]
-    what = "a tensor" if categorical else "ChainMarginals(unary, binary)"
-    parts = [mu] if categorical else (list(mu) if isinstance(mu, tuple | list) else [mu])
-    if len(parts) != len(expected) or not all(isinstance(p, Tensor) for p in parts):
-        raise TypeError(f"mu must be {what} shaped like dist.marginals; got {type(mu).__name__}")
-    for p, want in zip(parts, expected):
-        if tuple(p.shape) != want:
-            got = [tuple(x.shape) for x in parts]  # type: ignore[union-attr]
-            raise ValueError(f"mu must have the shapes of dist.marginals {expected}; got {got}")
-        if p.dtype != unary.dtype or p.device != unary.device:
-            raise TypeError(
-                f"mu must have the dtype and device of the potentials ({unary.dtype} on "
-                f"{unary.device}); got {p.dtype} on {p.device}"
-            )
-
-
-def _as_chain(dist: object) -> tuple[Tensor, Tensor, Tensor, bool]:
-    """Return (unary, binary, lengths, is_categorical) for a supported family."""
-    if isinstance(dist, HMM):
-        dist = dist.posterior
-    if isinstance(dist, LinearChainCRF):
-        return dist.unary, dist.binary, dist.lengths, False
-    if isinstance(dist, Categorical):
-        logits = dist.logits.reshape(-1, 1, dist.logits.shape[-1])  # shape: (B, 1, n)
-        n = logits.shape[-1]
-        binary = logits.new_zeros(logits.shape[0], 0, n, n)
-        lengths = torch.ones(logits.shape[0], dtype=torch.long, device=logits.device)
-        return logits, binary, lengths, True
-    raise TypeError(
-        f"dist must be a structift Categorical, LinearChainCRF or HMM; got {type(dist).__name__}"
-    )
-
-
-def _forward(
-    unary: Tensor, binary: Tensor, lengths: Tensor, tau: float, solver: Exact | Iterative
-) -> tuple[Tensor, Tensor]:
-    """Solve the forward problem without building a graph; return the marginals."""
-    with torch.no_grad():
-        if isinstance(solver, Exact):
-            return _chain.marginals(unary / tau, binary / tau, lengths)
-        if unary.shape[1] == 1:
-            mu = simplex_mirror_descent(
-                unary[:, 0], tau, solver.tol, solver.max_iter, solver.damping
-            ).mu
-            return mu[:, None], binary.new_zeros(binary.shape)
-        res = chain_message_passing(
-            unary, binary, lengths, tau, solver.tol, solver.max_iter, solver.damping
+def _check_dist(dist: object) -> ExpFamily:
+    if not isinstance(dist, ExpFamily):
+        raise TypeError(
+            f"dist must be a structift distribution (an ExpFamily); got {type(dist).__name__}"
         )
-        return res.mu_unary, res.mu_binary
+    return dist
 
 
-def _scales(point: ChainKKTPoint, support: object, tau: float) -> ChainKKTPoint:
-    """Diagonal scaling D of the symmetric KKT system, D K D with O(1) entries.
+def _theta_vjp(system: AbstractKKTSystem, scale: Any | None, theta: Params):
+    """The residual's θ-VJP shortcut for ``custom_root``, summed to θ's (broadcast) shapes."""
+    if type(system).theta_cotangent is AbstractKKTSystem.theta_cotangent:
+        return None  # not overridden: custom_root differentiates the residual by autograd
 
-    Primal entries are scaled by sqrt(μ/τ) (the Hessian block becomes diag(−1 or c_t)) and each
-    constraint row by sqrt(τ/m) of its node (its entries become 1 and sqrt(M/m) <= 1); off the
-    support the scale is 1. Solving D K D y = D r and returning x = D y changes nothing but the
-    conditioning seen by the linear solver.
-    """
-    m, M = point.mu_unary, point.mu_binary
-    S = support
-    one = torch.ones((), dtype=m.dtype, device=m.device)
-    s_node = torch.where(S.node, torch.sqrt(m.clamp_min(0) / tau), one)  # type: ignore[attr-defined]
-    s_edge = torch.where(S.edge, torch.sqrt(M.clamp_min(0) / tau), one)  # type: ignore[attr-defined]
-    inv = torch.where(S.node, torch.sqrt(tau / m.clamp_min(torch.finfo(m.dtype).tiny)), one)  # type: ignore[attr-defined]
-    s_alpha = torch.where(S.alpha, inv[:, :-1], one)  # type: ignore[attr-defined]
-    s_beta = torch.where(S.beta, inv[:, 1:], one)  # type: ignore[attr-defined]
-    s_nu = torch.full_like(point.nu, tau**0.5)
-    return ChainKKTPoint(s_node, s_edge, s_alpha, s_beta, s_nu)
-
-
-def _chain_theta_vjp(
-    support: _Support, scale: ChainKKTPoint | None
-) -> Callable[..., tuple[Tensor, Tensor]]:
-    """Return ``(u, z, unary, binary) -> (∂F/∂θ)ᵀ u`` for the (scaled) chain KKT residual.
-
-    θ enters F only through the stationarity rows, linearly and masked by the support:
-    ``F_m ∋ where(S_node, unary, 0)`` and ``F_M ∋ where(S_edge, binary, 0)`` (the outer
-    ``where`` keeps F = μ off the support; the dual rows do not contain θ). So ∂F/∂θ is the
-    0/1 support mask on the μ block and zero on the dual block, and (∂F/∂θ)ᵀu is u's μ block
-    masked by the support, whatever z and θ are. With the scaling D of the generic solvers,
-    F_D(y) = D F(D y) and (∂F_D/∂θ)ᵀu = (∂F/∂θ)ᵀ(D u).
-    """
-    full_node, full_edge = bool(support.node.all()), bool(support.edge.all())
-
-    def part(x: Tensor, s: Tensor | None, mask: Tensor, full: bool) -> Tensor:
-        if s is not None:
-            x = x * s
-        return x if full else torch.where(mask, x, 0.0)
-
-    def theta_vjp(
-        u: ChainKKTPoint, z: object, unary: Tensor, binary: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        s_node = None if scale is None else scale.mu_unary
-        s_edge = None if scale is None else scale.mu_binary
-        return (
-            part(u.mu_unary, s_node, support.node, full_node),
-            part(u.mu_binary, s_edge, support.edge, full_edge),
-        )
+    def theta_vjp(u: Any, z: Any, *args: Tensor) -> tuple[Tensor, ...]:
+        parts = system.theta_cotangent(u, scale)
+        assert parts is not None
+        return tuple(sum_to_shape(p, t.shape) for p, t in zip(parts, theta))
 
     return theta_vjp
 
 
-def _empty_point(unary: Tensor, binary: Tensor) -> ChainKKTPoint:
-    """The solution of an empty batch: empty tensors of the right shapes, attached to θ.
-
-    ``x.sum() * 0`` broadcast to the shape keeps the autograd edge to θ (its gradient is an
-    empty tensor of θ's shape) without touching any entry.
-    """
-    _, T, Z = unary.shape
-    link = (unary.sum() + binary.sum()) * 0
-
-    def empty(*shape: int) -> Tensor:
-        return unary.new_zeros(shape) + link
-
-    return ChainKKTPoint(
-        empty(0, T, Z), empty(0, T - 1, Z, Z), empty(0, T - 1, Z), empty(0, T - 1, Z), empty(0)
-    )
-
-
-def _chain_argmax(
-    unary: Tensor,
-    binary: Tensor,
-    lengths: Tensor,
-    tau: float,
-    solver: Exact | Iterative,
-    linear: AbstractLinearSolver | Structured,
-) -> ChainKKTPoint:
-    if unary.shape[0] == 0:
-        return _empty_point(unary, binary)
-    m, M = _forward(unary, binary, lengths, tau, solver)
-    with torch.no_grad():
-        point = chain_duals(m, M, unary.detach(), binary.detach(), lengths, tau)
-    support = chain_support(m, M, lengths)
-
+def _attach(system: AbstractKKTSystem, theta: Params, linear: Any, check: bool, batch_ndim: int):
+    """Return the solution point carrying the IFT backward (``custom_root``)."""
+    point = system.point
     if isinstance(linear, Structured):
+        solver = system.structured_solver(check, linear.rtol)
+        root = custom_root(
+            system.residual, solver, batch_ndim=batch_ndim, symmetric=True,
+            theta_vjp=_theta_vjp(system, None, theta),
+        )  # fmt: skip
+        return root(lambda *t: point)(*theta)
+    # Generic solvers see the diagonally scaled system D K D (entries of O(1)).
+    scale = system.scales()
+    scaled = type(point)(*(p / s for p, s in zip(point, scale)))
 
-        def residual(z: ChainKKTPoint, u: Tensor, w: Tensor) -> ChainKKTPoint:
-            return chain_kkt_residual(z, u, w, lengths, tau, support)
+    def scaled_residual(y: Any, *t: Tensor) -> Any:
+        F = system.residual(type(point)(*(a * s for a, s in zip(y, scale))), *t)
+        return type(point)(*(f * s for f, s in zip(F, scale)))
 
-        check = isinstance(solver, Iterative) if linear.check is None else linear.check
-        lin = StructuredChainSolve(point, lengths, tau, support, check, linear.rtol)
-        theta_vjp = _chain_theta_vjp(support, None)
-        root = custom_root(residual, lin, batch_ndim=1, symmetric=True, theta_vjp=theta_vjp)
-        return root(lambda u, w: point)(unary, binary)
-
-    scale = _scales(point, support, tau)
-    scaled = ChainKKTPoint(*(p / s for p, s in zip(point, scale)))
-
-    def scaled_residual(y: ChainKKTPoint, u: Tensor, w: Tensor) -> ChainKKTPoint:
-        z = ChainKKTPoint(*(a * s for a, s in zip(y, scale)))
-        F = chain_kkt_residual(z, u, w, lengths, tau, support)
-        return ChainKKTPoint(*(f * s for f, s in zip(F, scale)))
-
-    theta_vjp = _chain_theta_vjp(support, scale)
-    root = custom_root(scaled_residual, linear, batch_ndim=1, symmetric=True, theta_vjp=theta_vjp)
-    y = root(lambda u, w: scaled)(unary, binary)
-    return ChainKKTPoint(*(a * s for a, s in zip(y, scale)))
+    root = custom_root(
+        scaled_residual, linear, batch_ndim=batch_ndim, symmetric=True,
+        theta_vjp=_theta_vjp(system, scale, theta),
+    )  # fmt: skip
+    y = root(lambda *t: scaled)(*theta)
+    return type(point)(*(a * s for a, s in zip(y, scale)))
 
 
 def regularized_argmax(
-    dist: Categorical | LinearChainCRF | HMM,
+    dist: ExpFamily,
     temperature: float = 1.0,
     solver: ForwardSolver = "exact",
     linear_solver: LinearSolverSpec = "structured",
-) -> Tensor | ChainMarginals:
+) -> Any:
     r"""Solve μ* = argmax_{μ ∈ M} ⟨θ, μ⟩ + τ H(μ) and differentiate it by the IFT.
 
-    M is the family's marginal polytope (the simplex for a Categorical; node and edge marginals
-    with normalization and marginalization-consistency constraints for a chain, where the local
-    polytope is exact and H is the Bethe entropy). The result equals ∇A(θ/τ) (``dist.marginals``
-    at τ = 1); its gradient with respect to the natural parameters θ is
+    M is the marginal polytope of ``dist``'s structure (the simplex for a Categorical; node and
+    edge marginals with normalization and marginalization-consistency constraints for a chain,
+    where the local polytope is exact and H is the Bethe entropy). The result equals ∇A(θ/τ)
+    (``dist.marginals`` at τ = 1); its gradient with respect to the natural parameters θ is
     dμ*/dθ = (1/τ) ∇²A(θ/τ), computed from the KKT system by
     :func:`structift.implicit.custom_root`, never by differentiating the forward solver.
 
     Args:
-        dist: a :class:`~structift.Categorical` (logits ``[*batch, n]``), a
-            :class:`~structift.LinearChainCRF` (unary ``[B, T, Z]``, binary ``[B, T-1, Z, Z]``,
-            lengths ``[B]``) or an :class:`~structift.HMM` (its posterior CRF; gradients flow on
-            to the HMM's logits). −inf potentials are allowed: structures of score −∞ have
-            zero mass and the KKT system is restricted to the support.
+        dist: any structift distribution, e.g. a :class:`~structift.Categorical`, a
+            :class:`~structift.LinearChainCRF` or an :class:`~structift.HMM` (its posterior;
+            gradients flow on to the HMM's logits). −inf potentials are allowed: structures of
+            score −∞ have zero mass and the KKT system is restricted to the support.
         temperature: τ > 0.
-        solver: ``"exact"`` / :class:`Exact` (forward-backward or softmax at θ/τ) or
+        solver: ``"exact"`` / :class:`Exact` (the structure's dynamic program at θ/τ) or
             ``"iterative"`` / :class:`Iterative` (message passing / mirror descent).
         linear_solver: how the backward solves the KKT system: ``"structured"`` or
-            :class:`Structured` (exact covariance recursions, O(T Z²), default),
-            ``"dense"``, ``"minres"``, ``"gmres"``, or
-            any :mod:`structift.implicit` solver object (e.g. ``MINRES(rtol=1e-12)``,
-            ``Neumann(...)``). Generic solvers see the diagonally scaled symmetric system.
+            :class:`Structured` (the structure's exact solve, default), ``"dense"``,
+            ``"minres"``, ``"gmres"``, or any :mod:`structift.implicit` solver object (e.g.
+            ``MINRES(rtol=1e-12)``). Generic solvers see the diagonally scaled symmetric system.
 
     Returns:
-        The same structure as ``dist.marginals``: a tensor ``[*batch, n]`` for a Categorical, a
-        :class:`~structift.ChainMarginals` ``(unary [B, T, Z], binary [B, T-1, Z, Z])`` for a
-        chain, differentiable with respect to the natural parameters.
+        The same structure as ``dist.marginals``, differentiable w.r.t. the parameters.
 
     Raises:
-        TypeError: for an unsupported ``dist``.
+        TypeError: for something that is not a structift distribution, or a bad temperature.
         ValueError: for a non-positive temperature or an unknown solver name.
     """
     tau = _check_temperature(temperature)
     fwd = _resolve_forward(solver)
     linear = _resolve_linear(linear_solver)
-    unary, binary, lengths, categorical = _as_chain(dist)
-    z = _chain_argmax(unary, binary, lengths, tau, fwd, linear)
-    if categorical:
-        assert isinstance(dist, Categorical)
-        return z.mu_unary.reshape(dist.logits.shape)
-    return ChainMarginals(z.mu_unary, z.mu_binary)
+    dist = _check_dist(dist)
+    theta = dist._natural_params
+    problem = dist.structure.regularized(tau)
+    if dist.structure.batch_shape.numel() == 0:
+        return dist._present(problem.mu(problem.empty(theta)))
+    system = problem.at(problem.solve(theta, fwd), theta)
+    check = isinstance(fwd, Iterative)
+    if isinstance(linear, Structured) and linear.check is not None:
+        check = linear.check
+    z = _attach(system, theta, linear, check, len(dist.structure.batch_shape))
+    return dist._present(problem.mu(z))
 
 
-def kkt_residual(
-    dist: Categorical | LinearChainCRF | HMM,
-    mu: Tensor | ChainMarginals | None = None,
-    temperature: float = 1.0,
-) -> KKTResidual:
+def kkt_residual(dist: ExpFamily, mu: Any = None, temperature: float = 1.0) -> KKTResidual:
     """Evaluate the KKT residual F(μ, λ; θ) of the regularized argmax at a candidate μ.
 
     The duals λ are recovered from μ by the stationarity sweep, so the residual measures both
     stationarity and feasibility; it is zero (to rounding) at μ* = ∇A(θ/τ).
 
     Args:
-        dist: the family (see :func:`regularized_argmax`).
+        dist: the distribution (see :func:`regularized_argmax`).
         mu: candidate marginals, same structure as ``dist.marginals``; default: the exact
             solution at θ/τ (its residual shows the rounding floor).
         temperature: τ > 0.
 
     Returns:
-        A :class:`KKTResidual` (point, residual, per-element norm ``[B]``).
+        A :class:`KKTResidual` (point, residual, per-element norm).
     """
     tau = _check_temperature(temperature)
-    unary, binary, lengths, categorical = _as_chain(dist)
+    dist = _check_dist(dist)
+    problem = dist.structure.regularized(tau)
     with torch.no_grad():
+        theta = tuple(t.detach() for t in dist._natural_params)
         if mu is None:
-            m, M = _chain.marginals(unary / tau, binary / tau, lengths)
-        elif categorical:
-            assert isinstance(dist, Categorical)
-            _check_mu(mu, unary, binary, True, tuple(dist.logits.shape))
-            assert isinstance(mu, Tensor)
-            m, M = mu.reshape(unary.shape), binary.new_zeros(binary.shape)
+            parts = problem.solve(theta, Exact())
         else:
-            _check_mu(mu, unary, binary, False, ())
-            m, M = mu
-        point = chain_duals(m, M, unary, binary, lengths, tau)
-        F = chain_kkt_residual(point, unary, binary, lengths, tau)
-        B = unary.shape[0]
-        flat = torch.cat([f.reshape(B, f.shape[1:].numel()) for f in F], -1)
-        return KKTResidual(point, F, torch.linalg.vector_norm(flat, dim=-1))
+            parts = _check_mu(mu, dist)
+        system = problem.at(parts, theta)
+        F = system.residual(system.point, *theta)
+        nb = len(dist.structure.batch_shape)
+        shape = dist.structure.batch_shape
+        flat = torch.cat([f.reshape(*shape, f.shape[nb:].numel()) for f in F], -1)
+        return KKTResidual(system.point, F, torch.linalg.vector_norm(flat, dim=-1))
+
+
+def _check_mu(mu: object, dist: ExpFamily) -> Params:
+    """Check a candidate μ for ``kkt_residual``: the structure, shapes, dtype and device."""
+    with torch.no_grad():
+        want = dist._mean_params
+    parts = (mu,) if len(want) == 1 else (tuple(mu) if isinstance(mu, tuple | list) else (mu,))
+    what = "a tensor" if len(want) == 1 else f"a tuple of {len(want)} tensors (dist.marginals)"
+    if len(parts) != len(want) or not all(isinstance(p, Tensor) for p in parts):
+        raise TypeError(f"mu must be {what} shaped like dist.marginals; got {type(mu).__name__}")
+    expected = [tuple(w.shape) for w in want]
+    for p, w in zip(parts, want):
+        assert isinstance(p, Tensor)
+        if tuple(p.shape) != tuple(w.shape):
+            got = [tuple(x.shape) for x in parts]
+            raise ValueError(f"mu must have the shapes of dist.marginals {expected}; got {got}")
+        if p.dtype != w.dtype or p.device != w.device:
+            raise TypeError(
+                f"mu must have the dtype and device of the potentials ({w.dtype} on "
+                f"{w.device}); got {p.dtype} on {p.device}"
+            )
+    return tuple(parts)

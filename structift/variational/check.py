@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from structift.families import HMM, Categorical, LinearChainCRF
+from structift.families import ExpFamily
 from structift.variational.argmax import (
     ForwardSolver,
     LinearSolverSpec,
@@ -43,25 +43,14 @@ class IFTCheck(NamedTuple):
     reference_scale: float
 
 
-def _rebuild(dist: object) -> tuple[Categorical | LinearChainCRF | HMM, list[Tensor]]:
+def _rebuild(dist: object) -> tuple[ExpFamily, list[Tensor]]:
     """Return a copy of ``dist`` on fresh leaf parameters (requiring grad) and those leaves."""
-    if isinstance(dist, Categorical):
-        logits = dist.logits.detach().clone().requires_grad_(True)
-        return Categorical(logits, validate_args=False), [logits]
-    if isinstance(dist, LinearChainCRF):
-        unary = dist.unary.detach().clone().requires_grad_(True)
-        binary = dist.binary.detach().clone().requires_grad_(True)
-        return LinearChainCRF(unary, binary, dist.lengths, validate_args=False), [unary, binary]
-    if isinstance(dist, HMM):
-        init, trans, emit = (
-            p.detach().clone().requires_grad_(True)
-            for p in (dist.init_logits, dist.transition_logits, dist.emission_logits)
+    if not isinstance(dist, ExpFamily):
+        raise TypeError(
+            f"dist must be a structift distribution (an ExpFamily); got {type(dist).__name__}"
         )
-        rebuilt = HMM(init, trans, emit, dist.observations, dist.lengths, validate_args=False)
-        return rebuilt, [init, trans, emit]
-    raise TypeError(
-        f"dist must be a structift Categorical, LinearChainCRF or HMM; got {type(dist).__name__}"
-    )
+    leaves = [p.detach().clone().requires_grad_(True) for p in dist._parameters]
+    return dist._replace(*leaves), leaves
 
 
 def _amax(x: Tensor) -> float:
@@ -81,12 +70,12 @@ def _pairing(xs: Sequence[Tensor], gs: Sequence[Tensor]) -> Tensor:
     return torch.stack([(x * g.reshape(x.shape)).sum() for x, g in zip(xs, gs)]).sum()
 
 
-def _natural(dist: object) -> tuple[Tensor, ...]:
-    return tuple(dist._natural_params)  # type: ignore[attr-defined]
+def _natural(dist: ExpFamily) -> tuple[Tensor, ...]:
+    return tuple(dist._natural_params)
 
 
 def check_ift(
-    dist: Categorical | LinearChainCRF | HMM,
+    dist: ExpFamily,
     temperature: float = 1.0,
     solver: ForwardSolver = "exact",
     linear_solver: LinearSolverSpec = "structured",
@@ -102,7 +91,7 @@ def check_ift(
     (the posterior's potentials are functions of them).
 
     Args:
-        dist: a Categorical, LinearChainCRF or HMM.
+        dist: any structift distribution (Categorical, LinearChainCRF, HMM, ...).
         temperature: τ > 0.
         solver: forward solver (see :func:`regularized_argmax`).
         linear_solver: backward linear solver (see :func:`regularized_argmax`).

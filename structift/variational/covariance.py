@@ -24,9 +24,9 @@ one position at a time (a Schur complement on a block-bidiagonal system) yields 
 recursions. Because it only reads μ, its cost does not depend on how μ was computed.
 
 There is one implementation of this product in structift, the chain's Hessian-vector product
-(``structift.chain._hvp``), which re-centres the tangent messages at every position so that
-float32 rounding does not grow with T; this function restricts the marginals to their support
-(entries above ``tiny``, the support of the KKT system) and calls it.
+(``Chain.hvp``, ``structift/structures/chain/_hvp.py``), which re-centres the tangent messages at
+every position so that float32 rounding does not grow with T; this function restricts the
+marginals to their support (entries above ``tiny``, the support of the KKT system) and calls it.
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from structift import chain
-from structift.chain import _hvp
+from structift.structures.chain import Chain
 
 __all__ = ["chain_covariance_vector_product"]
 
@@ -74,11 +73,10 @@ def chain_covariance_vector_product(
     """
     T = mu_unary.shape[1]
     tiny = torch.finfo(mu_unary.dtype).tiny
-    pos = torch.arange(T, device=mu_unary.device)
-    valid = pos[None, :] < lengths.to(mu_unary.device)[:, None]  # shape: (B, T)
+    lengths = lengths.to(mu_unary.device)
+    valid = torch.arange(T, device=mu_unary.device)[None, :] < lengths[:, None]  # shape: (B, T)
     m = torch.where(valid[..., None] & (mu_unary > tiny), mu_unary, 0.0)
     M = torch.where(mu_binary > tiny, mu_binary, 0.0)
-    fused = chain.kernel_for(mu_unary) == "fused"
-    vu = v_unary if scale == 1 else v_unary * scale
-    vb = v_binary if scale == 1 else v_binary * scale
-    return _hvp.hvp(m, M, valid, vu, vb, fused=fused)
+    structure = Chain.build(mu_unary, lengths)
+    h_u, h_b = structure.hvp((m, M), (v_unary * scale, v_binary * scale))
+    return h_u, h_b

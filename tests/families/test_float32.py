@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import structift as st_
-from structift import chain
+from structift.structures import chain
 from tests.seeding import examples, fixed, seeded
 
 F64 = torch.float64
@@ -232,7 +232,7 @@ def test_chain_local_terms_match_brute_force_entropy() -> None:
 
 def test_fused_kernel_on_the_reported_inputs() -> None:
     pytest.importorskip("triton")
-    from structift.chain import _fused
+    from structift.structures.chain import _fused
 
     if not _fused.supports(torch.zeros(1, 2, 2)):
         pytest.skip("the fused kernel needs CUDA or TRITON_INTERPRET=1")

@@ -8,6 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from structift.implicit import JacobianOperator
+from structift.structures.chain import Chain
+from structift.structures.chain.kkt import chain_kkt_matvec, chain_support
 from structift.variational import (
     ChainKKTPoint,
     StructuredChainSolve,
@@ -15,8 +17,6 @@ from structift.variational import (
     chain_duals,
     chain_kkt_residual,
 )
-from structift.variational.argmax import _scales
-from structift.variational.chain_kkt import chain_kkt_matvec, chain_support
 from tests.reference import brute_force
 from tests.seeding import examples, seeded
 from tests.strategies import chain_params
@@ -134,7 +134,8 @@ def test_kkt_matrix_is_symmetric_nonsingular_and_solved_exactly(p, tau: float, s
     torch.testing.assert_close(op.mv(probe), (K @ probe[..., None])[..., 0], rtol=1e-12, atol=1e-12)
     # Raw K has entries τ/μ (condition number up to 1e200 when potentials are peaked); the
     # symmetric diagonal scaling used for generic solvers makes it well conditioned.
-    d = torch.cat([x.reshape(x.shape[0], -1) for x in _scales(z, S, tau)], -1)
+    system = Chain.build(unary, lengths).regularized(tau).at((m, M), (unary, binary))
+    d = torch.cat([x.reshape(x.shape[0], -1) for x in system.scales()], -1)
     K_scaled = d[:, :, None] * K * d[:, None, :]
     sv = torch.linalg.svdvals(K_scaled)
     assert bool((sv.amax(-1) / sv.amin(-1) < 1e3).all()), sv
@@ -143,7 +144,7 @@ def test_kkt_matrix_is_symmetric_nonsingular_and_solved_exactly(p, tau: float, s
     n_mu = m[0].numel() + M[0].numel()
     rhs = torch.zeros_like(flat)
     rhs[:, :n_mu] = torch.randn(flat.shape[0], n_mu, dtype=torch.float64, generator=gen)
-    x = StructuredChainSolve(z, lengths, tau, S, check=True).solve(op, rhs).solution
+    x = system.structured_solver(check=True, rtol=None).solve(op, rhs).solution
     ref = d * torch.linalg.solve(K_scaled, d * rhs)
     torch.testing.assert_close(x, ref, atol=1e-9, rtol=1e-9)
 
@@ -159,4 +160,5 @@ def test_structured_solve_rejects_a_dual_right_hand_side() -> None:
     rhs = torch.zeros_like(flat)
     rhs[:, -1] = 1.0  # the normalization row
     with pytest.raises(ValueError, match="dual block"):
-        StructuredChainSolve(z, lengths, 1.0, S).solve(JacobianOperator(F, flat).T, rhs)
+        solver = StructuredChainSolve(z, Chain.build(unary, lengths), 1.0, S)
+        solver.solve(JacobianOperator(F, flat).T, rhs)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
 
 import structift as sf
-from structift.variational import chain_message_passing, kkt_residual, simplex_mirror_descent
-from tests.seeding import examples
+from structift.variational import Iterative, chain_message_passing, kkt_residual
+from structift.variational.simplex import mirror_descent, simplex_mirror_descent
+from tests.seeding import examples, seeded
 from tests.strategies import categorical_params, chain_params
 from tests.variational.cases import temperatures
 
@@ -54,13 +57,27 @@ def test_damped_error_decays_geometrically() -> None:
 @settings(max_examples=examples(20))
 @given(p=categorical_params(), tau=temperatures)
 def test_mirror_descent_reaches_softmax(p, tau: float) -> None:
-    res = simplex_mirror_descent(p["logits"], tau, tol=1e-14)
-    torch.testing.assert_close(res.mu, torch.softmax(p["logits"] / tau, -1), rtol=0, atol=1e-12)
+    mu = mirror_descent(p["logits"], tau, max_iter=10_000, tol=1e-14)
+    torch.testing.assert_close(mu, torch.softmax(p["logits"] / tau, -1), rtol=0, atol=1e-12)
+
+
+def test_the_old_simplex_solver_is_the_one_simplex_solver_with_a_warning() -> None:
+    logits = torch.randn(2, 4, dtype=torch.float64, generator=seeded(3))
+    with pytest.warns(DeprecationWarning, match="simplex_mirror_descent is deprecated"):
+        old = simplex_mirror_descent(logits, 0.5, tol=1e-14)
+    torch.testing.assert_close(old.mu, mirror_descent(logits, 0.5, max_iter=10_000, tol=1e-14))
+    with pytest.warns(DeprecationWarning, match="'steps' is deprecated, use 'max_iter'"):
+        mirror_descent(logits, 0.5, steps=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mirror_descent(logits, 0.5, max_iter=3)
 
 
 def test_bad_damping() -> None:
     with pytest.raises(ValueError, match="damping"):
-        simplex_mirror_descent(torch.zeros(1, 3), damping=1.5)
+        mirror_descent(torch.zeros(1, 3), damping=2.5)
+    with pytest.raises(ValueError, match="damping"):
+        Iterative(damping=1.5)
     with pytest.raises(ValueError, match="damping"):
         chain_message_passing(
             torch.zeros(1, 2, 2), torch.zeros(1, 1, 2, 2), torch.tensor([2]), damping=0.0

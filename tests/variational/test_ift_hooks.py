@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import structift as sf
-import structift.variational.argmax as argmax_module
+from structift.structures.base import AbstractKKTSystem
+from structift.structures.chain.regularized import ChainKKT
 from structift.variational import StructuredChainSolve, regularized_argmax
 from tests.seeding import examples, seeded
 from tests.variational.cases import CASE_IDS, CASES, Case, temperatures
@@ -35,7 +36,7 @@ def _gradient(case: Case, params: dict, tau: float, linear: str, seed: int) -> l
 
 
 def _without_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(argmax_module, "_chain_theta_vjp", lambda support, scale: None)
+    monkeypatch.setattr(ChainKKT, "theta_cotangent", AbstractKKTSystem.theta_cotangent)
     monkeypatch.setattr(StructuredChainSolve, "accepts_tree", False)
 
 

@@ -117,7 +117,7 @@ class TestBadArguments:
             regularized_argmax(self.crf, tau)
 
     def test_kkt_residual_with_a_misshaped_mu(self) -> None:
-        with pytest.raises(TypeError, match="mu must be ChainMarginals"):
+        with pytest.raises(TypeError, match="mu must be a tuple of 2 tensors"):
             kkt_residual(self.crf, torch.zeros(2, 4, 3))
         with pytest.raises(ValueError, match=r"shapes of dist\.marginals"):
             kkt_residual(self.crf, (torch.zeros(2, 4, 3), torch.zeros(2, 3, 3)))

@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from structift._ops import lengths_to_mask
-from structift.chain import _log
+from structift.semiring import Max
+from structift.structures.chain import _log
 
 
 def score(unary: Tensor, binary: Tensor, lengths: Tensor, tags: Tensor) -> Tensor:
@@ -37,22 +38,25 @@ def score(unary: Tensor, binary: Tensor, lengths: Tensor, tags: Tensor) -> Tenso
     return total
 
 
-def viterbi(unary: Tensor, binary: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-    """Find the MAP tags by a max-plus loop in torch (any device); ties to the lowest state.
+def viterbi(unary: Tensor, binary: Tensor, lengths: Tensor) -> Tensor:
+    """Find the MAP tags ``[B, T]`` by a max-plus loop in torch (any device).
 
-    The log-space path behind ``structift.chain.viterbi`` (arguments and returns as there).
+    The loop behind the ``Log`` and ``Scaled`` backends' ``viterbi``: the max semiring's
+    ``matvec`` with back-pointers, messages centred at every step (the argmax is
+    shift-invariant, and centring keeps float32 ties as resolvable at step 10,000 as at step 1).
+    Ties go to the lowest state. Tags beyond each length are 0.
     """
     with torch.no_grad():
         B, T, Z = unary.shape
         b = _log.expand_binary(binary, B, T, Z)
         mask = lengths_to_mask(lengths.to(unary.device), T)
         ident = torch.arange(Z, device=unary.device).expand(B, Z)
-        alpha = unary[:, 0]
+        alpha = _centre(unary[:, 0])
         pointers = []
         for t in range(1, T):
-            best, arg = (alpha.unsqueeze(-1) + b[:, t - 1]).max(dim=1)  # shape: (B, Z)
+            best, arg = Max.matvec_argmax(alpha, b[:, t - 1])  # shape: (B, Z)
             valid = mask[:, t, None]
-            alpha = torch.where(valid, best + unary[:, t], alpha)
+            alpha = torch.where(valid, _centre(best + unary[:, t]), alpha)
             # Padding points each state to itself, so backtracking carries the last tag through.
             pointers.append(torch.where(valid, arg, ident))
         last = alpha.argmax(dim=-1)
@@ -61,8 +65,13 @@ def viterbi(unary: Tensor, binary: Tensor, lengths: Tensor) -> tuple[Tensor, Ten
             last = ptr.gather(1, last.unsqueeze(-1)).squeeze(-1)
             tags.append(last)
         path = torch.stack(tags[::-1], dim=1)
-        path = torch.where(mask, path, torch.zeros_like(path))
-    return path, score(unary, binary, lengths, path)
+        return torch.where(mask, path, torch.zeros_like(path))
+
+
+def _centre(alpha: Tensor) -> Tensor:
+    """Subtract each row's finite maximum (rows of all ``-inf`` stay as they are)."""
+    m = alpha.amax(-1, keepdim=True)
+    return alpha - torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 
 def sample(

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -46,8 +45,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from structift.chain import _log
-from structift.chain._scaled import as_4d
+from structift import config
+from structift.structures.chain import _log
+from structift.structures.chain._scaled import as_4d
 
 # `triton.language`, imported on first use by `_kernels` (the kernels resolve `tl` as a module
 # global when Triton compiles them). Importing late keeps `import structift` light and lets
@@ -67,7 +67,7 @@ def triton_available() -> bool:
 
 def interpreting() -> bool:
     """Whether Triton kernels run through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return config.triton_interpret()
 
 
 def supports(unary: Tensor) -> bool:
@@ -103,8 +103,8 @@ def works_on(device: torch.device) -> bool:
     if not ok:
         warnings.warn(
             f"structift: the fused Triton chain kernel does not work on {device} ({problem}); "
-            "using the scaled kernel instead. Set STRUCTIFT_CHAIN_KERNEL=scaled to silence this, "
-            "or =fused to see the error.",
+            "using the scaled kernel instead. Pick backend='scaled' to silence this, or "
+            "backend='fused' to see the error.",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -269,26 +269,29 @@ def jit(module_globals: dict[str, Any], *kernels: Any) -> tuple[Any, ...]:
     return tuple(triton.jit(k) for k in kernels)
 
 
-# Launch settings. The defaults are reasoned, not measured on a GPU yet:
-# `benchmarks/tune_fused.py` times the alternatives by setting these two overrides.
-WARPS: int | None = None  # warps per program; None: one warp per 512 tile entries (1..8)
-PREFETCH: bool | None = None  # load step t+1's tile during step t; None: for BZ <= 64
+# Launch settings are fields of the `Fused` backend (`backends.py`). The defaults are reasoned,
+# not measured on a GPU yet: `benchmarks/tune_fused.py` times the alternatives.
 
 
-def _launch_args(unary: Tensor, binary: Tensor) -> tuple[Tensor, tuple[int, ...], int, int]:
-    """The ``[B, T-1, Z, Z]`` view of ``binary`` (stride 0 where broadcast) and the strides."""
+def _launch_args(
+    unary: Tensor, binary: Tensor, warps: int | None = None
+) -> tuple[Tensor, tuple[int, ...], int, int]:
+    """The ``[B, T-1, Z, Z]`` view of ``binary`` (stride 0 where broadcast), strides, tile, warps.
+
+    ``warps`` ``None``: one warp per 512 tile entries (1..8).
+    """
     B, T, Z = unary.shape
     w = as_4d(binary).expand(B, T - 1, Z, Z)
     strides = (*unary.stride(), *w.stride())
     bz = max(16, 1 << (Z - 1).bit_length())
-    warps = WARPS if WARPS is not None else max(1, min(8, bz * bz // 512))
+    warps = warps if warps is not None else max(1, min(8, bz * bz // 512))
     return w, strides, bz, warps
 
 
 # Prefetching holds two [BZ, BZ] tiles in registers: up to BZ = 64 (32 registers a thread each
 # at the default warp counts); at BZ = 128 it would spill.
-def _prefetch(bz: int) -> bool:
-    return PREFETCH if PREFETCH is not None else bz <= 64
+def _prefetch(bz: int, prefetch: bool | None = None) -> bool:
+    return prefetch if prefetch is not None else bz <= 64
 
 
 @dataclass
@@ -300,16 +303,20 @@ class State:
 
 
 def forward(
-    unary: Tensor, binary: Tensor, lengths: Tensor, eager: bool = False
+    unary: Tensor,
+    binary: Tensor,
+    lengths: Tensor,
+    warps: int | None = None,
+    prefetch: bool | None = None,
 ) -> tuple[Tensor, State]:
-    """Compute ``log Z`` ``[B]`` and the forward messages in one launch (``eager`` is unused).
+    """Compute ``log Z`` ``[B]`` and the forward messages in one launch.
 
     ``unary`` and ``binary`` are float32 or float64 on the same device; no autograd graph.
+    ``warps`` and ``prefetch``: launch settings (``None``: the defaults of ``_launch_args``).
     """
-    del eager
     B, T, Z = unary.shape
     u = unary.detach()
-    w, strides, bz, warps = _launch_args(u, binary.detach())
+    w, strides, bz, warps = _launch_args(u, binary.detach(), warps)
     lengths = lengths.to(device=u.device, dtype=torch.int64).contiguous()
     alpha = u.new_empty(B, T, Z)
     log_z = u.new_empty(B)
@@ -317,7 +324,7 @@ def forward(
         fwd = _kernels(interpreting())[0]
         fwd[(B,)](
             u, w, lengths, alpha, log_z, *strides, T, Z,
-            BZ=bz, PREFETCH=_prefetch(bz), num_warps=warps,
+            BZ=bz, PREFETCH=_prefetch(bz, prefetch), num_warps=warps,
         )  # fmt: skip
     return log_z, State(alpha, log_z)
 
@@ -329,15 +336,18 @@ def backward(
     lengths: Tensor,
     grad: Tensor,
     binary_shape: tuple[int, ...] | None,
+    warps: int | None = None,
+    prefetch: bool | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Return ``(grad * mu_unary, sum-to-shape(grad * mu_binary))`` in one launch.
 
     ``binary_shape`` is the shape of the wanted binary gradient (``None``: not needed, and not
-    computed); it must broadcast to ``[B, T-1, Z, Z]``.
+    computed); it must broadcast to ``[B, T-1, Z, Z]``. ``warps``, ``prefetch``: as in
+    ``forward``.
     """
     B, T, Z = unary.shape
     u = unary.detach()
-    w, strides, bz, warps = _launch_args(u, binary.detach())
+    w, strides, bz, warps = _launch_args(u, binary.detach(), warps)
     want_b = binary_shape is not None
     shape4 = (1,) * (4 - len(binary_shape)) + tuple(binary_shape) if binary_shape else (B, 1, Z, Z)
     sum_t = shape4[1] == 1  # (only read when the binary gradient is wanted)
@@ -349,7 +359,7 @@ def backward(
         bwd = _kernels(interpreting())[1]
         bwd[(B,)](
             u, w, lengths, state.alpha, state.log_z, grad, gu, gw,
-            *strides, T, Z, BZ=bz, SUM_T=sum_t, WANT_B=want_b, PREFETCH=_prefetch(bz),
+            *strides, T, Z, BZ=bz, SUM_T=sum_t, WANT_B=want_b, PREFETCH=_prefetch(bz, prefetch),
             num_warps=warps,
         )  # fmt: skip
     if binary_shape is None:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from structift.chain._fused import _launch_args, forward, interpreting, jit
+from structift.structures.chain._fused import _launch_args, forward, interpreting, jit
 
 tl: Any = None  # `triton.language`, imported on first use (see `_fused`)
 
@@ -109,14 +109,15 @@ def _kernels(interpret: bool) -> tuple[Any, ...]:
     return jit(globals(), _viterbi_kernel, _sample_kernel)
 
 
-def viterbi(unary: Tensor, binary: Tensor, lengths: Tensor) -> Tensor:
+def viterbi(unary: Tensor, binary: Tensor, lengths: Tensor, warps: int | None = None) -> Tensor:
     """Return the MAP tags LongTensor ``[B, T]`` (0 beyond each length) in one launch.
 
     Ties go to the lowest state index. Keeps back-pointers ``[B, T, Z]`` (int32); no autograd.
+    ``warps``: warps per program (``None``: the default of ``_fused._launch_args``).
     """
     B, T, Z = unary.shape
     u = unary.detach()
-    w, strides, bz, warps = _launch_args(u, binary.detach())
+    w, strides, bz, warps = _launch_args(u, binary.detach(), warps)
     lengths = lengths.to(device=u.device, dtype=torch.int64).contiguous()
     tags = torch.empty(B, T, dtype=torch.int64, device=u.device)
     ptr = torch.empty(B, T, Z, dtype=torch.int32, device=u.device)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from structift.chain._fused import interpreting, jit
+from structift.structures.chain._fused import interpreting, jit
 
 tl: Any = None  # `triton.language`, imported on first use (see `_fused`)
 

@@ -35,10 +35,10 @@ over ``[B, T-1, Z, Z]``, on top of the (first-order) marginals.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
-
-from structift.chain import _fused_hvp
 
 
 def _inverse(x: Tensor) -> Tensor:
@@ -59,7 +59,7 @@ def hvp(
     mask: Tensor,
     v_u: Tensor | None,
     v_b: Tensor | None,
-    fused: bool = False,
+    sweeps: Callable[..., tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Compute the Hessian-vector product ``H v`` of ``A`` from the marginals.
 
@@ -74,8 +74,8 @@ def hvp(
         v_u: ``[B, T, Z]`` (or broadcastable) direction on the unary statistics, or ``None``.
         v_b: ``[B, T-1, Z, Z]`` (or broadcastable) direction on the binary statistics, or
             ``None``.
-        fused: run the two recursions in one Triton launch (``_fused_hvp``) instead of a
-            loop of small kernels per step; the dispatcher sets it where the fused kernels run.
+        sweeps: the engine that runs the two recursions, a chain backend's ``sweeps``
+            (``Fused``: one Triton launch); default ``loop_sweeps`` (small kernels per step).
 
     Returns:
         ``(h_u [B, T, Z], h_b [B, T-1, Z, Z])``; zero where the marginals are zero (padding,
@@ -100,10 +100,8 @@ def hvp(
     g_f = vu[:, 1:] + mv_to * inv_to
     vu_next = vu[:, 1:].unsqueeze(-1)  # shape: (B, T-1, Z, 1)
     g_b = (mv_from + torch.matmul(mu_b, vu_next).squeeze(-1)) * inv_from
-    if fused:
-        ra_all, rb_all = _fused_hvp.sweeps(mu_u, mu_b, vu[:, 0], g_f, inv_to, g_b, inv_from)
-    else:
-        ra_all, rb_all = _sweeps(mu_u, mu_b, vu, g_f, inv_to, g_b, inv_from)
+    run = loop_sweeps if sweeps is None else sweeps
+    ra_all, rb_all = run(mu_u, mu_b, vu[:, 0], g_f, inv_to, g_b, inv_from)
 
     h_u = _centre(mu_u, ra_all + rb_all)
     # x_b[t, i, j] = ra[t, i] + v_b[t, i, j] + (v_u + rb)[t+1, j]; its mean under mu_b[t]:
@@ -116,20 +114,27 @@ def hvp(
     return h_u, h_b
 
 
-def _sweeps(
+def loop_sweeps(
     mu_u: Tensor,
     mu_b: Tensor,
-    vu: Tensor,
+    vu0: Tensor,
     g_f: Tensor,
     inv_to: Tensor,
     g_b: Tensor,
     inv_from: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """The centred tangent messages ``(ra, rb)`` ``[B, T, Z]`` by two loops of batched products."""
+    """The centred tangent messages ``(ra, rb)`` ``[B, T, Z]`` by two loops of batched products.
+
+    Args:
+        mu_u: ``[B, T, Z]`` unary marginals (the centring weights); mu_b: ``[B, T-1, Z, Z]``.
+        vu0: ``[B, Z]`` the unary direction at ``t = 0``.
+        g_f, inv_to, g_b, inv_from: ``[B, T-1, Z]`` step terms and inverse column / row sums of
+            ``mu_b`` (see ``hvp``).
+    """
     T = mu_u.shape[1]
     w = mu_u.unsqueeze(-1)  # centring weights, shape: (B, T, Z, 1)
-
-    ra = vu[:, :1] - torch.bmm(vu[:, :1], w[:, 0])  # shape: (B, 1, Z)
+    v0 = vu0.unsqueeze(1)  # shape: (B, 1, Z)
+    ra = v0 - torch.bmm(v0, w[:, 0])  # shape: (B, 1, Z)
     ras = [ra]
     for t in range(1, T):
         new = torch.addcmul(

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from structift._ops import lengths_to_mask, softmax_entropy, softmax_kl
-from structift.chain import _log
+from structift.structures.chain import _log
 
 
 def conditional_logits(unary: Tensor, binary: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from structift._ops import lengths_to_mask
-from structift.chain import _log
+from structift.structures.chain import _log
 
 # E is exponentiated in chunks of time steps of about this many bytes, and each chunk is used
 # by the forward recursion while it is still in cache: one pass over memory instead of four.

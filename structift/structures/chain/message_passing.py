@@ -20,12 +20,7 @@ from torch import Tensor
 
 from structift._ops import logsumexp
 
-__all__ = [
-    "MessagePassingResult",
-    "MirrorDescentResult",
-    "chain_message_passing",
-    "simplex_mirror_descent",
-]
+__all__ = ["MessagePassingResult", "chain_message_passing"]
 
 
 class MessagePassingResult(NamedTuple):
@@ -140,43 +135,3 @@ def _max_change(old: Tensor, new: Tensor) -> float:
     if not bool(finite.any()):
         return 0.0
     return float((new - old).abs()[finite].max().detach())
-
-
-class MirrorDescentResult(NamedTuple):
-    """Output of :func:`simplex_mirror_descent`: ``mu`` ``[B, n]``, iterations, last change."""
-
-    mu: Tensor
-    iterations: int
-    change: float
-
-
-def simplex_mirror_descent(
-    theta: Tensor,
-    temperature: float = 1.0,
-    tol: float = 1e-12,
-    max_iter: int = 10_000,
-    damping: float = 0.5,
-) -> MirrorDescentResult:
-    """Solve max_{μ ∈ Δ} ⟨θ, μ⟩ + τ H(μ) by entropic mirror descent.
-
-    One step with step size η = ρ/τ on the objective, in the entropy geometry, is
-    log μ ← (1 − ρ) log μ + ρ θ/τ, normalized; the error of log μ contracts by 1 − ρ per step
-    (ρ = 1 gives softmax(θ/τ) in one step). −inf logits stay at zero mass.
-
-    Args:
-        theta: ``[B, n]`` logits (−inf allowed, at least one finite per row).
-        temperature: τ > 0.
-        tol: stopping tolerance on the max-abs change of the finite log-iterate.
-        max_iter: iteration budget.
-        damping: ρ in (0, 1].
-    """
-    if not 0.0 < damping <= 1.0:
-        raise ValueError(f"damping must be in (0, 1], got {damping}")
-    target = theta / temperature
-    log_mu = _normalize(torch.where(torch.isneginf(target), target, torch.zeros_like(target)))
-    change, it = float("inf"), 0
-    while it < max_iter and change > tol:
-        new = _normalize(_mix(log_mu, target, damping))
-        change = _max_change(log_mu, new)
-        log_mu, it = new, it + 1
-    return MirrorDescentResult(torch.exp(log_mu), it, change)

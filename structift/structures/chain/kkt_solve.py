@@ -1,6 +1,6 @@
 """The structured exact solve of the chain KKT system (a linear solver object).
 
-On the support, the KKT matrix of the chain problem (see :mod:`~structift.variational.chain_kkt`)
+On the support, the KKT matrix of the chain problem (see :mod:`~structift.structures.chain.kkt`)
 
     K = [[ H, −Jᵀ],        H = τ∇²H_Bethe(μ) = diag(−τ/M on edges, τ c_t/m on nodes)
          [−J,   0 ]]
@@ -13,10 +13,10 @@ sufficient statistics at θ/τ, scaled by 1/τ:
 
 so dμ*/dθ = −[K⁻¹]_μμ ∂F_μ/∂θ = (1/τ) ∇²A(θ/τ), the Hessian of the smoothed log-partition
 A_τ(θ) = τ A(θ/τ). The covariance product is computed from μ alone by the two linear
-recursions of :func:`~structift.variational.covariance.chain_covariance_vector_product` (the
+recursions of the chain's one HVP (``Chain.hvp``, on the support: the
 Schur complements of the block-bidiagonal system, eliminated position by position), and the
 dual block of the solution by the backward sweep of
-:func:`~structift.variational.chain_kkt.dual_sweep`. Cost: O(T Z²) time, O(T Z) memory beyond
+:func:`~structift.structures.chain.kkt.dual_sweep`. Cost: O(T Z²) time, O(T Z) memory beyond
 the marginals, whatever solver produced μ.
 """
 
@@ -29,14 +29,13 @@ from torch import Tensor
 
 from structift.implicit.operators import AbstractLinearOperator
 from structift.implicit.solvers import AbstractLinearSolver, LinearSolution, Status
-from structift.variational.chain_kkt import (
+from structift.structures.chain.kkt import (
     ChainKKTPoint,
     _entropy_coefficients,
     _Support,
     chain_kkt_matvec,
     dual_sweep,
 )
-from structift.variational.covariance import chain_covariance_vector_product
 
 __all__ = ["StructuredChainSolve"]
 
@@ -56,14 +55,14 @@ class StructuredChainSolve(AbstractLinearSolver):
     Bound to one solution (its marginals, lengths, temperature and support); used as the
     ``linear_solver`` of :func:`structift.implicit.custom_root` for the unscaled chain residual.
     K is symmetric, so ``transpose`` is the identity. It ``accepts_tree``: custom_root hands
-    it the cotangent as a :class:`~structift.variational.chain_kkt.ChainKKTPoint` and gets the
+    it the cotangent as a :class:`~structift.structures.chain.kkt.ChainKKTPoint` and gets the
     solution back in that layout, with no flattening. The right-hand side must have a zero
     dual block (which is what the IFT backward of a function returning only μ produces);
     otherwise a ``ValueError`` is raised.
 
     Args:
-        point: the solution, a :class:`~structift.variational.chain_kkt.ChainKKTPoint`.
-        lengths: LongTensor ``[B]``.
+        point: the solution, a :class:`~structift.structures.chain.kkt.ChainKKTPoint`.
+        structure: the :class:`~structift.structures.chain.Chain` (its lengths and its HVP).
         temperature: τ > 0.
         support: the support masks the residual was restricted to.
         check: also solve for the dual block, measure the true residual ‖rhs − K x‖ (one
@@ -79,14 +78,15 @@ class StructuredChainSolve(AbstractLinearSolver):
     def __init__(
         self,
         point: ChainKKTPoint,
-        lengths: Tensor,
+        structure: Any,
         temperature: float,
         support: _Support,
         check: bool = False,
         rtol: float | None = None,
     ) -> None:
         self.point = ChainKKTPoint(*(x.detach() for x in point))
-        self.lengths, self.tau, self.support = lengths, temperature, support
+        self.structure = structure
+        self.lengths, self.tau, self.support = structure.lengths, temperature, support
         self.check = check
         m = self.point.mu_unary
         self.rtol = rtol if rtol is not None else torch.finfo(m.dtype).eps ** 0.5
@@ -109,7 +109,7 @@ class StructuredChainSolve(AbstractLinearSolver):
         """Solve ``K x = rhs`` (zero dual block).
 
         ``rhs`` is either ``[B, N]`` (the solution is then ``[B, N]``) or a
-        :class:`~structift.variational.chain_kkt.ChainKKTPoint` (``accepts_tree``: the
+        :class:`~structift.structures.chain.kkt.ChainKKTPoint` (``accepts_tree``: the
         solution is then a ChainKKTPoint too, and nothing is flattened).
         """
         tree = not isinstance(rhs, Tensor)
@@ -161,12 +161,13 @@ class StructuredChainSolve(AbstractLinearSolver):
     def _solve_primal(self, r_node: Tensor, r_edge: Tensor) -> list[Tensor]:
         m, M = self.point.mu_unary, self.point.mu_binary
         S, tau = self.support, self.tau
-        # Off the support K is the identity; on it, x_μ = −(1/τ) Cov r_μ. (Entries of r off the
-        # support enter Cov r multiplied by their mass, which is at most `tiny` there.)
-        v_node = torch.where(S.node, r_node, 0.0)
-        cu, x_edge = chain_covariance_vector_product(
-            m, M, self.lengths, v_node, r_edge, scale=-1 / tau
-        )
+        # Off the support K is the identity; on it, x_μ = −(1/τ) Cov r_μ, the covariance of the
+        # face: the marginals restricted to the support (subnormal masses are zero there).
+        m_s = torch.where(S.node, m, 0.0)
+        M_s = torch.where(S.edge, M, 0.0)
+        v_node = torch.where(S.node, r_node, 0.0) * (-1 / tau)
+        v_edge = torch.where(S.edge, r_edge, 0.0) * (-1 / tau)
+        cu, x_edge = self.structure.hvp((m_s, M_s), (v_node, v_edge))
         x_node = torch.where(S.node, cu, r_node)
         if self.check:
             # Exact identity rows off the support (without the check only the support block is
