@@ -143,7 +143,9 @@ def main() -> None:
                 except (RuntimeError, MemoryError) as err:  # a peer out of memory or failing
                     cells = [f"error: {type(err).__name__}"] + [""] * (len(cols) - 1)
                 row = [f"{scale:g}", str(T), impl, *cells]
-                print(("| " if args.markdown else "") + sep.join(f"{c:>12}" for c in row), flush=True)
+                print(
+                    ("| " if args.markdown else "") + sep.join(f"{c:>12}" for c in row), flush=True
+                )
 
 
 if __name__ == "__main__":

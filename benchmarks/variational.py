@@ -42,8 +42,8 @@ import torch
 from _memory import peak_bytes, sync
 
 import structift as sf
-from structift.structures import chain
 from structift.implicit import MINRES, ConvergenceWarning
+from structift.structures import chain
 from structift.variational import (
     Iterative,
     Structured,

@@ -11,12 +11,14 @@ from .operators import (
     JacobianOperator,
     MatrixOperator,
 )
+from .registry import LINEAR_SOLVERS, resolve_linear_solver
 from .root import custom_fixed_point, custom_root
 from .solvers import AbstractLinearSolver, Dense, Identity, LinearSolution, Neumann, Status
 
 __all__ = [
     "CG",
     "GMRES",
+    "LINEAR_SOLVERS",
     "MINRES",
     "AbstractLinearOperator",
     "AbstractLinearSolver",
@@ -33,4 +35,5 @@ __all__ = [
     "Status",
     "custom_fixed_point",
     "custom_root",
+    "resolve_linear_solver",
 ]

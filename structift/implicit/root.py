@@ -18,7 +18,9 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from .krylov import GMRES
+from .layout import Layout, flatten_out
 from .operators import AbstractLinearOperator, JacobianOperator, linearize
+from .registry import LinearSolverName, resolve_linear_solver
 from .solvers import AbstractLinearSolver, Dense
 
 __all__ = ["custom_fixed_point", "custom_root"]
@@ -29,62 +31,13 @@ ThetaVJP = Callable[..., Sequence[Any]]
 """``theta_vjp(u, z, *theta) -> one entry per theta argument``: see :func:`custom_root`."""
 
 
-class _Layout:
-    """Flattening of a pytree of tensors ``[*batch, *event]`` to ``[B, N]``."""
-
-    def __init__(self, tree: Any, batch_ndim: int, what: str) -> None:
-        leaves, self.spec = pytree.tree_flatten(tree)
-        if not leaves or not all(isinstance(x, Tensor) for x in leaves):
-            raise TypeError(
-                f"{what} must be a tensor or a (named) tuple/list/dict of tensors, got "
-                f"{type(tree).__name__} with leaves {[type(x).__name__ for x in leaves]}"
-            )
-        first = leaves[0]
-        if first.ndim < batch_ndim:
-            raise ValueError(
-                f"{what} has {first.ndim} dims but batch_ndim={batch_ndim} batch dims expected"
-            )
-        self.batch_shape = first.shape[:batch_ndim]
-        self.batch_ndim = batch_ndim
-        for x in leaves:
-            if x.shape[:batch_ndim] != self.batch_shape:
-                raise ValueError(
-                    f"every tensor in {what} must share the batch shape "
-                    f"{tuple(self.batch_shape)} (batch_ndim={batch_ndim}); got {tuple(x.shape)}"
-                )
-            if not x.is_floating_point() or x.dtype != first.dtype or x.device != first.device:
-                raise TypeError(
-                    f"every tensor in {what} must be floating point with one dtype and device; "
-                    f"got {x.dtype} on {x.device} and {first.dtype} on {first.device}"
-                )
-        self.event_shapes = [x.shape[batch_ndim:] for x in leaves]
-        self.sizes = [x[(0,) * batch_ndim].numel() if batch_ndim else x.numel() for x in leaves]
-        self.B = int(torch.Size(self.batch_shape).numel())
-        self.N = sum(self.sizes)
-
-    def flatten(self, leaves: Sequence[Tensor]) -> Tensor:
-        return torch.cat([x.reshape(self.B, -1) for x in leaves], dim=-1)
-
-    def unflatten(self, flat: Tensor) -> Any:
-        parts = torch.split(flat, self.sizes, dim=-1)
-        leaves = [p.reshape((*self.batch_shape, *s)) for p, s in zip(parts, self.event_shapes)]
-        return pytree.tree_unflatten(leaves, self.spec)
-
-
-def _flatten_out(out: Any, B: int, what: str = "residual") -> Tensor:
-    leaves = pytree.tree_leaves(out)
-    if not leaves or not all(isinstance(x, Tensor) for x in leaves):
-        raise TypeError(f"{what} must return a tensor or a (named) tuple of tensors")
-    return torch.cat([x.reshape(B, -1) for x in leaves], dim=-1)
-
-
 class _Problem:
     """Everything the backward pass needs besides tensors: residual, layouts, solver."""
 
     def __init__(
         self,
         residual: Callable[..., Any],
-        z_layout: _Layout,
+        z_layout: Layout,
         theta_leaves: list[Any],
         theta_spec: Any,
         diff_index: list[int],
@@ -104,7 +57,7 @@ class _Problem:
 
     def F(self, zflat: Tensor, *diff: Tensor) -> Tensor:
         """The residual as a map ``[B, N] -> [B, N]``."""
-        out = _flatten_out(
+        out = flatten_out(
             self.residual(self.z_layout.unflatten(zflat), *self.theta(diff)), zflat.shape[0]
         )
         if out.shape != zflat.shape:
@@ -234,6 +187,8 @@ class _ImplicitRoot(torch.autograd.Function):
         z_leaves, diff = saved[: ctx.n_z], saved[ctx.n_z :]
         grads = [torch.zeros_like(z) if g is None else g for g, z in zip(grad_z, z_leaves)]
         layout = problem.z_layout
+        if layout.B == 0:
+            return (None, None, *_empty_batch_cotangents(problem, z_leaves, diff))
         if problem.solver.accepts_tree and not torch.is_grad_enabled():
             # Tree-shaped first-order solve: no [B, N] copies of z, v or u.
             op = _LazyTransposedJacobian(problem, z_leaves, diff)
@@ -255,6 +210,33 @@ class _ImplicitRoot(torch.autograd.Function):
         return (None, None, *vjp_theta(-u))
 
 
+def _empty_batch_cotangents(
+    problem: _Problem, z_leaves: Sequence[Tensor], diff: Sequence[Tensor]
+) -> list[Tensor]:
+    """θ cotangents for an empty batch (B = 0): sums over no problems, so zero.
+
+    No linear solve runs (a solver need not accept an empty system). The zeros are the
+    residual's vector-Jacobian product with an empty cotangent, so under ``create_graph``
+    they stay connected to θ and differentiate again (to zero).
+    """
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        d = [t.view_as(t) if create_graph else t.detach().requires_grad_(True) for t in diff]
+        z_tree = pytree.tree_unflatten(list(z_leaves), problem.z_layout.spec)
+        out = [
+            x
+            for x in pytree.tree_leaves(problem.residual(z_tree, *problem.theta(d)))
+            if isinstance(x, Tensor) and x.requires_grad
+        ]
+        grads: Sequence[Tensor | None] = [None] * len(d)
+        if out:
+            cotangents = [torch.zeros_like(x) for x in out]
+            grads = torch.autograd.grad(
+                out, d, cotangents, allow_unused=True, create_graph=create_graph
+            )
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, diff)]
+
+
 def _attach(
     residual: Callable[..., Any],
     z: Any,
@@ -265,7 +247,7 @@ def _attach(
     theta_vjp: ThetaVJP | None = None,
 ) -> Any:
     z_leaves, z_spec = pytree.tree_flatten(z)
-    layout = _Layout(z, batch_ndim, "the solver's output z")
+    layout = Layout(z, batch_ndim, "the solver's output z")
     z_leaves = [x.detach() for x in z_leaves]
     for x in z_leaves:
         if not torch.isfinite(x).all():
@@ -293,7 +275,7 @@ def _attach(
 
 def custom_root(
     residual: Callable[..., Any],
-    linear_solver: AbstractLinearSolver | None = None,
+    linear_solver: AbstractLinearSolver | LinearSolverName | None = None,
     *,
     batch_ndim: int = 0,
     symmetric: bool = False,
@@ -326,9 +308,14 @@ def custom_root(
 
     Args:
         residual: ``F(z, *theta)``; must be differentiable by ``torch.autograd``.
-        linear_solver: a solver object; default :class:`Dense` when z has at most 1024
-            entries per batch element, else :class:`GMRES`.
-        batch_ndim: number of leading batch dims of z (default 0: one problem).
+        linear_solver: a solver object, or the name of one with its default settings:
+            ``"dense"``, ``"cholesky"`` (``Dense(assume="spd")``), ``"cg"``, ``"minres"``,
+            ``"gmres"``, ``"neumann"``, ``"identity"`` (the table
+            :data:`~structift.implicit.registry.LINEAR_SOLVERS`); default :class:`Dense`
+            when z has at most 1024 entries per batch element, else :class:`GMRES`.
+        batch_ndim: number of leading batch dims of z (default 0: one problem). An empty
+            batch (a batch dim of size 0) gives empty z and zero θ gradients without a
+            linear solve.
         symmetric: declare ∂F/∂z symmetric (required by CG / MINRES).
         theta_vjp: optional ``theta_vjp(u, z, *theta)`` returning ``(∂F/∂θ)ᵀ u``, the
             vector-Jacobian product of the residual with respect to θ, to use instead of
@@ -355,6 +342,8 @@ def custom_root(
         A decorator: ``custom_root(F)(solver)`` has the solver's signature.
 
     Raises:
+        TypeError: if ``linear_solver`` is neither a solver, a name nor None (ValueError for
+            an unknown name).
         SingularSystemError: (in the backward) when ∂F/∂z is singular at z.
         ConvergenceError: (in the backward) when an iterative linear solve does not converge.
 
@@ -369,13 +358,14 @@ def custom_root(
     """
     if not isinstance(batch_ndim, int) or batch_ndim < 0:
         raise ValueError(f"batch_ndim must be a non-negative int, got {batch_ndim!r}")
+    solver_object = resolve_linear_solver(linear_solver)
 
     def decorator(solver: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(solver)
         def wrapped(*theta: Any) -> Any:
             with torch.no_grad():
                 z = solver(*theta)
-            return _attach(residual, z, theta, linear_solver, batch_ndim, symmetric, theta_vjp)
+            return _attach(residual, z, theta, solver_object, batch_ndim, symmetric, theta_vjp)
 
         return wrapped
 
@@ -384,7 +374,7 @@ def custom_root(
 
 def custom_fixed_point(
     T: Callable[..., Any],
-    linear_solver: AbstractLinearSolver | None = None,
+    linear_solver: AbstractLinearSolver | LinearSolverName | None = None,
     *,
     batch_ndim: int = 0,
     symmetric: bool = False,

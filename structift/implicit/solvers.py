@@ -25,6 +25,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from .condition import default_rcond, equilibrate, inverse_norm1
 from .errors import ConvergenceError, ConvergenceWarning, SingularSystemError
 from .operators import AbstractLinearOperator
 
@@ -70,6 +71,11 @@ class LinearSolution(NamedTuple):
 def default_rtol(dtype: torch.dtype) -> float:
     """Return the default relative tolerance for ``dtype`` (1e-10 float64, 1e-5 float32)."""
     return {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype, 1e-2)
+
+
+def empty_solution(rhs: Tensor) -> LinearSolution:
+    """Return the solution of an empty batch (``rhs`` [0, N]) without applying the operator."""
+    return LinearSolution(torch.zeros_like(rhs), rhs.new_zeros(0), 0, Status.SUCCESS)
 
 
 class AbstractLinearSolver(abc.ABC):
@@ -131,7 +137,8 @@ def finalize(
     if not torch.isfinite(x).all():
         raise ConvergenceError(
             f"{name} produced a non-finite solution after {iterations} iterations; the system "
-            f"is singular, badly conditioned or the iteration diverged. {hint}"
+            f"is singular, badly conditioned or the iteration diverged. {hint}",
+            ~torch.isfinite(x).all(-1),
         )
     rnorm = torch.linalg.vector_norm(rhs - operator.mv(x), dim=-1)
     if approximate:
@@ -147,10 +154,16 @@ def finalize(
         f"{float(rnorm[worst]):.3g} > tolerance {float(tol[worst]):.3g} for "
         f"{int(bad.sum())} of {bad.numel()} systems. {hint}"
     )
+    if float(rnorm[worst]) > float(torch.linalg.vector_norm(rhs[worst])):
+        msg += (
+            f" The residual exceeds ‖b‖ (x = 0 does better): the iteration lost all accuracy, "
+            f"so the system is singular or too ill-conditioned for {name} in {x.dtype}; "
+            "Dense tells which."
+        )
     if on_failure == "warn":
         warnings.warn(msg, ConvergenceWarning, stacklevel=3)
         return LinearSolution(x, rnorm, iterations, Status.MAX_ITERS)
-    raise ConvergenceError(msg)
+    raise ConvergenceError(msg, bad)
 
 
 def _check_on_failure(on_failure: str) -> None:
@@ -160,10 +173,14 @@ def _check_on_failure(on_failure: str) -> None:
 
 @dataclass
 class _DenseState:
+    """A factorization of ``S = diag(r) A diag(c)``: ``A⁻¹ b = c ⊙ S⁻¹(r ⊙ b)``."""
+
     operator: AbstractLinearOperator
     factor: Tensor
     pivots: Tensor | None
     adjoint: bool
+    r: Tensor
+    c: Tensor
 
 
 class Dense(AbstractLinearSolver):
@@ -171,13 +188,20 @@ class Dense(AbstractLinearSolver):
 
     The operator is materialized once in ``init`` (``[B, N, N]``, via vector-Jacobian
     products for Jacobians); use it for small systems (N up to a few thousand).
-    A matrix whose LU pivots fall below ``rcond`` times the largest pivot is reported as
-    singular: ∂F/∂z must be invertible for the implicit function theorem to apply.
+    ∂F/∂z must be invertible for the implicit function theorem to apply, so ``init`` raises
+    :class:`~structift.implicit.SingularSystemError` when the factorization breaks down or
+    when the reciprocal condition number ``1/κ₁(S) = 1/(‖S‖₁ ‖S⁻¹‖₁)`` of the equilibrated
+    matrix S (row and column scaling, so a badly scaled A does not count as singular),
+    estimated from the factors (LAPACK's ``xGECON`` method,
+    :mod:`structift.implicit.condition`), is at most ``rcond``. A successful factorization
+    alone certifies nothing: Cholesky and LU of a matrix with a rounding-level eigenvalue
+    usually succeed with unremarkable pivots.
 
     Args:
         assume: ``"general"`` (LU with partial pivoting) or ``"spd"`` (Cholesky).
-        rcond: relative pivot threshold below which the matrix counts as singular;
-            default ``N · eps(dtype)``.
+        rcond: threshold on the estimated ``1/κ₁(S)``; default ``10 eps(dtype)``
+            (:func:`~structift.implicit.condition.default_rcond`). Pass 0 to accept any
+            matrix the factorization does not reject.
     """
 
     def __init__(
@@ -185,57 +209,96 @@ class Dense(AbstractLinearSolver):
     ) -> None:
         if assume not in ("general", "spd"):
             raise ValueError(f"assume must be 'general' or 'spd', got {assume!r}")
+        if rcond is not None and not 0 <= rcond < 1:
+            raise ValueError(f"rcond must be in [0, 1) or None, got {rcond!r}")
         self.assume, self.rcond = assume, rcond
 
     def init(self, operator: AbstractLinearOperator) -> _DenseState:
-        """Materialize and factorize the operator; raise if it is singular."""
+        """Materialize, equilibrate and factorize the operator; raise if it is singular."""
+        B, N = operator.batch_size, operator.size
+        if B == 0 or N == 0:  # nothing to factorize; never apply the operator
+            empty = torch.zeros(B, N, N, dtype=operator.dtype, device=operator.device)
+            pivots = None if self.assume == "spd" else empty.new_ones(B, N, dtype=torch.int32)
+            ones = empty.new_ones(B, N)
+            return _DenseState(operator, empty, pivots, False, ones, ones)
         A = operator.materialize()
-        eps = torch.finfo(A.dtype).eps
-        rcond = operator.size * eps if self.rcond is None else self.rcond
         if not torch.isfinite(A).all():
             raise ValueError("the operator's matrix contains NaN or inf")
+        rcond = default_rcond(A.dtype) if self.rcond is None else self.rcond
+        # Factorize the equilibrated S (as LAPACK's xGESVX does): pivoting and the backward
+        # error are then relative to S's entries, so a badly scaled A keeps its accuracy and
+        # the condition estimate below judges A, not its scaling.
+        r, c = equilibrate(A, symmetric=self.assume == "spd")
+        S = r.unsqueeze(-1) * A * c.unsqueeze(-2)  # exact: r, c are powers of 2
         if self.assume == "spd":
-            L, info = torch.linalg.cholesky_ex(A)
-            diag = torch.diagonal(L, dim1=-2, dim2=-1).abs() ** 2
-            if (info > 0).any() or (diag.amin(-1) <= rcond * diag.amax(-1)).any():
-                raise SingularSystemError(
-                    "Dense(assume='spd'): the matrix is singular or not positive definite "
-                    "(Cholesky failed); use Dense() (LU) or MINRES for indefinite systems"
-                )
-            return _DenseState(operator, L, None, False)
-        LU, pivots, info = torch.linalg.lu_factor_ex(A)
-        diag = torch.diagonal(LU, dim1=-2, dim2=-1).abs()
-        ratio = diag.amin(-1) / diag.amax(-1).clamp_min(torch.finfo(A.dtype).tiny)
-        if (info > 0).any() or (ratio <= rcond).any():
-            worst = float(ratio.min())
+            L, info = torch.linalg.cholesky_ex(S)
+            state = _DenseState(operator, L, None, False, r, c)
+        else:
+            LU, pivots, info = torch.linalg.lu_factor_ex(S)
+            state = _DenseState(operator, LU, pivots, False, r, c)
+        inv_norm = inverse_norm1(
+            lambda x: self._apply_scaled(state, x, adjoint=False),
+            lambda x: self._apply_scaled(state, x, adjoint=True),
+            A[:, 0],
+        )
+        rc = 1.0 / (torch.linalg.matrix_norm(S, ord=1) * inv_norm)  # 0 where inv_norm = inf
+        failed = info > 0  # Cholesky: not positive definite; LU: an exactly zero pivot
+        bad = failed | ~(rc > rcond)
+        if bad.any():
+            what = "Dense(assume='spd')" if self.assume == "spd" else "Dense"
+            worst = float(torch.where(failed, 0.0, rc).min())
+            fix = " If A is indefinite, use Dense() (LU) or MINRES." if self.assume == "spd" else ""
             raise SingularSystemError(
-                f"Dense: the matrix is singular (smallest/largest LU pivot = {worst:.3g} <= "
-                f"rcond = {rcond:.3g}). For implicit differentiation this means ∂F/∂z is not "
-                "invertible at the solution, so dz/dθ is undefined there; check that the "
-                "root is isolated (e.g. restrict to the support / active set)"
+                f"{what}: the matrix is singular or numerically singular in {int(bad.sum())} of "
+                f"{B} systems ({int(failed.sum())} with a failed factorization; smallest "
+                f"estimated 1/cond₁ = {worst:.3g} <= rcond = {rcond:.3g}). {_SINGULAR_HINT}.{fix}",
+                bad,
             )
-        return _DenseState(operator, LU, pivots, False)
+        return state
+
+    @staticmethod
+    def _apply_scaled(state: _DenseState, rhs: Tensor, adjoint: bool) -> Tensor:
+        """Return ``S⁻¹ rhs`` (or ``S⁻ᵀ rhs``) for rhs [B, N]."""
+        b = rhs.unsqueeze(-1)
+        if state.pivots is None:
+            x = torch.cholesky_solve(b, state.factor)
+        else:
+            x = torch.linalg.lu_solve(state.factor, state.pivots, b, adjoint=adjoint)
+        return x.squeeze(-1)
+
+    def _apply(self, state: _DenseState, rhs: Tensor) -> Tensor:
+        # A⁻¹ b = c ⊙ S⁻¹(r ⊙ b) and A⁻ᵀ b = r ⊙ S⁻ᵀ(c ⊙ b).
+        if state.adjoint:
+            return state.r * self._apply_scaled(state, state.c * rhs, adjoint=True)
+        return state.c * self._apply_scaled(state, state.r * rhs, adjoint=False)
 
     def solve(self, state: _DenseState, rhs: Tensor) -> LinearSolution:
         """Solve with the stored factorization and report the true residual."""
         op = state.operator.transpose() if state.adjoint else state.operator
         _check_rhs(op, rhs)
-        b = rhs.unsqueeze(-1)
-        if state.pivots is None:
-            x = torch.cholesky_solve(b, state.factor)
-        else:
-            x = torch.linalg.lu_solve(state.factor, state.pivots, b, adjoint=state.adjoint)
-        sol = x.squeeze(-1)
+        if rhs.shape[0] == 0:
+            return empty_solution(rhs)
+        sol = self._apply(state, rhs)
         # A backward-stable factorization: only a non-finite result counts as failure.
         if not torch.isfinite(sol).all():
-            raise SingularSystemError("Dense: the solve overflowed; the matrix is near singular")
+            raise SingularSystemError(
+                "Dense: the solve overflowed; the matrix is near singular",
+                ~torch.isfinite(sol).all(-1),
+            )
         rnorm = torch.linalg.vector_norm(rhs - op.mv(sol), dim=-1)
         return LinearSolution(sol, rnorm, 0, Status.SUCCESS)
 
     def transpose(self, state: _DenseState) -> _DenseState:
         """Reuse the factorization for ``Aᵀ``."""
         adjoint = state.pivots is not None and not state.adjoint
-        return _DenseState(state.operator, state.factor, state.pivots, adjoint)
+        return _DenseState(state.operator, state.factor, state.pivots, adjoint, state.r, state.c)
+
+
+_SINGULAR_HINT = (
+    "For implicit differentiation this means ∂F/∂z is not invertible at the solution, so "
+    "dz/dθ is undefined there; check that the root is isolated (e.g. restrict to the support "
+    "/ active set)"
+)
 
 
 class Identity(AbstractLinearSolver):
@@ -262,6 +325,8 @@ class Identity(AbstractLinearSolver):
     def solve(self, state: AbstractLinearOperator, rhs: Tensor) -> LinearSolution:
         """Return ``rhs / scale`` and its true residual."""
         _check_rhs(state, rhs)
+        if rhs.shape[0] == 0:
+            return empty_solution(rhs)
         x = rhs / self.scale
         return finalize("Identity", state, rhs, x, 0, None, 0.0, "raise", "", approximate=True)
 
@@ -316,6 +381,8 @@ class Neumann(AbstractLinearSolver):
     def solve(self, state: AbstractLinearOperator, rhs: Tensor) -> LinearSolution:
         """Sum the truncated series."""
         _check_rhs(state, rhs)
+        if rhs.shape[0] == 0:
+            return empty_solution(rhs)
         bnorm = torch.linalg.vector_norm(rhs, dim=-1)
         tol = None
         if self.rtol is not None:

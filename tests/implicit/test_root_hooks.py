@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from structift.implicit import Dense, LinearSolution, custom_root
 from tests.implicit.test_root import Convex, convex_problems, convex_residual, newton
+from tests.seeding import seeded
 
 DT = torch.float64
 
@@ -63,7 +64,7 @@ class TreeDense(Dense):
 
 
 def _fixed_problem() -> Convex:
-    g = torch.Generator().manual_seed(1)
+    g = seeded(1)
     M = torch.randn(2, 3, 3, dtype=DT, generator=g)
     Q = M @ M.mT / 3 + torch.eye(3, dtype=DT)
     return Convex(torch.randn(2, 3, dtype=DT, generator=g), Q, torch.tensor(0.5, dtype=DT))
@@ -92,7 +93,7 @@ def _grads(problem: Convex, k: int, w: torch.Tensor, linear_solver: Any, theta_v
 def test_hooks_give_the_gradient_of_the_plain_path(problem: Convex, data: st.DataObject) -> None:
     n = problem.theta.shape[-1]
     k = data.draw(st.integers(0, n))
-    w = torch.randn(problem.theta.shape, dtype=DT, generator=torch.Generator().manual_seed(n))
+    w = torch.randn(problem.theta.shape, dtype=DT, generator=seeded(n))
     plain = _grads(problem, k, w, Dense(), None)
     tree = TreeDense()
     for solver, hook in [(Dense(), tree_theta_vjp), (tree, None), (tree, tree_theta_vjp)]:
@@ -114,7 +115,7 @@ def test_theta_vjp_is_used() -> None:
 
 def test_gradcheck_and_gradgradcheck_with_both_hooks() -> None:
     """Second order: the transposed solve is flat under create_graph, the hook differentiable."""
-    g = torch.Generator().manual_seed(0)
+    g = seeded(0)
     n, B = 3, 2
     M = torch.randn(B, n, n, dtype=DT, generator=g)
     Q = (M @ M.mT / n + torch.eye(n, dtype=DT)).requires_grad_(True)

@@ -134,14 +134,14 @@ def test_unrolled_mirror_descent_converges_to_the_ift_gradient() -> None:
     theta = torch.randn(3, 6, dtype=DT)
     w = torch.randn(3, 6, dtype=DT)
     t1 = theta.clone().requires_grad_(True)
-    (g_unrolled,) = torch.autograd.grad((w * mirror_descent(t1, steps=80)).sum(), t1)
+    (g_unrolled,) = torch.autograd.grad((w * mirror_descent(t1, max_iter=80)).sum(), t1)
     t2 = theta.clone().requires_grad_(True)
     (g_ift,) = torch.autograd.grad(
-        (w * entropic_argmax(t2, method="mirror_descent", steps=80)).sum(), t2
+        (w * entropic_argmax(t2, method="mirror_descent", max_iter=80)).sum(), t2
     )
     torch.testing.assert_close(g_unrolled, g_ift, rtol=1e-9, atol=1e-12)
     t3 = theta.clone().requires_grad_(True)
-    (g_short,) = torch.autograd.grad((w * mirror_descent(t3, steps=3)).sum(), t3)
+    (g_short,) = torch.autograd.grad((w * mirror_descent(t3, max_iter=3)).sum(), t3)
     assert (g_short - g_ift).abs().max() > 1e-3  # unconverged unrolling is visibly wrong
 
 
@@ -177,5 +177,5 @@ def test_bad_input_and_nonconvergence() -> None:
         entropic_argmax(torch.ones(3), temperature=0.0)
     with pytest.raises(ValueError, match="method"):
         entropic_argmax(torch.ones(3), method="bfgs")  # type: ignore[arg-type]
-    with pytest.raises(ConvergenceError, match="max_iters"):
-        dual_newton(torch.randn(1000, dtype=DT) * 10, max_iters=2)
+    with pytest.raises(ConvergenceError, match="max_iter"):
+        dual_newton(torch.randn(1000, dtype=DT) * 10, max_iter=2)
