@@ -27,8 +27,20 @@ run: $(VENV)/.run-stamp
 demo: $(VENV)/.run-stamp
 	$(BIN)/python examples/demo.py
 
+# MathJax renders the docs' TeX; fetched with npm (not vendored), served from the built site.
+MATHJAX := docs/assets/mathjax/tex-mml-chtml.js
+$(MATHJAX):
+	mkdir -p .cache docs/assets
+	cd .cache && npm pack --silent mathjax@3.2.2 > /dev/null
+	rm -rf docs/assets/mathjax && mkdir -p .cache/mathjax
+	tar -xzf .cache/mathjax-3.2.2.tgz -C .cache/mathjax
+	mkdir -p docs/assets/mathjax/output/chtml/fonts
+	cp .cache/mathjax/package/es5/tex-mml-chtml.js docs/assets/mathjax/
+	cp -r .cache/mathjax/package/es5/output/chtml/fonts/woff-v2 docs/assets/mathjax/output/chtml/fonts/
+	rm -rf .cache/mathjax
+
 ## Lint, type-check, build the docs strictly and run the test suite (what CI runs).
-test: $(VENV)/.test-stamp
+test: $(VENV)/.test-stamp $(MATHJAX)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -58,7 +70,7 @@ lint: $(VENV)/.test-stamp
 typecheck: $(VENV)/.test-stamp
 	$(BIN)/mypy
 
-docs: $(VENV)/.test-stamp
+docs: $(VENV)/.test-stamp $(MATHJAX)
 	$(BIN)/mkdocs build --strict --site-dir site
 
 ## Every benchmark at its default size, peers on the same inputs (minutes; not part of CI).
@@ -80,4 +92,4 @@ gpu-wheels: $(VENV)/.test-stamp
 	  --platform manylinux2014_x86_64 -d .whl cvxpy==1.7.5 clarabel==0.11.1 osqp==1.1.3 cffi pycparser
 
 clean:
-	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache .hypothesis .cache docs/assets/mathjax

@@ -11,8 +11,10 @@
 #   3. benchmarks/decode.py on CUDA: Viterbi and sampling (fused kernels, loops, peers);
 #   4. benchmarks/hvp.py on CUDA: Hessian-vector products (fused sweeps, loops, double backward);
 #   5. benchmarks/qp.py on CUDA, batch 128, n = 100, float32 and float64, against qpth;
-#   6. benchmarks/tune_fused.py: the fused kernel's warps / prefetch settings, timed.
-# (Run order: tests, chain, QP, decode, HVP, tuning.)
+#   6. benchmarks/precision.py on CUDA: float32 vs float64 error of the fused kernel's log Z,
+#      marginals, entropy, KL and IFT VJP next to the peers (issue 10's targets);
+#   7. benchmarks/tune_fused.py: the fused kernel's warps / prefetch settings, timed.
+# (Run order: tests, chain, QP, decode, HVP, precision, tuning.)
 #
 # Usage: bash benchmarks/gpu_check.sh   (PYTHON=... to pick the interpreter; output also in $OUT
 # when that variable names a directory, as on the lent machines).
@@ -55,6 +57,9 @@ PYEOF
 
   echo "== Hessian-vector product benchmark (CUDA, B=256 T=128 Z=32)"
   timeout 60 "$PY" benchmarks/hvp.py --device cuda -B 256 --ts-work 1e12 || status=1
+
+  echo "== float32 precision (CUDA, fused kernel vs peers)"
+  timeout 90 "$PY" benchmarks/precision.py --device cuda --T 1000 --scales 1 30 100 || status=1
 
   echo "== fused kernel launch settings (CUDA, B=256 T=128 Z=32)"
   timeout 120 "$PY" benchmarks/tune_fused.py --device cuda || status=1

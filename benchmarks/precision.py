@@ -17,6 +17,7 @@ Usage::
 
     python benchmarks/precision.py                  # scale 1 10 30 100, T 100 1000 10000
     python benchmarks/precision.py --T 100 1000 --scales 1 30 --markdown
+    python benchmarks/precision.py --device cuda --T 1000 10000   # the fused kernel (float32)
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def pytorch_crf_run(U: torch.Tensor, W: torch.Tensor, V: torch.Tensor, g: torch.
     """log Z, unary marginals (autograd) and the double-backward VJP of pytorch-crf."""
     crf = pytorch_crf(W).to(U.dtype)
     B, T, _ = U.shape
-    mask = torch.ones(T, B, dtype=torch.bool)
+    mask = torch.ones(T, B, dtype=torch.bool, device=U.device)
     u = U.clone().requires_grad_()
     log_z = crf._compute_normalizer(u.transpose(0, 1), mask)
     (mu,) = torch.autograd.grad(log_z.sum(), u, create_graph=True)
@@ -104,14 +105,16 @@ IMPLS: dict[str, Callable[..., dict]] = {
 METRICS = {"logZ": _rel, "marg": _abs, "H": _value, "KL": _value, "VJP": _rel}
 
 
-def measure(impl: str, B: int, T: int, Z: int, scale: float, seed: int = 0) -> Result:
-    """float32 errors of one implementation at one (T, scale)."""
+def measure(
+    impl: str, B: int, T: int, Z: int, scale: float, seed: int = 0, device: str = "cpu"
+) -> Result:
+    """float32 errors of one implementation at one (T, scale), on ``device``."""
     gen = torch.Generator().manual_seed(seed)
     U, W, V = (
-        (torch.randn(*s, generator=gen, dtype=torch.float64) * scale).float()
+        (torch.randn(*s, generator=gen, dtype=torch.float64) * scale).float().to(device)
         for s in ((B, T, Z), (Z, Z), (Z, Z))
     )
-    g = torch.randn(B, T, Z, generator=gen)
+    g = torch.randn(B, T, Z, generator=gen).to(device)
     low = IMPLS[impl](U, W, V, g)
     high = IMPLS[impl](U.double(), W.double(), V.double(), g.double())
     return {k: METRICS[k](low[k], high[k]) for k in low}
@@ -125,6 +128,7 @@ def main() -> None:
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 10.0, 30.0, 100.0])
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -138,7 +142,7 @@ def main() -> None:
         for T in args.T:
             for impl in args.impls:
                 try:
-                    r = measure(impl, args.B, T, args.Z, scale)
+                    r = measure(impl, args.B, T, args.Z, scale, device=args.device)
                     cells = [f"{r[c]:.1e}" if c in r else "-" for c in cols]
                 except (RuntimeError, MemoryError) as err:  # a peer out of memory or failing
                     cells = [f"error: {type(err).__name__}"] + [""] * (len(cols) - 1)

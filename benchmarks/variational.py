@@ -68,7 +68,7 @@ def make_inputs(B: int, T: int, Z: int, device: torch.device, dtype: torch.dtype
 def methods(args: argparse.Namespace, inputs) -> dict[str, Callable[[], Callable[[], object]]]:
     """Each entry builds the differentiable forward and returns its backward as a closure."""
     unary, binary, lengths, g_unary, g_binary = inputs
-    minres = MINRES(rtol=args.minres_rtol, max_iters=args.minres_iters, on_failure="warn")
+    minres = MINRES(rtol=args.minres_rtol, max_iter=args.minres_iters, on_failure="warn")
 
     def leaves():
         return unary.detach().requires_grad_(True), binary.detach().requires_grad_(True)
@@ -181,7 +181,7 @@ def tolerance_curve(args: argparse.Namespace) -> None:
         solver = Iterative(tol=tol, damping=0.5)
         res = check_ift(crf, 1.0, solver, Structured(check=False), generator=gen)
         gen = torch.Generator().manual_seed(0)
-        minres = MINRES(rtol=1e-11, max_iters=20_000, on_failure="warn")
+        minres = MINRES(rtol=1e-11, max_iter=20_000, on_failure="warn")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             dense = check_ift(crf, 1.0, solver, minres, generator=gen)
@@ -239,7 +239,7 @@ def error_table(args: argparse.Namespace) -> None:
     configs = [
         ("exact", "structured"),
         ("exact", "dense"),
-        ("exact", MINRES(rtol=1e-12, max_iters=20_000)),
+        ("exact", MINRES(rtol=1e-12, max_iter=20_000)),
         (Iterative(tol=1e-13), "structured"),
     ]
     names = ["Categorical [4, 10]", "LinearChainCRF [4, 12, 5]", "HMM [4, 12, 5], V=7"]

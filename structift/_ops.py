@@ -78,7 +78,7 @@ def _softmax_parts(logits: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     gap = m - logits
     e = torch.exp(-gap)
-    first = torch.zeros_like(e).scatter_(dim, logits.argmax(dim, keepdim=True), 1.0)
+    first = torch.scatter(torch.zeros_like(e), dim, logits.argmax(dim, keepdim=True), 1.0)
     rest = (e - first).clamp_min(0).sum(dim, keepdim=True)  # 0 for all -inf slices too
     rest_log = torch.log1p(rest)
     return e / (1 + rest), gap, rest_log
@@ -87,10 +87,12 @@ def _softmax_parts(logits: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
 def softmax_entropy(logits: Tensor, dim: int = -1) -> Tensor:
     """Compute ``H(softmax(logits)) = sum_k p_k (-log p_k)`` along ``dim``, never negative.
 
-    Each ``p_k (-log p_k)`` is formed from ``-log p_k = gap_k + log1p(s)`` (see
-    ``_softmax_parts``), a sum of two non-negative numbers, so the result is ``>= 0`` and keeps
-    its relative accuracy for peaked rows (``A - <theta, mu>`` loses it to cancellation). A
-    slice of all ``-inf`` has entropy 0. No gradient: callers attach it (``families.base``).
+    With ``m`` the finite maximum, ``e_k = exp(logits_k - m)`` and ``s`` the sum of ``e_k`` over
+    every entry but one maximal one, ``-log p_k = (m - logits_k) + log1p(s)``, two non-negative
+    numbers, so ``H = sum_k e_k (m - logits_k) / (1 + s) + log1p(s) >= 0``, each part to a few
+    ulps: ``log1p`` keeps ``s < eps`` (``A - <theta, mu>`` loses peaked rows to cancellation),
+    and ``sum e_k (m - logits_k)`` is ``sum entr(e_k)``, 0 for ``-inf`` logits. A slice of all
+    ``-inf`` has entropy 0. No gradient: callers attach it (``families.base``).
 
     Args:
         logits: log-probabilities up to a constant, any shape, ``-inf`` allowed.
@@ -100,9 +102,13 @@ def softmax_entropy(logits: Tensor, dim: int = -1) -> Tensor:
         ``logits`` reduced over ``dim``.
     """
     with torch.no_grad():
-        p, gap, rest_log = _softmax_parts(logits, dim)
-        term = torch.where(p > 0, p * gap, 0.0)
-        return term.sum(dim) + rest_log.squeeze(dim) * p.sum(dim)
+        m = torch.amax(logits, dim=dim, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        e = torch.exp(logits - m)  # exactly 1 at every maximum
+        top = e == 1
+        rest = e.masked_fill(top, 0.0).sum(dim) + (top.sum(dim) - 1).clamp_min(0)
+        spread = torch.special.entr(e).sum(dim)  # sum e_k (m - logits_k): e log(1/e)
+        return spread / (1 + rest) + torch.log1p(rest)
 
 
 def softmax_kl(p_logits: Tensor, q_logits: Tensor, dim: int = -1) -> Tensor:

@@ -1,4 +1,4 @@
-"""Deprecated alias of :mod:`structift.structures.chain` (the chain moved with the redesign).
+"""Deprecated alias of `structift.structures.chain` (the chain moved with the redesign).
 
 ``import structift.chain`` keeps working for one release, with a ``DeprecationWarning``; use
 ``from structift.structures import chain``. The environment variable ``STRUCTIFT_CHAIN_KERNEL``

@@ -99,6 +99,16 @@ def _seed(request: pytest.FixtureRequest) -> None:
     torch.manual_seed(node_seed(request.node.nodeid))
 
 
+@pytest.fixture(autouse=True)
+def _validation_default() -> None:
+    """Start every test with torch's distribution validation on (its default).
+
+    The first ``torch.compile`` in a process turns it off for the whole process (dynamo's
+    patch of ``torch.distributions``); a test that compiles must not change later tests.
+    """
+    torch.distributions.Distribution.set_default_validate_args(True)
+
+
 @pytest.fixture
 def use_chain_backend() -> Iterator[Callable[[object], None]]:
     """``use_chain_backend("scaled")``: chains built from then on in the test use that backend.

@@ -6,7 +6,6 @@ trusted reference for log Z, marginals, the Viterbi max and sampling probabiliti
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
@@ -15,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from structift.structures import chain
+from tests.reference import brute_force as reference
 from tests.seeding import seeded
 
 INF = float("inf")
@@ -22,7 +22,7 @@ F64 = torch.float64
 
 
 # ---------------------------------------------------------------------------------------------
-# Brute force
+# Brute force: adapters over the one enumerator, tests/reference/brute_force.py
 # ---------------------------------------------------------------------------------------------
 
 
@@ -30,14 +30,11 @@ def enumerate_paths(
     unary: torch.Tensor, binary: torch.Tensor, length: int
 ) -> tuple[list[tuple[int, ...]], torch.Tensor]:
     """Return every tag sequence of ``length`` and its score (one sequence, float64)."""
-    Z = unary.shape[-1]
-    paths = list(itertools.product(range(Z), repeat=length))
-    scores = []
-    for z in paths:
-        s = sum(unary[t, z[t]] for t in range(length))
-        s = s + sum(binary[t, z[t], z[t + 1]] for t in range(length - 1))
-        scores.append(s)
-    return paths, torch.stack(scores)
+    T = unary.shape[0]
+    binary = binary if T > 1 else unary.new_zeros(0, unary.shape[-1], unary.shape[-1])
+    enum = reference.chain(unary, binary, length)
+    paths = [tuple(row[:length]) for row in enum.structures.tolist()]
+    return paths, enum.scores
 
 
 def brute_force(unary: torch.Tensor, binary: torch.Tensor, lengths: torch.Tensor) -> dict:
@@ -47,20 +44,17 @@ def brute_force(unary: torch.Tensor, binary: torch.Tensor, lengths: torch.Tensor
     log_z, mu_u, mu_b, best, probs = [], [], [], [], []
     for b in range(B):
         L = int(lengths[b])
-        paths, scores = enumerate_paths(unary[b], binary[b], L)
-        lz = torch.logsumexp(scores, 0)
-        p = torch.exp(scores - lz) if torch.isfinite(lz) else torch.zeros_like(scores)
-        mu = torch.zeros(T, Z, dtype=F64)
-        mb = torch.zeros(max(T - 1, 0), Z, Z, dtype=F64)
-        for z, pz in zip(paths, p):
-            for t in range(L):
-                mu[t, z[t]] += pz
-            for t in range(L - 1):
-                mb[t, z[t], z[t + 1]] += pz
+        enum = reference.chain(unary[b], binary[b], L)
+        lz = enum.log_partition
+        feasible = bool(torch.isfinite(lz))
+        empty = (torch.zeros(T, Z, dtype=F64), torch.zeros_like(binary[b]))
+        mu = enum.marginals if feasible else empty
         log_z.append(lz)
-        mu_u.append(mu)
-        mu_b.append(mb)
-        best.append(scores.max())
+        mu_u.append(mu[0])
+        mu_b.append(mu[1])
+        best.append(enum.max_score)
+        p = enum.probs if feasible else torch.zeros_like(enum.scores)
+        paths = [tuple(row[:L]) for row in enum.structures.tolist()]
         probs.append(dict(zip(paths, p.tolist())))
     return {
         "log_z": torch.stack(log_z),
@@ -221,6 +215,27 @@ class TestMarginals:
         unary.requires_grad_(True)
         mu_u, mu_b = chain.marginals(unary, binary, lengths)
         assert not mu_u.requires_grad and not mu_b.requires_grad
+
+    @pytest.mark.parametrize("shared", [True, False])
+    def test_repeated_backward_keeps_saved_marginals(self, shared: bool) -> None:
+        """The gradient of a sum is returned as the saved marginals themselves (no copy).
+
+        Autograd must not write into them: three backward passes through one graph, with
+        the gradient accumulated into ``.grad`` in place and with a second term reaching the
+        same input first, all give exactly three times the gradient of one pass.
+        """
+        unary, binary, lengths = random_chain(3, 5, 4, seed=31, masked=0.2)
+        if shared:
+            binary = binary[0, 0].clone()
+        u, b = unary.clone().requires_grad_(True), binary.clone().requires_grad_(True)
+        ref = torch.autograd.grad(chain.log_partition(u, b, lengths).sum(), (u, b))
+        for other in (0.0, 2.0):
+            u.grad = b.grad = None
+            log_z = chain.log_partition(u, b, lengths)
+            for _ in range(3):
+                ((other * u).sum() + log_z.sum()).backward(retain_graph=True)
+            torch.testing.assert_close(u.grad, 3 * ref[0] + 3 * other)
+            torch.testing.assert_close(b.grad, 3 * ref[1])
 
     def test_create_graph_gives_hessian(self) -> None:
         """d<mu(theta), v>/dtheta equals the double backward of log_partition."""

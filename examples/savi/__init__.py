@@ -3,11 +3,11 @@
 The model (after Dai et al. 2019, arXiv:1912.10702): z ~ N(0, I_d), x | z ~ N(MLP_θ(z), γI),
 a diagonal Gaussian q_λ(z | x) with λ = (mean, log-std). Modules:
 
-- :mod:`savi.model`: decoder, encoder, the ELBO on fixed noise, the importance-weighted bound,
+- `savi.model`: decoder, encoder, the ELBO on fixed noise, the importance-weighted bound,
   the importance-sampled log-likelihood, KL and active units;
-- :mod:`savi.refine`: the inner problem max_λ ELBO(λ; θ, x), solved by natural-gradient
+- `savi.refine`: the inner problem max_λ ELBO(λ; θ, x), solved by natural-gradient
   ascent, differentiated by unrolling or by ``structift.implicit.custom_root``;
-- :mod:`savi.train`: the digits split and the three trainers (VAE, SA-VAE, IFT);
-- :mod:`savi.measure`: gradient agreement, memory and time against the number of steps K;
-- :mod:`savi.report`: tables and figures.
+- `savi.train`: the digits split and the three trainers (VAE, SA-VAE, IFT);
+- `savi.measure`: gradient agreement, memory and time against the number of steps K;
+- `savi.report`: tables and figures.
 """

@@ -126,9 +126,9 @@ class SolveLog:
 
 
 class Recorded(AbstractLinearSolver):
-    """A linear solver that records every solve's statistics in a :class:`SolveLog` (final).
+    """A linear solver that records every solve's statistics in a `SolveLog` (final).
 
-    custom_root keeps the :class:`LinearSolution` of its backward to itself; wrapping the
+    custom_root keeps the `LinearSolution` of its backward to itself; wrapping the
     solver is how a caller reports the residual of the IFT's linear solve.
     """
 
@@ -169,7 +169,7 @@ def refine_ift(
     """Return λ_K ≈ λ* with the implicit-function-theorem backward of ``custom_root``.
 
     Invariant: F(λ_K; θ, x, ε) = −∇_λ ELBO ≈ 0; the gradient is that of the exact root
-    λ*(θ), so it is as accurate as λ_K is stationary (check with :func:`stationarity`).
+    λ*(θ), so it is as accurate as λ_K is stationary (check with `stationarity`).
     """
 
     def residual(lam: Posterior, params: Params, x: Tensor, eps: Tensor, lam0: Posterior):

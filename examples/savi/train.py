@@ -77,7 +77,7 @@ def load_digits_split(test_size: int = 360, seed: int = 0) -> tuple[Tensor, Tens
 
 
 class Decoder(nn.Module):
-    """θ as an ``nn.Module`` (for the optimizer) whose ``params`` feed :func:`decode`."""
+    """θ as an ``nn.Module`` (for the optimizer) whose ``params`` feed `decode`."""
 
     def __init__(self, sizes: list[int], generator: torch.Generator) -> None:
         super().__init__()
@@ -221,7 +221,7 @@ def fit(method: str, train: Tensor, test: Tensor, cfg: Config, progress=None) ->
     """Train ``method`` for ``cfg.epochs`` epochs; return (models, history).
 
     Every ``cfg.eval_every`` epochs (and after the last) the first ``cfg.eval_size`` test
-    digits are evaluated (:func:`evaluate`): the amortization gap over training.
+    digits are evaluated (`evaluate`): the amortization gap over training.
     """
     m = Models.build(cfg, train.shape[1])
     opt = torch.optim.Adam([*m.decoder.parameters(), *m.encoder.parameters()], lr=cfg.lr)

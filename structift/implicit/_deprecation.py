@@ -1,5 +1,8 @@
 """Deprecation shims: renamed keyword arguments keep working for one release, with a warning.
 
+(Kept in ``structift.implicit``, which imports nothing else from structift, so that every
+subpackage can use it.)
+
 structift uses one name per idea across the package (``max_iter``, ``tol``, ``damping``);
 arguments that had another name (``max_iters``, ``steps``, ``terms``, ``step_size``) are
 accepted under the old name through ``renamed_kwargs`` until the next release.

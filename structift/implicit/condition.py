@@ -1,7 +1,7 @@
 """When a linear system counts as singular: one rule, and a condition estimate for Dense.
 
 The rule every solver applies: A is numerically singular when ``σ_min(A) <= rcond · ‖A‖``,
-with ``rcond`` defaulting to :func:`default_rcond` ``= 10 eps(dtype)``. Forming or applying
+with ``rcond`` defaulting to `default_rcond` ``= 10 eps(dtype)``. Forming or applying
 A in floating point perturbs it by some E with entries of relative size eps; that moves
 σ_min of an exactly singular A by about ``|uᵀ E v| ~ eps ‖A‖`` (u, v its singular vectors),
 not by ‖E‖ (which grows like √N): measured, at most 1.5 eps ‖A‖ for random rank-deficient
@@ -13,9 +13,9 @@ systems (κ up to ~10⁵) solvable.
 
 How each solver measures ``σ_min / ‖A‖``:
 
-- Dense: ``1 / κ₁(S)`` of the equilibrated matrix ``S = D_r A D_c`` (:func:`equilibrate`),
+- Dense: ``1 / κ₁(S)`` of the equilibrated matrix ``S = D_r A D_c`` (`equilibrate`),
   estimated from its factorization (Hager's method with Higham's refinements, the
-  estimator of LAPACK's ``xGECON``/``xPOCON``; :func:`inverse_norm1`). Singularity does not
+  estimator of LAPACK's ``xGECON``/``xPOCON``; `inverse_norm1`). Singularity does not
   change under scaling and rounding perturbs each entry relative to itself, so the rule
   holds for S as for A; but a badly scaled A — a barrier or entropy term γ/z with z → 0,
   diag(1, 10¹⁶) — is not singular, and S shows it. A pivot test is no certificate: LU

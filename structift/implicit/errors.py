@@ -13,7 +13,7 @@ class SingularSystemError(ValueError):
     The implicit function theorem needs ∂F/∂z invertible at the solution; when it is not,
     dz/dθ is undefined (e.g. the unit circle θ² + x² = 1 at x = 0) and no gradient is returned.
     "Numerically singular" follows one rule, ``σ_min <= rcond · ‖A‖`` (see
-    :mod:`structift.implicit.condition`).
+    `structift.implicit.condition`).
 
     Attributes:
         systems: ``[B]`` bool mask of the systems of the batch found singular (an iterative
@@ -38,4 +38,4 @@ class ConvergenceError(RuntimeError):
 
 
 class ConvergenceWarning(UserWarning):
-    """Warned instead of :class:`ConvergenceError` by a solver with ``on_failure="warn"``."""
+    """Warned instead of `ConvergenceError` by a solver with ``on_failure="warn"``."""

@@ -7,10 +7,10 @@ grows like eps·κ(A): float32 with κ >= 100 and the default rtol), the method 
 the true residual (iterative refinement) while that makes progress. The true residual is
 reported.
 
-Singularity (the rule of :mod:`structift.implicit.condition`): a pivot (MINRES, GMRES) or
+Singularity (the rule of `structift.implicit.condition`): a pivot (MINRES, GMRES) or
 curvature (CG) at most ``rcond`` times the running estimate of ‖A‖, or an iterate (or, in
 MINRES, a search direction) that grew past what ``σ_min(A) > rcond ‖A‖`` allows, proves
-``σ_min(A) <= rcond · ‖A‖`` and raises :class:`~structift.implicit.SingularSystemError`.
+``σ_min(A) <= rcond · ‖A‖`` and raises `structift.implicit.SingularSystemError`.
 
 What a Krylov method can and cannot see: it explores only the Krylov space of the right-hand
 side b. When b has a component in the null space of a singular A (an inconsistent system,
@@ -21,7 +21,7 @@ all but about 1 in 2000 for GMRES). Should rounding keep both just inside the th
 the residual stagnates and the solve raises ConvergenceError: both say the system has no
 solution. When b lies exactly in the range of A the system is
 consistent, the null space is never explored and the solve may succeed (CG and MINRES from
-x = 0 return the minimum-norm solution): only :class:`~structift.implicit.Dense` certifies
+x = 0 return the minimum-norm solution): only `structift.implicit.Dense` certifies
 invertibility.
 """
 
@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ._deprecation import renamed_kwargs
 from .condition import default_rcond
 from .errors import SingularSystemError
 from .operators import AbstractLinearOperator
@@ -95,21 +96,22 @@ class _Krylov(AbstractLinearSolver):
     name = "Krylov"
     hint = ""
 
+    @renamed_kwargs(max_iters="max_iter")
     def __init__(
         self,
         rtol: float | None = None,
         atol: float = 0.0,
-        max_iters: int = 1000,
+        max_iter: int = 1000,
         on_failure: OnFailure = "raise",
         *,
         rcond: float | None = None,
     ) -> None:
-        if max_iters < 1:
-            raise ValueError(f"max_iters must be >= 1, got {max_iters}")
+        if max_iter < 1:
+            raise ValueError(f"max_iter must be >= 1, got {max_iter}")
         _check_on_failure(on_failure)
         if rcond is not None and not 0 <= rcond < 1:
             raise ValueError(f"rcond must be in [0, 1) or None, got {rcond!r}")
-        self.rtol, self.atol, self.max_iters, self.rcond = rtol, atol, max_iters, rcond
+        self.rtol, self.atol, self.max_iter, self.rcond = rtol, atol, max_iter, rcond
         self.on_failure: OnFailure = on_failure
 
     def init(self, operator: AbstractLinearOperator) -> AbstractLinearOperator:
@@ -132,14 +134,14 @@ class _Krylov(AbstractLinearSolver):
         x, r, used = torch.zeros_like(rhs), rhs, 0
         best = torch.full_like(tol, float("inf"))
         anorm = torch.zeros_like(tol)  # a running lower bound on ‖A‖₂
-        while used < self.max_iters:
+        while used < self.max_iter:
             rnorm = _norm(r)
             if (rnorm <= tol).all():
                 break
             if not (rnorm < 0.999 * best).any():
                 break  # a whole cycle without progress: stagnated (reported by finalize)
             best = torch.minimum(best, rnorm)
-            dx, steps, anorm = self._cycle(op, r, tol, self.max_iters - used, anorm, rcond)
+            dx, steps, anorm = self._cycle(op, r, tol, self.max_iter - used, anorm, rcond)
             _check_growth(self.name, dx, rnorm, anorm, rcond)
             x, used = x + dx, used + steps
             r = rhs - op.mv(x)
@@ -168,36 +170,37 @@ class CG(_Krylov):
     SPD ``preconditioner`` approximating ``A⁻¹``. Every curvature ``pᵀAp / ‖p‖²`` is at least
     λ_min(A), so one at rounding level, ``|pᵀAp| <= rcond · ‖A‖ · ‖p‖²`` (‖A‖ estimated by
     the largest ``‖Ap‖ / ‖p‖`` seen), proves A singular to working precision and raises
-    :class:`SingularSystemError`; a curvature below ``−rcond · ‖A‖ · ‖p‖²`` proves A
-    indefinite and raises ``ValueError`` (use :class:`MINRES`).
+    `SingularSystemError`; a curvature below ``−rcond · ‖A‖ · ‖p‖²`` proves A
+    indefinite and raises ``ValueError`` (use `MINRES`).
 
     Args:
         rtol: relative tolerance (default 1e-10 in float64, 1e-5 in float32).
         atol: absolute tolerance.
-        max_iters: iteration budget.
+        max_iter: iteration budget.
         on_failure: ``"raise"`` (default) or ``"warn"`` when the budget is spent.
         preconditioner: optional ``[B, N] -> [B, N]`` map applying ``M⁻¹``.
         rcond: singularity threshold (see above); default ``10 eps``
-            (:func:`~structift.implicit.condition.default_rcond`).
+            (`structift.implicit.condition.default_rcond`).
     """
 
     name = "CG"
     hint = (
-        "Try more max_iters, a looser rtol, a preconditioner, or another solver: MINRES if the "
+        "Try more max_iter, a looser rtol, a preconditioner, or another solver: MINRES if the "
         "system is symmetric indefinite, GMRES if non-symmetric, Dense if it is small."
     )
 
+    @renamed_kwargs(max_iters="max_iter")
     def __init__(
         self,
         rtol: float | None = None,
         atol: float = 0.0,
-        max_iters: int = 1000,
+        max_iter: int = 1000,
         on_failure: OnFailure = "raise",
         preconditioner: Callable[[Tensor], Tensor] | None = None,
         *,
         rcond: float | None = None,
     ) -> None:
-        super().__init__(rtol, atol, max_iters, on_failure, rcond=rcond)
+        super().__init__(rtol, atol, max_iter, on_failure, rcond=rcond)
         self.preconditioner = preconditioner
 
     def _cycle(
@@ -251,20 +254,20 @@ class MINRES(_Krylov):
     (Paige & Saunders, 1975). A is assumed symmetric (not checked). Every pivot γ of the
     rotated tridiagonal matrix is at least σ_min(A), so one at most ``rcond · ‖T‖`` (the
     Lanczos estimate of ‖A‖) proves A singular to working precision and raises
-    :class:`SingularSystemError`.
+    `SingularSystemError`.
 
     Args:
         rtol: relative tolerance (default 1e-10 in float64, 1e-5 in float32).
         atol: absolute tolerance.
-        max_iters: iteration budget.
+        max_iter: iteration budget.
         on_failure: ``"raise"`` (default) or ``"warn"`` when the budget is spent.
         rcond: singularity threshold (see above); default ``10 eps``
-            (:func:`~structift.implicit.condition.default_rcond`).
+            (`structift.implicit.condition.default_rcond`).
     """
 
     name = "MINRES"
     hint = (
-        "Try more max_iters or a looser rtol; if the system is not symmetric use GMRES, "
+        "Try more max_iter or a looser rtol; if the system is not symmetric use GMRES, "
         "if it is small use Dense."
     )
 
@@ -333,32 +336,33 @@ class GMRES(_Krylov):
     iterations (Saad & Schultz, 1986). Every diagonal ρ of the triangular factor is at least
     σ_min(A), so one at most ``rcond · ‖A‖`` (‖A‖ estimated by the largest ‖A vⱼ‖ seen)
     while the residual is still above tolerance proves A singular to working precision and
-    raises :class:`SingularSystemError`.
+    raises `SingularSystemError`.
 
     Args:
         rtol: relative tolerance (default 1e-10 in float64, 1e-5 in float32).
         atol: absolute tolerance.
-        max_iters: budget of matrix-vector products (over all restarts).
+        max_iter: budget of matrix-vector products (over all restarts).
         on_failure: ``"raise"`` (default) or ``"warn"`` when the budget is spent.
         restart: Krylov dimension between restarts (memory ``restart · B · N``).
         rcond: singularity threshold (see above); default ``10 eps``
-            (:func:`~structift.implicit.condition.default_rcond`).
+            (`structift.implicit.condition.default_rcond`).
     """
 
     name = "GMRES"
-    hint = "Try more max_iters, a larger restart, a looser rtol, or Dense if the system is small."
+    hint = "Try more max_iter, a larger restart, a looser rtol, or Dense if the system is small."
 
+    @renamed_kwargs(max_iters="max_iter")
     def __init__(
         self,
         rtol: float | None = None,
         atol: float = 0.0,
-        max_iters: int = 1000,
+        max_iter: int = 1000,
         on_failure: OnFailure = "raise",
         restart: int = 20,
         *,
         rcond: float | None = None,
     ) -> None:
-        super().__init__(rtol, atol, max_iters, on_failure, rcond=rcond)
+        super().__init__(rtol, atol, max_iter, on_failure, rcond=rcond)
         if restart < 1:
             raise ValueError(f"restart must be >= 1, got {restart}")
         self.restart = restart

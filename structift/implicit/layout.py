@@ -1,6 +1,6 @@
 """The layout of z: a pytree of tensors ``[*batch, *event]`` flattened to ``[B, N]``.
 
-:func:`~structift.implicit.custom_root` lets z be any (named) tuple / list / dict of tensors
+`structift.implicit.custom_root` lets z be any (named) tuple / list / dict of tensors
 sharing ``batch_ndim`` leading batch dims; linear solvers see ``[B, N]`` rows, one per
 problem. B may be 0 (an empty batch).
 """

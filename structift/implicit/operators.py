@@ -2,8 +2,8 @@
 
 Every operator maps a tensor ``x`` of shape ``[B, N]`` to ``[B, N]`` and acts on each row
 independently (block diagonal over the batch): row ``b`` of ``op.mv(x)`` is ``A_b x_b``.
-Solvers only ever call :meth:`AbstractLinearOperator.mv`, :meth:`transpose` and
-:meth:`materialize`, so an operator can be a dense matrix, a closure, or the Jacobian of a
+Solvers only ever call `AbstractLinearOperator.mv`, `transpose` and
+`materialize`, so an operator can be a dense matrix, a closure, or the Jacobian of a
 function evaluated lazily with ``torch.func`` (never materialized unless a dense solver asks).
 """
 
@@ -52,7 +52,7 @@ class AbstractLinearOperator(abc.ABC):
 
     @property
     def T(self) -> AbstractLinearOperator:
-        """The transposed operator (alias of :meth:`transpose`)."""
+        """The transposed operator (alias of `transpose`)."""
         return self.transpose()
 
     def materialize(self) -> Tensor:
@@ -80,7 +80,7 @@ def linearize(
     ``autograd.Function`` included). The graph is recorded once and reused. When grad mode is
     on at the call, the products are themselves differentiable (``create_graph``) with respect
     to the primals that require grad and anything ``fn`` closes over — what second
-    derivatives through :func:`structift.implicit.custom_root` need.
+    derivatives through `structift.implicit.custom_root` need.
 
     Returns:
         ``(out, vjp)`` where ``vjp(u, batched=False)`` returns ``(∂fn/∂primal)ᵀ u`` for each
@@ -173,7 +173,7 @@ class FunctionOperator(AbstractLinearOperator):
         size: N.
         dtype: dtype of the vectors.
         device: device of the vectors.
-        rmv: optional ``x -> Aᵀ x``; without it :meth:`transpose` raises unless symmetric.
+        rmv: optional ``x -> Aᵀ x``; without it `transpose` raises unless symmetric.
         symmetric: declare A symmetric.
         positive_definite: declare A symmetric positive definite.
     """
@@ -218,8 +218,8 @@ class JacobianOperator(AbstractLinearOperator):
     """The Jacobian ``∂f/∂x`` of ``f: [B, N] -> [B, N]`` at ``x``, evaluated lazily.
 
     ``mv`` is a forward-mode product (``torch.func.jvp``); the transposed operator and
-    :meth:`materialize` use reverse mode (:func:`linearize`, plain ``torch.autograd``), so the
-    backward pass of :func:`structift.implicit.custom_root` needs only ordinary autograd
+    `materialize` use reverse mode (`linearize`, plain ``torch.autograd``), so the
+    backward pass of `structift.implicit.custom_root` needs only ordinary autograd
     support from ``f`` (custom ``autograd.Function`` s included).
     ``f`` must act on each batch row independently (its Jacobian is block diagonal).
 
@@ -283,7 +283,7 @@ class JacobianOperator(AbstractLinearOperator):
 
 
 class _TransposedJacobian(AbstractLinearOperator):
-    """``Jᵀ`` of a :class:`JacobianOperator`; ``mv`` is a vector-Jacobian product."""
+    """``Jᵀ`` of a `JacobianOperator`; ``mv`` is a vector-Jacobian product."""
 
     def __init__(self, jac: JacobianOperator) -> None:
         self.jac = jac

@@ -2,7 +2,7 @@
 
 ``custom_root(F, linear_solver="cg")`` is ``custom_root(F, linear_solver=CG())``. Callers
 that take a ``linear_solver`` argument of their own resolve it with
-:func:`resolve_linear_solver` instead of keeping a second table.
+`resolve_linear_solver` instead of keeping a second table.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def resolve_linear_solver(
 
     Args:
         spec: a solver object (``init`` / ``solve`` / ``transpose``), one of the names in
-            :data:`LINEAR_SOLVERS`, or None (the caller's default).
+            `LINEAR_SOLVERS`, or None (the caller's default).
         argument: the argument's name, for error messages.
 
     Raises:

@@ -10,6 +10,7 @@ Theorem*, 2002; Blondel et al., arXiv:2105.15183).
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,14 +22,15 @@ from .krylov import GMRES
 from .layout import Layout, flatten_out
 from .operators import AbstractLinearOperator, JacobianOperator, linearize
 from .registry import LinearSolverName, resolve_linear_solver
-from .solvers import AbstractLinearSolver, Dense
+from .residual import AbstractResidual, FunctionResidual
+from .solvers import AbstractLinearSolver, AbstractTreeSolver, Dense, LinearSolution
 
 __all__ = ["custom_fixed_point", "custom_root"]
 
 _DENSE_MAX_SIZE = 1024
 
 ThetaVJP = Callable[..., Sequence[Any]]
-"""``theta_vjp(u, z, *theta) -> one entry per theta argument``: see :func:`custom_root`."""
+"""``theta_vjp(u, z, *theta) -> one entry per theta argument`` (deprecated, see custom_root)."""
 
 
 class _Problem:
@@ -36,18 +38,24 @@ class _Problem:
 
     def __init__(
         self,
-        residual: Callable[..., Any],
+        residual: AbstractResidual,
         z_layout: Layout,
         theta_leaves: list[Any],
         theta_spec: Any,
         diff_index: list[int],
         solver: AbstractLinearSolver,
         symmetric: bool,
-        theta_vjp: ThetaVJP | None = None,
+        on_solve: Callable[[LinearSolution], None] | None = None,
     ) -> None:
         self.residual, self.z_layout = residual, z_layout
         self.theta_leaves, self.theta_spec, self.diff_index = theta_leaves, theta_spec, diff_index
-        self.solver, self.symmetric, self.theta_vjp = solver, symmetric, theta_vjp
+        self.solver, self.symmetric, self.on_solve = solver, symmetric, on_solve
+
+    def report(self, solution: LinearSolution) -> LinearSolution:
+        """Hand a backward solve's result (residual, iterations, status) to ``on_solve``."""
+        if self.on_solve is not None:
+            self.on_solve(solution)
+        return solution
 
     def theta(self, diff: Sequence[Tensor]) -> tuple[Any, ...]:
         leaves = list(self.theta_leaves)
@@ -67,57 +75,53 @@ class _Problem:
             )
         return out
 
-    def theta_cotangents(
-        self, u: Any, z: Any, diff: Sequence[Tensor], keep: Sequence[Tensor] = ()
-    ) -> list[Tensor | None]:
-        """Return ``−(∂F/∂θ)ᵀ u`` for each differentiable θ leaf from the user's ``theta_vjp``.
+    def state(self, op: AbstractLinearOperator) -> Any:
+        """The solver's state for ``(∂F/∂z)ᵀ`` given ``op`` = ``∂F/∂z``.
 
-        Without grad mode a returned tensor is negated in place (no new [B, N]-sized buffer)
-        unless it shares storage with z, θ or a tensor in ``keep`` (the incoming cotangents).
+        Symmetric: ``init`` on the reverse-mode form of the same operator (no forward-mode AD
+        needed, no transpose). Otherwise ``transpose(init(∂F/∂z))``, so one preparation (a
+        factorization) serves the transposed solve.
         """
-        assert self.theta_vjp is not None
-        out = self.theta_vjp(u, z, *self.theta(diff))
-        if not isinstance(out, tuple | list) or len(out) != len(self.theta(diff)):
+        if self.symmetric:
+            return self.solver.init(op.transpose())
+        return self.solver.transpose(self.solver.init(op))
+
+    def theta_cotangents(self, u: Any, z: Any, diff: Sequence[Tensor]) -> list[Any] | None:
+        """``−(∂F/∂θ)ᵀ u`` per differentiable θ leaf from the residual's closed form, or None."""
+        theta = self.theta(diff)
+        out = self.residual.theta_cotangent(u, z, *theta)
+        if out is None:
+            return None
+        if not isinstance(out, tuple | list) or len(out) != len(theta):
             raise ValueError(
-                f"theta_vjp must return a tuple with one entry per theta argument "
-                f"({len(self.theta(diff))}), got {type(out).__name__}"
+                f"theta_cotangent must return a tuple with one entry per theta argument "
+                f"({len(theta)}), got {type(out).__name__}"
                 + (f" of length {len(out)}" if isinstance(out, tuple | list) else "")
             )
         leaves = pytree.tree_flatten(list(out), is_leaf=lambda x: x is None)[0]
         if len(leaves) != len(self.theta_leaves):
             raise ValueError(
-                f"theta_vjp must return one entry (a tensor or None) per theta leaf "
+                f"theta_cotangent must return one entry (a tensor or None) per theta leaf "
                 f"({len(self.theta_leaves)}), got {len(leaves)}"
             )
-        grads: list[Tensor | None] = []
-        in_place = not torch.is_grad_enabled()
-        if in_place:
-            z_leaves = pytree.tree_leaves(z)
-            others = [*z_leaves, *self.theta_leaves, *diff, *keep]
-            taken = {x.untyped_storage().data_ptr() for x in others if isinstance(x, Tensor)}
+        grads: list[Any] = []
         for i, t in zip(self.diff_index, diff):
             g = leaves[i]
-            if g is None:
-                grads.append(None)
-                continue
-            if not isinstance(g, Tensor) or g.shape != t.shape:
+            if g is not None and (not isinstance(g, Tensor) or g.shape != t.shape):
                 got = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
                 raise ValueError(
-                    f"theta_vjp returned {got} for theta leaf {i}; expected a tensor of "
+                    f"theta_cotangent returned {got} for theta leaf {i}; expected a tensor of "
                     f"shape {tuple(t.shape)} (or None for a zero cotangent)"
                 )
-            if in_place and not g.requires_grad and g.untyped_storage().data_ptr() not in taken:
-                grads.append(g.neg_())
-            else:
-                grads.append(torch.neg(g))
+            grads.append(g)
         return grads
 
 
-class _LazyTransposedJacobian(AbstractLinearOperator):
-    """``(∂F/∂z)ᵀ`` on ``[B, N]`` vectors, built (z flattened, F linearized) on first use.
+class _LazyJacobian(AbstractLinearOperator):
+    """``∂F/∂z`` on ``[B, N]`` vectors, built (z flattened, F linearized) on first use.
 
-    Handed to solvers with ``accepts_tree`` so that a solver which never applies the
-    operator (a closed-form structured solve) costs no flattening of z.
+    Handed to tree solvers so that one which never applies the operator (a closed-form
+    structured solve) costs no flattening of z.
     """
 
     def __init__(
@@ -134,17 +138,35 @@ class _LazyTransposedJacobian(AbstractLinearOperator):
         if self._op is None:
             p, d = self.problem, self.diff
             zflat = p.z_layout.flatten(self.z_leaves)
-            self._op = JacobianOperator(lambda x: p.F(x, *d), zflat, symmetric=p.symmetric).T
+            self._op = JacobianOperator(lambda x: p.F(x, *d), zflat, symmetric=p.symmetric)
         return self._op
 
     def mv(self, x: Tensor) -> Tensor:
         return self._get().mv(x)
 
     def transpose(self) -> AbstractLinearOperator:
-        return self._get().transpose()
+        return _Lazy(lambda: self._get().transpose(), self)
 
     def materialize(self) -> Tensor:
         return self._get().materialize()
+
+
+class _Lazy(AbstractLinearOperator):
+    """An operator (the transpose of a lazy Jacobian) built on first use."""
+
+    def __init__(self, make: Callable[[], AbstractLinearOperator], like: _LazyJacobian) -> None:
+        self._make, self._like = make, like
+        self.batch_size, self.size = like.batch_size, like.size
+        self.dtype, self.device, self.symmetric = like.dtype, like.device, like.symmetric
+
+    def mv(self, x: Tensor) -> Tensor:
+        return self._make().mv(x)
+
+    def transpose(self) -> AbstractLinearOperator:
+        return self._like
+
+    def materialize(self) -> Tensor:
+        return self._make().materialize()
 
 
 def _solve_transposed(
@@ -153,8 +175,8 @@ def _solve_transposed(
     """Solve ``(∂F/∂z)ᵀ u = v`` at ``(z, θ)``, differentiably when grad mode is on."""
 
     def solve(zf: Tensor, d: Sequence[Tensor], rhs: Tensor) -> Tensor:
-        op = JacobianOperator(lambda x: problem.F(x, *d), zf, symmetric=problem.symmetric).T
-        return problem.solver.solve(problem.solver.init(op), rhs).solution
+        op = JacobianOperator(lambda x: problem.F(x, *d), zf, symmetric=problem.symmetric)
+        return problem.report(problem.solver.solve(problem.state(op), rhs)).solution
 
     if not torch.is_grad_enabled():
         return solve(zflat, diff, v)
@@ -168,17 +190,49 @@ def _solve_transposed(
     def forward(zf: Tensor, d: tuple[Tensor, ...], rhs: Tensor) -> Tensor:
         return solve(zf, d, rhs)
 
-    wrapped = custom_root(G, problem.solver, batch_ndim=1)(forward)
+    # G's Jacobian in u is (∂F/∂z)ᵀ, so its own IFT solve is with ∂F/∂z (a transpose again).
+    # Its unknown u is a flat [B, N] tensor: the solver serves through its flat interface.
+    solver = _Flat(problem.solver)
+    wrapped = custom_root(G, solver, batch_ndim=1, symmetric=problem.symmetric)(forward)
     return wrapped(zflat, tuple(diff), v)
+
+
+class _Flat(AbstractLinearSolver):
+    """A solver seen through its ``[B, N]`` interface only (a tree solver's ``solve``)."""
+
+    def __init__(self, inner: AbstractLinearSolver) -> None:
+        self.inner = inner
+
+    def init(self, operator: AbstractLinearOperator) -> Any:
+        return self.inner.init(operator)
+
+    def solve(self, state: Any, rhs: Tensor) -> LinearSolution:
+        return self.inner.solve(state, rhs)
+
+    def transpose(self, state: Any) -> Any:
+        return self.inner.transpose(state)
 
 
 class _ImplicitRoot(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, problem: _Problem, z_leaves: tuple[Tensor, ...], *diff: Tensor) -> Any:
-        out = tuple(z.clone() for z in z_leaves)
-        ctx.problem, ctx.n_z = problem, len(out)
-        ctx.save_for_backward(*out, *diff)
-        return out
+    def forward(problem: _Problem, z_leaves: tuple[Tensor, ...], *diff: Tensor) -> Any:
+        return tuple(z.clone() for z in z_leaves)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        problem, _, *diff = inputs
+        ctx.problem, ctx.n_z = problem, len(output)
+        ctx.save_for_backward(*output, *diff)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, problem: _Problem, z_leaves: tuple, *diff: Tensor):
+        """vmap of the forward (the solution passes through); the backward does not vmap.
+
+        The backward's linear solvers check convergence with data-dependent control flow,
+        which ``vmap`` cannot trace: ``vmap(grad(f))`` over a custom root raises, map with a
+        Python loop there (or fold the vmapped dimension into ``batch_ndim``).
+        """
+        return tuple(z.clone() for z in z_leaves), tuple(in_dims[1])
 
     @staticmethod
     def backward(ctx: Any, *grad_z: Tensor | None) -> Any:
@@ -189,23 +243,23 @@ class _ImplicitRoot(torch.autograd.Function):
         layout = problem.z_layout
         if layout.B == 0:
             return (None, None, *_empty_batch_cotangents(problem, z_leaves, diff))
-        if problem.solver.accepts_tree and not torch.is_grad_enabled():
+        z_tree = pytree.tree_unflatten(list(z_leaves), layout.spec)
+        if isinstance(problem.solver, AbstractTreeSolver) and not torch.is_grad_enabled():
             # Tree-shaped first-order solve: no [B, N] copies of z, v or u.
-            op = _LazyTransposedJacobian(problem, z_leaves, diff)
+            state = problem.state(_LazyJacobian(problem, z_leaves, diff))
             v_tree = pytree.tree_unflatten(grads, layout.spec)
-            u_tree = problem.solver.solve(problem.solver.init(op), v_tree).solution
-            if problem.theta_vjp is not None:
-                z_tree = pytree.tree_unflatten(list(z_leaves), layout.spec)
-                return (None, None, *problem.theta_cotangents(u_tree, z_tree, diff, grads))
+            u_tree = problem.report(problem.solver.solve_tree(state, v_tree)).solution
+            cotangents = problem.theta_cotangents(u_tree, z_tree, diff)
+            if cotangents is not None:
+                return (None, None, *cotangents)
             u = layout.flatten(pytree.tree_leaves(u_tree))
             zflat = layout.flatten(z_leaves)
         else:
             zflat = layout.flatten(z_leaves)
             u = _solve_transposed(problem, zflat, diff, layout.flatten(grads))
-            if problem.theta_vjp is not None:
-                z_tree = pytree.tree_unflatten(list(z_leaves), layout.spec)
-                u_tree = layout.unflatten(u)
-                return (None, None, *problem.theta_cotangents(u_tree, z_tree, diff, grads))
+            cotangents = problem.theta_cotangents(layout.unflatten(u), z_tree, diff)
+            if cotangents is not None:
+                return (None, None, *cotangents)
         vjp_theta = linearize(lambda *d: problem.F(zflat, *d), *diff)[1]
         return (None, None, *vjp_theta(-u))
 
@@ -238,13 +292,13 @@ def _empty_batch_cotangents(
 
 
 def _attach(
-    residual: Callable[..., Any],
+    residual: AbstractResidual,
     z: Any,
     theta: tuple[Any, ...],
     linear_solver: AbstractLinearSolver | None,
     batch_ndim: int,
     symmetric: bool,
-    theta_vjp: ThetaVJP | None = None,
+    on_solve: Callable[[LinearSolution], None] | None = None,
 ) -> Any:
     z_leaves, z_spec = pytree.tree_flatten(z)
     layout = Layout(z, batch_ndim, "the solver's output z")
@@ -266,7 +320,7 @@ def _attach(
     if solver is None:
         solver = Dense() if layout.N <= _DENSE_MAX_SIZE else GMRES()
     problem = _Problem(
-        residual, layout, theta_leaves, theta_spec, diff_index, solver, symmetric, theta_vjp
+        residual, layout, theta_leaves, theta_spec, diff_index, solver, symmetric, on_solve
     )
     diff = [theta_leaves[i] for i in diff_index]
     out = _ImplicitRoot.apply(problem, tuple(z_leaves), *diff)
@@ -274,12 +328,13 @@ def _attach(
 
 
 def custom_root(
-    residual: Callable[..., Any],
+    residual: Callable[..., Any] | AbstractResidual,
     linear_solver: AbstractLinearSolver | LinearSolverName | None = None,
     *,
     batch_ndim: int = 0,
     symmetric: bool = False,
     theta_vjp: ThetaVJP | None = None,
+    on_solve: Callable[[LinearSolution], None] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Make ``solver(*theta) -> z`` differentiable by the implicit function theorem.
 
@@ -311,32 +366,25 @@ def custom_root(
         linear_solver: a solver object, or the name of one with its default settings:
             ``"dense"``, ``"cholesky"`` (``Dense(assume="spd")``), ``"cg"``, ``"minres"``,
             ``"gmres"``, ``"neumann"``, ``"identity"`` (the table
-            :data:`~structift.implicit.registry.LINEAR_SOLVERS`); default :class:`Dense`
-            when z has at most 1024 entries per batch element, else :class:`GMRES`.
+            `structift.implicit.registry.LINEAR_SOLVERS`); default `Dense`
+            when z has at most 1024 entries per batch element, else `GMRES`.
         batch_ndim: number of leading batch dims of z (default 0: one problem). An empty
             batch (a batch dim of size 0) gives empty z and zero θ gradients without a
             linear solve.
         symmetric: declare ∂F/∂z symmetric (required by CG / MINRES).
-        theta_vjp: optional ``theta_vjp(u, z, *theta)`` returning ``(∂F/∂θ)ᵀ u``, the
-            vector-Jacobian product of the residual with respect to θ, to use instead of
-            evaluating the residual once more under autograd (worth it when F is linear in θ
-            or the product has a closed form). Contract: ``u`` is the solution of
-            ``(∂F/∂z)ᵀ u = v`` with z's pytree layout (the residual's flattened entries
-            reshaped like z; exactly the residual's output when F returns z's layout), ``z``
-            is the solution and ``theta`` the solver's arguments. Return a tuple with one
-            entry per theta argument, laid out like that argument: a tensor of the leaf's
-            shape, or None for a zero product and for non-tensor leaves. custom_root negates
-            it; in a first-order backward it does so in place when the tensor shares no
-            memory with ``z``, ``theta`` or the incoming cotangent (a product computed from
-            ``u``, or ``u``'s own entries, are such tensors), so do not return a tensor you
-            keep elsewhere. For second derivatives the product must be differentiable by
-            ``torch.autograd`` in ``u``, ``z`` and ``theta``. Default: autograd on ``residual``.
+        on_solve: called with the ``LinearSolution`` of every backward linear solve (its true
+            residual norm, iterations and status), e.g. to log them; a failed solve raises
+            before this is called.
+        theta_vjp: deprecated: give ``residual`` as an
+            `structift.implicit.AbstractResidual` with a ``theta_cotangent`` method
+            instead (``FunctionResidual(F, theta_vjp)`` wraps the old form).
 
-    Linear solvers whose class sets ``accepts_tree = True`` (see
-    :class:`~structift.implicit.solvers.AbstractLinearSolver`) receive, in the first-order
-    backward, the right-hand side v with z's pytree layout and return u in it; z and v are
-    then never copied to ``[B, N]`` unless the solver applies the operator. Under
-    ``create_graph`` they get ``[B, N]`` vectors as every other solver.
+    Extension points: ``residual`` may be an `structift.implicit.AbstractResidual`
+    whose ``theta_cotangent(u, z, *theta)`` returns ``−(∂F/∂θ)ᵀ u`` in closed form (then the
+    residual is not evaluated again under autograd), and ``linear_solver`` may be an
+    `structift.implicit.AbstractTreeSolver`, which receives the first-order
+    right-hand side in z's pytree layout (``solve_tree``) so nothing is flattened to
+    ``[B, N]``; under ``create_graph`` it gets ``[B, N]`` vectors (``solve``) as every solver.
 
     Returns:
         A decorator: ``custom_root(F)(solver)`` has the solver's signature.
@@ -359,13 +407,25 @@ def custom_root(
     if not isinstance(batch_ndim, int) or batch_ndim < 0:
         raise ValueError(f"batch_ndim must be a non-negative int, got {batch_ndim!r}")
     solver_object = resolve_linear_solver(linear_solver)
+    if theta_vjp is not None:
+        warnings.warn(
+            "custom_root(theta_vjp=...) is deprecated: pass the residual as an "
+            "AbstractResidual with theta_cotangent (FunctionResidual(residual, theta_vjp) "
+            "wraps this form); the argument goes away in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+    if not isinstance(residual, AbstractResidual):
+        residual = FunctionResidual(residual, theta_vjp)
+
+    res: AbstractResidual = residual
 
     def decorator(solver: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(solver)
         def wrapped(*theta: Any) -> Any:
             with torch.no_grad():
                 z = solver(*theta)
-            return _attach(residual, z, theta, solver_object, batch_ndim, symmetric, theta_vjp)
+            return _attach(res, z, theta, solver_object, batch_ndim, symmetric, on_solve)
 
         return wrapped
 
@@ -381,10 +441,10 @@ def custom_fixed_point(
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Make ``solver(*theta) -> z`` with ``z = T(z, *theta)`` differentiable.
 
-    The same as :func:`custom_root` with the residual ``F(z, θ) = z − T(z, θ)``, so
+    The same as `custom_root` with the residual ``F(z, θ) = z − T(z, θ)``, so
     ∂F/∂z = I − ∂T/∂z must be invertible (e.g. T a contraction) and ``Identity()`` gives
     Jacobian-free backpropagation (arXiv:2103.12803). ``symmetric`` declares ∂T/∂z
-    symmetric. See :func:`custom_root` for the arguments.
+    symmetric. See `custom_root` for the arguments.
     """
 
     def residual(z: Any, *theta: Any) -> Any:

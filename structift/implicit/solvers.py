@@ -2,16 +2,16 @@
 
 One ``init`` (a factorization, or nothing for Krylov methods) serves both the forward solve
 ``A x = b`` and the transposed solve ``Aᵀ x = b`` that implicit differentiation needs.
-Every ``solve`` returns a :class:`LinearSolution` carrying the solution, the true residual
-norm ``‖b − A x‖`` per system, the iteration count and a :class:`Status`. Failure raises
-(:class:`~structift.implicit.ConvergenceError` or
-:class:`~structift.implicit.SingularSystemError`) with a message that says what to try;
+Every ``solve`` returns a `LinearSolution` carrying the solution, the true residual
+norm ``‖b − A x‖`` per system, the iteration count and a `Status`. Failure raises
+(`structift.implicit.ConvergenceError` or
+`structift.implicit.SingularSystemError`) with a message that says what to try;
 ``on_failure="warn"`` turns non-convergence into a warning. A solver never returns zeros in
 place of a failed solve.
 
 Vectors are ``[B, N]``: B independent systems of size N (see
-:mod:`structift.implicit.operators`). The Krylov methods (CG, MINRES, GMRES) live in
-:mod:`structift.implicit.krylov`.
+`structift.implicit.operators`). The Krylov methods (CG, MINRES, GMRES) live in
+`structift.implicit.krylov`.
 """
 
 from __future__ import annotations
@@ -25,12 +25,14 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from ._deprecation import renamed_kwargs
 from .condition import default_rcond, equilibrate, inverse_norm1
 from .errors import ConvergenceError, ConvergenceWarning, SingularSystemError
 from .operators import AbstractLinearOperator
 
 __all__ = [
     "AbstractLinearSolver",
+    "AbstractTreeSolver",
     "Dense",
     "Identity",
     "LinearSolution",
@@ -53,13 +55,13 @@ class Status(str, enum.Enum):
 
 
 class LinearSolution(NamedTuple):
-    """Result of :meth:`AbstractLinearSolver.solve`.
+    """Result of `AbstractLinearSolver.solve`.
 
     Attributes:
         solution: ``[B, N]``.
         residual_norm: ``[B]``, the true residual ``‖b − A x‖₂`` of each system.
         iterations: iterations used (matrix-vector products for Krylov/Neumann, 0 for Dense).
-        status: a :class:`Status`.
+        status: a `Status`.
     """
 
     solution: Tensor
@@ -81,17 +83,11 @@ def empty_solution(rhs: Tensor) -> LinearSolution:
 class AbstractLinearSolver(abc.ABC):
     """Interface of every linear solver (lineax-style).
 
-    Attributes:
-        accepts_tree: class flag, default False. A solver that sets it True declares that
-            ``solve`` also accepts a right-hand side given as a pytree of tensors
-            ``[*batch, *event]`` (the layout of :func:`~structift.implicit.custom_root`'s z)
-            and then returns the solution in the same layout, instead of ``[B, N]`` (it
-            must still accept ``[B, N]`` tensors: custom_root uses them under
-            ``create_graph``). The operator given to ``init`` still acts on ``[B, N]``.
-            custom_root then skips flattening z, the cotangent and the solution.
+    ``init(operator)`` prepares a state (e.g. a factorization), ``solve(state, rhs)`` solves
+    with it, and ``transpose(state)`` returns a state that solves with the transposed
+    operator, reusing the same preparation: `structift.implicit.custom_root` builds
+    ``∂F/∂z`` and solves with ``transpose(init(∂F/∂z))``.
     """
-
-    accepts_tree: bool = False
 
     @abc.abstractmethod
     def init(self, operator: AbstractLinearOperator) -> Any:
@@ -104,6 +100,21 @@ class AbstractLinearSolver(abc.ABC):
     @abc.abstractmethod
     def transpose(self, state: Any) -> Any:
         """Return a state that solves with ``Aᵀ``, reusing any factorization."""
+
+
+class AbstractTreeSolver(AbstractLinearSolver):
+    """A solver that also works in the layout of ``custom_root``'s z (a pytree of tensors).
+
+    Structured solvers (a closed form, a dynamic program) naturally take the right-hand side
+    as the residual's own pytree ``[*batch, *event]`` leaves; ``custom_root`` then hands it over
+    as such in a first-order backward (no ``[B, N]`` copies of z, the cotangent or the
+    solution), and flattens only for ``create_graph`` (through ``solve``). The operator given
+    to ``init`` is ``∂F/∂z`` on ``[B, N]`` vectors, built only if the solver applies it.
+    """
+
+    @abc.abstractmethod
+    def solve_tree(self, state: Any, rhs: Any) -> LinearSolution:
+        """Solve ``A x = rhs`` for a pytree ``rhs``; ``solution`` has the same pytree layout."""
 
 
 def _check_rhs(operator: AbstractLinearOperator, rhs: Tensor) -> None:
@@ -189,18 +200,18 @@ class Dense(AbstractLinearSolver):
     The operator is materialized once in ``init`` (``[B, N, N]``, via vector-Jacobian
     products for Jacobians); use it for small systems (N up to a few thousand).
     ∂F/∂z must be invertible for the implicit function theorem to apply, so ``init`` raises
-    :class:`~structift.implicit.SingularSystemError` when the factorization breaks down or
+    `structift.implicit.SingularSystemError` when the factorization breaks down or
     when the reciprocal condition number ``1/κ₁(S) = 1/(‖S‖₁ ‖S⁻¹‖₁)`` of the equilibrated
     matrix S (row and column scaling, so a badly scaled A does not count as singular),
     estimated from the factors (LAPACK's ``xGECON`` method,
-    :mod:`structift.implicit.condition`), is at most ``rcond``. A successful factorization
+    `structift.implicit.condition`), is at most ``rcond``. A successful factorization
     alone certifies nothing: Cholesky and LU of a matrix with a rounding-level eigenvalue
     usually succeed with unremarkable pivots.
 
     Args:
         assume: ``"general"`` (LU with partial pivoting) or ``"spd"`` (Cholesky).
         rcond: threshold on the estimated ``1/κ₁(S)``; default ``10 eps(dtype)``
-            (:func:`~structift.implicit.condition.default_rcond`). Pass 0 to accept any
+            (`structift.implicit.condition.default_rcond`). Pass 0 to accept any
             matrix the factorization does not reject.
     """
 
@@ -349,7 +360,7 @@ class Neumann(AbstractLinearSolver):
     The residual after j terms is exactly ``(I − αA)ʲ b``, so it is tracked for free.
 
     Args:
-        terms: k, the number of terms (matrix-vector products).
+        max_iter: k, the number of terms (matrix-vector products); was ``terms``.
         alpha: the step size α.
         rtol: if given, stop early once ``‖r‖ <= max(rtol‖b‖, atol)`` and raise (or warn) if
             k terms do not reach it. If None the truncation is the intended approximation
@@ -358,20 +369,21 @@ class Neumann(AbstractLinearSolver):
         on_failure: ``"raise"`` or ``"warn"``.
     """
 
+    @renamed_kwargs(terms="max_iter")
     def __init__(
         self,
-        terms: int = 50,
+        max_iter: int = 50,
         alpha: float = 1.0,
         rtol: float | None = None,
         atol: float = 0.0,
         on_failure: OnFailure = "raise",
     ) -> None:
-        if terms < 1:
-            raise ValueError(f"terms must be >= 1, got {terms}")
+        if max_iter < 1:
+            raise ValueError(f"max_iter must be >= 1, got {max_iter}")
         if not alpha > 0:
             raise ValueError(f"alpha must be positive, got {alpha}")
         _check_on_failure(on_failure)
-        self.terms, self.alpha, self.rtol, self.atol = terms, alpha, rtol, atol
+        self.max_iter, self.alpha, self.rtol, self.atol = max_iter, alpha, rtol, atol
         self.on_failure: OnFailure = on_failure
 
     def init(self, operator: AbstractLinearOperator) -> AbstractLinearOperator:
@@ -390,7 +402,7 @@ class Neumann(AbstractLinearSolver):
         x, r = torch.zeros_like(rhs), rhs
         rnorm = prev = lowest = bnorm
         j = 0
-        while j < self.terms:
+        while j < self.max_iter:
             j += 1
             x = x + self.alpha * r
             r = r - self.alpha * state.mv(r)  # r_j = (I − αA)ʲ b = b − A x_j
@@ -413,7 +425,7 @@ class Neumann(AbstractLinearSolver):
                 "0 < alpha < 2/λ_max(A); if A is indefinite (a KKT/saddle-point matrix) no "
                 "alpha works: use MINRES, or a Neumann series on the reduced (null-space) system"
             )
-        hint = "Increase terms, or use CG/MINRES/GMRES which converge faster."
+        hint = "Increase max_iter (terms), or use CG/MINRES/GMRES which converge faster."
         return finalize(
             "Neumann",
             state,

@@ -1,11 +1,13 @@
-"""Differentiable layers: sparsemax, QP layer, structured attention (function + Module pairs)."""
+"""Differentiable layers: sparsemax, QP layer, structured attention, the CRF output layer."""
 
 from structift.layers.attention import (
     Attention,
     StructuredAttention,
+    attend,
     attention_weights,
     structured_attention,
 )
+from structift.layers.crf import CRF
 from structift.layers.qp import (
     FarkasCertificate,
     InfeasibleQPError,
@@ -16,8 +18,19 @@ from structift.layers.qp import (
     qp_solve,
 )
 from structift.layers.sparsemax import Sparsemax, sparsemax
+from structift.layers.tagging import SCHEMES, allowed_transitions
+from structift.layers.weights import (
+    AbstractWeights,
+    SelectionWeights,
+    SoftmaxWeights,
+    SparsemaxWeights,
+    weights_for,
+)
 
 __all__: list[str] = [
+    "CRF",
+    "SCHEMES",
+    "AbstractWeights",
     "Attention",
     "FarkasCertificate",
     "InfeasibleQPError",
@@ -25,10 +38,16 @@ __all__: list[str] = [
     "QPLayer",
     "QPSolution",
     "QPStatus",
+    "SelectionWeights",
+    "SoftmaxWeights",
     "Sparsemax",
+    "SparsemaxWeights",
     "StructuredAttention",
+    "allowed_transitions",
+    "attend",
     "attention_weights",
     "qp_solve",
     "sparsemax",
     "structured_attention",
+    "weights_for",
 ]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from structift._checks import check_float_tensor
+
 __all__ = [
     "check_binary",
     "check_choice",
@@ -146,15 +148,8 @@ def check_size(name: str, value: object) -> None:
 def check_floating(**tensors: object) -> None:
     """Raise TypeError unless every argument that is not None is a floating-point tensor."""
     for name, x in tensors.items():
-        if x is None:
-            continue
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}.")
-        if not x.is_floating_point():
-            raise TypeError(
-                f"{name} must be a floating-point tensor, got dtype {x.dtype}; convert it with "
-                f"{name}.float() (or embed integer ids first)."
-            )
+        if x is not None:
+            check_float_tensor(name, x, hint=" (or embed integer ids first)")
 
 
 def check_query_key_value(query: Tensor, key: Tensor, value: Tensor | None) -> Tensor:
@@ -193,7 +188,7 @@ def check_layer_inputs(
     """Raise unless query/key/value are float tensors with a layer's feature sizes.
 
     ``query`` must end in ``query_dim`` (``key_dim`` without a query projection), ``key`` in
-    ``key_dim``; the remaining checks are :func:`check_query_key_value`'s.
+    ``key_dim``; the remaining checks are `check_query_key_value`'s.
     """
     check_floating(query=query, key=key, value=value)
     query_size, query_origin = (

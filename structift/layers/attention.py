@@ -11,50 +11,52 @@ pairwise potentials θ ∈ R^{2×2} (laid out [from, to]) are learned. The atten
 is the marginal p(z_t = 1 | x, q): each weight lies in [0, 1], the weights need not sum to one,
 and a positive θ(1, 1) makes contiguous spans of keys light up together.
 
-Softmax (categorical) and sparsemax attention use the same interface (``kind=``): both are the
-special cases of regularized argmax over the simplex (entropy and squared-norm regularizer).
+Softmax (categorical) and sparsemax attention are the special cases of regularized argmax over
+the simplex (entropy and squared-norm regularizer). Each kind of weights is an object
+(``structift.layers.weights``: ``SoftmaxWeights``, ``SparsemaxWeights``, ``SelectionWeights``)
+holding only its own options, and ``attend`` is the one attend step they share;
+``attention_weights``/``structured_attention`` take a ``kind`` name for convenience and build
+the object from it (``weights_for``).
 
 Gradients of the structured weights flow either by autograd double-backward (the marginals are
 the gradient of the log-partition A(θ), computed with ``create_graph=True``, so their Jacobian is
 the Hessian ∇²A, the covariance of the sufficient statistics), or by the implicit function
 theorem on the variational problem μ*(θ) = argmax_{μ ∈ M} ⟨θ, μ⟩ + H(μ) (``gradient="ift"``,
-:func:`structift.variational.regularized_argmax`).
+`structift.variational.regularized_argmax`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from structift.layers._attention_checks import (
-    check_binary,
     check_choice,
     check_layer_inputs,
     check_query_key_value,
-    check_scores,
     check_size,
     valid_mask,
 )
-
-if TYPE_CHECKING:
-    from structift import LinearChainCRF
+from structift.layers.weights import (
+    GRADIENTS,
+    KINDS,
+    AbstractWeights,
+    SelectionWeights,
+    SoftmaxWeights,
+    weights_for,
+)
 
 __all__ = [
     "GRADIENTS",
     "KINDS",
     "Attention",
     "StructuredAttention",
+    "attend",
     "attention_weights",
     "structured_attention",
 ]
-
-KINDS = ("softmax", "sparsemax", "structured")
-"""Names accepted by ``kind=``."""
-
-GRADIENTS = ("autograd", "ift")
-"""Names accepted by ``gradient=`` (structured attention only)."""
 
 
 class Attention(NamedTuple):
@@ -68,65 +70,6 @@ class Attention(NamedTuple):
 
     context: Tensor
     weights: Tensor
-
-
-# --------------------------------------------------------------------------------------------
-# the three kinds of weights
-
-
-def _softmax_weights(scores: Tensor, valid: Tensor) -> Tensor:
-    return torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
-
-
-def _sparsemax_weights(scores: Tensor, valid: Tensor) -> Tensor:
-    from structift.layers.sparsemax import sparsemax
-
-    return sparsemax(scores.masked_fill(~valid, float("-inf")), dim=-1)
-
-
-def _selection_crf(
-    scores: Tensor, binary: Tensor, lengths: Tensor, valid: Tensor
-) -> LinearChainCRF:
-    """Build the binary-selection LinearChainCRF over flattened batch dims."""
-    import structift as st
-
-    T = scores.shape[-1]
-    flat = scores.masked_fill(~valid, 0.0).reshape(-1, T)
-    # shape: (N, T, 2) — potential 0 for "not selected", the score for "selected"
-    unary = torch.stack([torch.zeros_like(flat), flat], dim=-1)
-    N = flat.shape[0]
-    # Everything the family would check is checked above, except feasibility: with finite
-    # pairwise potentials the all-zero selection always has a finite score, so only -inf
-    # pairwise potentials need the family's check (it raises for sequences with A = -inf).
-    feasible = bool(torch.isfinite(binary).all())
-    return st.LinearChainCRF(
-        unary, binary.reshape(N, T - 1, 2, 2), lengths.reshape(N), validate_args=not feasible
-    )
-
-
-def _structured_weights(
-    scores: Tensor, binary: Tensor, lengths: Tensor, valid: Tensor, gradient: str
-) -> Tensor:
-    crf = _selection_crf(scores, binary, lengths, valid)
-    if gradient == "autograd":
-        mu = crf.marginals.unary
-    else:
-        mu = _ift_marginals(crf)
-    weights = mu[..., 1].reshape(scores.shape)
-    return weights.masked_fill(~valid, 0.0)
-
-
-def _ift_marginals(crf: LinearChainCRF) -> Tensor:
-    """Return node marginals μ* = argmax_{μ ∈ M} ⟨θ, μ⟩ + H(μ) with an IFT backward.
-
-    The backward solves the KKT system of the variational problem (structift.variational)
-    instead of differentiating forward-backward twice.
-    """
-    from structift.variational import regularized_argmax
-
-    mu = regularized_argmax(crf)
-    assert not isinstance(mu, Tensor)  # a chain gives ChainMarginals
-    return mu.unary
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,7 +112,7 @@ def attention_weights(
             backward through the log-partition, an analytic Hessian-vector product; the
             faster and leaner of the two on CPU, see ``benchmarks/attention.py``) or ``"ift"``
             (implicit function theorem on the variational problem,
-            :func:`structift.variational.regularized_argmax`).
+            `structift.variational.regularized_argmax`).
         normalize: Structured kind only: divide the marginals by their sum, so the weights
             sum to one like the other kinds.
 
@@ -180,69 +123,61 @@ def attention_weights(
         ValueError: Bad shapes, lengths out of range, NaN/+inf scores, unknown kind/gradient.
         TypeError: Non-float scores, non-integer (or bool) lengths, dtype or device mismatch.
     """
-    check_choice("kind", kind, KINDS)
-    check_choice("gradient", gradient, GRADIENTS)
     if not isinstance(scores, Tensor):
         raise TypeError(f"scores must be a tensor, got {type(scores).__name__}.")
+    weigh = weights_for(kind, binary, gradient, normalize)
     if scores.dim() < 2:
         raise ValueError(f"scores must have shape [B, T] or [B, M, T], got {tuple(scores.shape)}.")
     lengths, valid = valid_mask(tuple(scores.shape), scores.device, lengths, mask)
-    return _weights(scores, lengths, valid, kind, binary, gradient, normalize)
+    return weigh(scores, lengths, valid)
 
 
-def _weights(
-    scores: Tensor,
-    lengths: Tensor,
-    valid: Tensor,
-    kind: str,
-    binary: Tensor | None,
-    gradient: str,
-    normalize: bool,
-) -> Tensor:
-    """Return the weights of checked ``lengths [*batch]`` and ``valid [*batch, T]``."""
-    check_scores(scores, valid, kind)
-    if kind != "structured":
-        if binary is not None or normalize or gradient != "autograd":
-            raise ValueError(
-                f"binary, normalize and gradient apply to kind='structured' only, "
-                f"not kind={kind!r}."
-            )
-        if kind == "softmax":
-            return _softmax_weights(scores, valid)
-        return _sparsemax_weights(scores, valid)
-    if binary is None:
-        binary = scores.new_zeros(2, 2)
-    binary = check_binary(binary, scores)
-    weights = _structured_weights(scores, binary, lengths, valid, gradient)
-    if normalize:
-        total = weights.sum(-1, keepdim=True)
-        weights = weights / total.clamp_min(torch.finfo(weights.dtype).tiny)
-    return weights
-
-
-def _attend(
+def attend(
     query: Tensor,
     key: Tensor,
-    value: Tensor | None,
-    lengths: Tensor | None,
-    mask: Tensor | None,
+    value: Tensor | None = None,
+    lengths: Tensor | None = None,
     *,
-    kind: str,
-    binary: Tensor | None = None,
-    gradient: str = "autograd",
-    normalize: bool = False,
+    mask: Tensor | None = None,
+    weights: AbstractWeights | None = None,
     scale: float | None = None,
     bias: Tensor | None = None,
 ) -> Attention:
-    """Score ``query`` against ``key`` (plus ``bias``), weigh, and sum the values."""
-    check_choice("kind", kind, KINDS)
-    check_choice("gradient", gradient, GRADIENTS)
+    """Score ``query`` against ``key``, turn the scores into ``weights``, sum the values.
+
+    Scores are s_t = scale · ⟨q, k_t⟩ (+ ``bias``), ``scale`` defaulting to 1/√D; the
+    context is Σ_t w_t v_t. Padded keys (beyond ``lengths`` for every query of their sequence)
+    never influence an output or a gradient, even if their key or value rows hold NaN or inf:
+    those rows are selected away (``torch.where``) before any product, and their gradients are
+    exactly 0.
+
+    Args:
+        query: ``[B, D]`` (one query per sequence) or ``[B, M, D]``.
+        key: ``[B, T, D]``.
+        value: ``[B, T, Dv]``; defaults to ``key``.
+        lengths: LongTensor ``[B]`` of valid keys per sequence (or ``[B, M]``).
+        mask: BoolTensor ``[B, T]`` (or ``[B, M, T]``) prefix mask, instead of ``lengths``.
+        weights: a weights object (``SoftmaxWeights()`` by default, ``SparsemaxWeights()``,
+            ``SelectionWeights(binary, gradient, normalize)``).
+        scale: Multiplier of the dot products; defaults to ``D ** -0.5``.
+        bias: added to every score (broadcast to ``[B, M, T]``).
+
+    Returns:
+        `Attention` ``(context [B, M, Dv], weights [B, M, T])`` (no M axis for a
+        ``[B, D]`` query).
+    """
+    weigh = SoftmaxWeights() if weights is None else weights
+    if not isinstance(weigh, AbstractWeights):
+        raise TypeError(
+            "weights must be a structift.layers.weights object (SoftmaxWeights(), "
+            f"SparsemaxWeights(), SelectionWeights(...)); got {type(weights).__name__}"
+        )
     value = check_query_key_value(query, key, value)
     (B, T, D), single = key.shape, query.dim() == 2
     q = query.unsqueeze(1) if single else query  # shape: (B, M, D)
     M = q.shape[1]
-    if single and binary is not None and binary.dim() >= 4:
-        binary = binary.unsqueeze(1)  # per-sequence [B, T-1, 2, 2] -> [B, 1, T-1, 2, 2]
+    if single:
+        weigh = weigh.for_one_query()
     if isinstance(mask, Tensor) and mask.dim() == 2:
         mask = mask.unsqueeze(1).expand(B, M, T)
     lengths, valid = valid_mask((B, M, T), key.device, lengths, mask)
@@ -255,11 +190,11 @@ def _attend(
     scores = torch.einsum("bmd,btd->bmt", q, key) * ((D**-0.5) if scale is None else scale)
     if bias is not None:
         scores = scores + bias
-    weights = _weights(scores, lengths, valid, kind, binary, gradient, normalize)
-    context = torch.einsum("bmt,btv->bmv", weights, value)
+    w = weigh(scores, lengths, valid)
+    context = torch.einsum("bmt,btv->bmv", w, value)
     if single:
-        return Attention(context.squeeze(1), weights.squeeze(1))
-    return Attention(context, weights)
+        return Attention(context.squeeze(1), w.squeeze(1))
+    return Attention(context, w)
 
 
 def structured_attention(
@@ -278,7 +213,7 @@ def structured_attention(
     """Attend from queries to keys with scaled dot-product scores and the chosen weights.
 
     Scores are s_t = scale · ⟨q, k_t⟩ (``scale`` defaults to 1/√D); weights come from
-    :func:`attention_weights`; the context is Σ_t w_t v_t.
+    `attention_weights`; the context is Σ_t w_t v_t.
 
     Padded keys (beyond ``lengths`` for every query of their sequence) never influence an
     output or a gradient, even if their key or value rows hold NaN or inf: those rows are
@@ -289,7 +224,7 @@ def structured_attention(
         key: ``[B, T, D]``.
         value: ``[B, T, Dv]``; defaults to ``key``.
         lengths: LongTensor ``[B]`` of valid keys per sequence (see
-            :func:`attention_weights`).
+            `attention_weights`).
         mask: BoolTensor ``[B, T]`` prefix mask, instead of ``lengths``.
         kind: ``"softmax"``, ``"sparsemax"`` or ``"structured"``.
         binary: Pairwise potentials for ``kind="structured"``, broadcastable to
@@ -299,27 +234,17 @@ def structured_attention(
         scale: Multiplier of the dot products; defaults to ``D ** -0.5``.
 
     Returns:
-        :class:`Attention` ``(context [B, M, Dv], weights [B, M, T])`` (no M axis for a
+        `Attention` ``(context [B, M, Dv], weights [B, M, T])`` (no M axis for a
         ``[B, D]`` query).
 
     Raises:
-        ValueError: As :func:`attention_weights`, plus mismatched query/key/value shapes or
+        ValueError: As `attention_weights`, plus mismatched query/key/value shapes or
             a feature size D = 0.
-        TypeError: As :func:`attention_weights`, plus non-float query/key/value, or
+        TypeError: As `attention_weights`, plus non-float query/key/value, or
             mismatched dtypes or devices.
     """
-    return _attend(
-        query,
-        key,
-        value,
-        lengths,
-        mask,
-        kind=kind,
-        binary=binary,
-        gradient=gradient,
-        normalize=normalize,
-        scale=scale,
-    )
+    weigh = weights_for(kind, binary, gradient, normalize)
+    return attend(query, key, value, lengths, mask=mask, weights=weigh, scale=scale)
 
 
 class StructuredAttention(nn.Module):
@@ -375,35 +300,26 @@ class StructuredAttention(nn.Module):
         lengths: Tensor | None = None,
         mask: Tensor | None = None,
     ) -> Attention:
-        """Attend from ``query`` to ``key``; shapes as in :func:`structured_attention`.
+        """Attend from ``query`` to ``key``; shapes as in `structured_attention`.
 
         With ``query_dim`` given, ``query`` is ``[B, query_dim]`` or ``[B, M, query_dim]``.
 
         Raises:
             ValueError: ``query`` or ``key`` whose feature size is not the layer's
                 (``query_dim``, else ``key_dim``; ``key_dim``), and as
-                :func:`structured_attention`.
-            TypeError: As :func:`structured_attention`.
+                `structured_attention`.
+            TypeError: As `structured_attention`.
         """
         query_dim = None if self.query_proj is None else self.query_proj.in_features
         check_layer_inputs(query, key, value, self.key_dim, query_dim)
         if self.query_proj is not None:
             query = self.query_proj(query)
         if self.kind != "structured":
-            return _attend(query, key, value, lengths, mask, kind=self.kind)
+            return attend(query, key, value, lengths, mask=mask, weights=weights_for(self.kind))
         assert self.pairwise is not None and self.bias is not None
-        return _attend(
-            query,
-            key,
-            value,
-            lengths,
-            mask,
-            kind="structured",
-            binary=self.pairwise.to(key.dtype),
-            gradient=self.gradient,
-            normalize=self.normalize,
-            bias=self.bias.to(key.dtype),
-        )
+        weigh = SelectionWeights(self.pairwise.to(key.dtype), self.gradient, self.normalize)
+        bias = self.bias.to(key.dtype)
+        return attend(query, key, value, lengths, mask=mask, weights=weigh, bias=bias)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, gradient={self.gradient!r}, normalize={self.normalize}"

@@ -155,16 +155,28 @@ def _reject_rank_deficient(args: dict[str, Tensor], batch: torch.Size) -> None:
 
 
 class _QPFunction(torch.autograd.Function):
-    """z, λ, ν = QP(θ) with the KKT adjoint as backward (the forward's factor reused)."""
+    """z, λ, ν = QP(θ) with the KKT adjoint as backward (the forward's factor reused).
+
+    Why this backward does not go through ``structift.implicit.custom_root`` (the one IFT
+    mechanism everything else uses): custom_root differentiates a residual F at a root, with
+    a linear solve of ∂F/∂z there. The QP layer's adjoint solve instead reuses the interior
+    point's *final factorization* of its reduced (Schur-complement, Lq-scaled) Newton matrix,
+    in which the complementarity block is the iterate's barrier term W = s/λ (OptNet's choice,
+    Amos & Kolter 2017) wherever the solution was not polished. That matrix is not ∂F/∂z of
+    any residual at an exact root, so routing it through custom_root would either change the
+    gradients (to the polished W = 0 / ∞ everywhere) or need a second factorization (the
+    forward's is the cost to amortize). The backward is first order only
+    (``once_differentiable``), as OptNet's and qpth's are.
+    """
 
     @staticmethod
-    def forward(ctx: Any, opts: dict[str, Any], *theta: Tensor) -> tuple[Tensor, ...]:
+    def forward(opts: dict[str, Any], *theta: Tensor) -> tuple[Tensor, ...]:
+        # What the backward needs travels through ``opts`` (setup_context takes it from there).
         q, G, A = theta[1], theta[2], theta[4]
         batch, tol = opts["batch"], opts["tol"]
-        ctx.batch, ctx.shapes = batch, [x.shape for x in theta]
         if batch.numel() == 0:
             # An empty batch: empty results, and zero gradients of the inputs' shapes.
-            ctx.res = None
+            opts["_res"] = opts["_data"] = None
             empty = q.new_zeros(0)
             never = torch.zeros(batch, dtype=torch.bool, device=q.device)
             status = QPStatus(never, never, never.long(), never, empty.reshape(batch))
@@ -177,14 +189,28 @@ class _QPFunction(torch.autograd.Function):
         # The backward needs only Q's factor, M = Lq⁻¹[G; A]ᵀ and the equality blocks (see
         # `kkt_solve`): drop the rest so that less is held between forward and backward.
         none = data.q.new_empty(0)
-        ctx.data = data._replace(
+        opts["_data"] = data._replace(
             Q=none, q=none, GA=none, QGAt=none, h=none, b=none, coef=none, Ct=none
         )
-        ctx.res = res
+        opts["_res"] = res
         z = res.z.reshape(*batch, -1)
         lam = res.lam.reshape(*batch, -1)
         nu = res.nu.reshape(*batch, -1)
         return z, lam, nu
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        opts, *theta = inputs
+        ctx.batch, ctx.shapes = opts["batch"], [x.shape for x in theta]
+        ctx.data, ctx.res = opts.pop("_data"), opts.pop("_res")
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, opts: dict[str, Any], *theta: Tensor) -> Any:
+        """Not supported: the QP layer is batched itself (pass the batch dimension instead)."""
+        raise NotImplementedError(
+            "qp_solve under torch.func.vmap is not supported: it solves batches natively; "
+            "stack the problems along a leading batch dimension instead of vmapping"
+        )
 
     @staticmethod
     @torch.autograd.function.once_differentiable

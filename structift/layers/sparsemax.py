@@ -5,7 +5,8 @@
 (Martins & Astudillo, arXiv:1602.02068): the regularized argmax max_{p ∈ Δ} ⟨θ, p⟩ − ½‖p‖²,
 the Euclidean sibling of softmax (entropy regularizer). The forward is the closed form
 p = max(θ − τ, 0) with the threshold τ found by sorting; the backward is the implicit function
-theorem on the KKT system restricted to the support S = {i : p_i > 0}:
+theorem (``structift.implicit.custom_root``, the one IFT mechanism) on the KKT system
+restricted to the support S = {i : p_i > 0}, solved in closed form:
 
     p_S − θ_S + τ 1 = 0,   1ᵀ p_S = 1   ⇒   ∂p/∂θ = diag(s) − s sᵀ / |S|,
 
@@ -14,10 +15,18 @@ with s the 0/1 indicator of S (the Schur complement of the KKT matrix [[I, 1], [
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from structift.implicit import (
+    AbstractResidual,
+    AbstractTreeSolver,
+    LinearSolution,
+    Status,
+    custom_root,
+)
 
 __all__ = ["Sparsemax", "sparsemax"]
 
@@ -52,24 +61,102 @@ def _sparsemax_forward(theta: Tensor) -> Tensor:
     return torch.clamp(z - tau, min=0).to(theta.dtype)
 
 
-class _SparsemaxFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, theta: Tensor) -> Tensor:
-        p = _sparsemax_forward(theta)
-        ctx.save_for_backward(p)
-        return p
+class SparsemaxPoint(NamedTuple):
+    """The KKT point of the projection: ``p`` ``[..., n]``, the threshold ``tau`` ``[..., 1]``."""
 
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        (p,) = ctx.saved_tensors
-        # IFT on the support: vᵀ ∂p/∂θ = s ⊙ (v − ⟨s, v⟩ / |S|). Off the support the cotangent
-        # is selected away (torch.where), never multiplied by 0, so a NaN/inf cotangent there
-        # cannot leak in. Written with differentiable ops (the support indicator is piecewise
-        # constant), so double backward works.
-        s = p > 0
-        v = grad.to(_working_dtype(grad.dtype))
-        mean = torch.where(s, v, 0.0).sum(-1, keepdim=True) / s.sum(-1, keepdim=True).to(v.dtype)
-        return torch.where(s, v - mean, 0.0).to(grad.dtype)
+    p: Tensor
+    tau: Tensor
+
+
+def _forward(theta: Tensor) -> SparsemaxPoint:
+    """The solution ``(p, τ)`` with ``p = max(θ − τ, 0)`` (no graph)."""
+    p = _sparsemax_forward(theta)
+    on = p > 0
+    # τ = θ_i − p_i on the support (the same number for every i there), averaged in the
+    # working dtype relative to max θ so that neither the sum nor half precision overflows.
+    work = _working_dtype(theta.dtype)
+    top = theta.to(work).amax(-1, keepdim=True)
+    gap = torch.where(on, theta.to(work) - top - p.to(work), 0.0).sum(-1, keepdim=True)
+    tau = top + gap / on.sum(-1, keepdim=True).to(work)
+    return SparsemaxPoint(p, tau.to(theta.dtype))
+
+
+class _Projection(AbstractResidual):
+    """The KKT conditions of ``argmin_{p ∈ Δ} ½‖p − θ‖²`` on the support S = {p > 0}.
+
+    ``F_p = p − θ + τ`` on S (``F_p = p`` off it), ``F_τ = Σ_S p − 1``: zero at the solution,
+    with the symmetric Jacobian ``K = [[I, 1_S], [1_Sᵀ, 0]]`` (the identity off S), and θ
+    entering linearly, so ``−(∂F/∂θ)ᵀ u`` is ``u_p`` on S, 0 elsewhere.
+    """
+
+    def __init__(self, support: Tensor) -> None:
+        self.support = support
+
+    def __call__(self, z: SparsemaxPoint, *theta: Tensor) -> SparsemaxPoint:
+        S = self.support
+        F_p = torch.where(S, z.p - torch.where(S, theta[0], 0.0) + z.tau, z.p)
+        return SparsemaxPoint(F_p, torch.where(S, z.p, 0.0).sum(-1, keepdim=True) - 1)
+
+    def theta_cotangent(self, u: SparsemaxPoint, z: Any, *theta: Tensor) -> tuple[Tensor]:
+        # Off the support the cotangent is selected away (torch.where), never multiplied by 0,
+        # so a NaN/inf cotangent there cannot leak in.
+        return (torch.where(self.support, u.p, 0.0).to(theta[0].dtype),)
+
+
+class _ProjectionSolve(AbstractTreeSolver):
+    """``K x = r`` in closed form: ``y = (Σ_S r_p − r_τ) / |S|``, ``x_p = r_p − y`` on S.
+
+    (The Schur complement of K: ∂p/∂θ = diag(s) − s sᵀ / |S| with s the indicator of S.)
+    """
+
+    def __init__(self, support: Tensor) -> None:
+        self.support = support
+
+    def init(self, operator: Any) -> Any:
+        """Nothing to prepare: the solve is closed-form."""
+        return operator
+
+    def transpose(self, state: Any) -> Any:
+        """K is symmetric."""
+        return state
+
+    def _solve(self, r_p: Tensor, r_tau: Tensor) -> SparsemaxPoint:
+        S = self.support
+        size = S.sum(-1, keepdim=True).to(r_p.dtype)
+        y = (torch.where(S, r_p, 0.0).sum(-1, keepdim=True) - r_tau) / size
+        return SparsemaxPoint(torch.where(S, r_p - y, r_p), y)
+
+    def solve(self, state: Any, rhs: Tensor) -> LinearSolution:
+        """Solve for ``rhs`` ``[B, n + 1]``, reporting the true residual ``‖rhs − K x‖``."""
+        n = self.support.shape[-1]
+        shape = self.support.shape
+        x = self._solve(rhs[:, :n].reshape(shape), rhs[:, n:].reshape(*shape[:-1], 1))
+        flat = torch.cat([x.p.reshape(-1, n), x.tau.reshape(-1, 1)], -1)
+        rnorm = torch.linalg.vector_norm(rhs - state.mv(flat), dim=-1)
+        return LinearSolution(flat, rnorm, 0, Status.SUCCESS)
+
+    def solve_tree(self, state: Any, rhs: SparsemaxPoint) -> LinearSolution:
+        """Solve for a right-hand side in the layout of the point (residual not measured: NaN).
+
+        The closed form is exact to rounding; ``solve`` measures it where a test wants to.
+        """
+        x = self._solve(rhs.p, rhs.tau)
+        nan = rhs.p.new_full(rhs.p.shape[:-1], float("nan")).reshape(-1)
+        return LinearSolution(x, nan, 0, Status.SUCCESS)  # type: ignore[arg-type]
+
+
+def _sparsemax(theta: Tensor) -> Tensor:
+    """sparsemax along the last dim, differentiated by ``custom_root`` (any order)."""
+    with torch.no_grad():
+        point = _forward(theta)
+    if not (torch.is_grad_enabled() and theta.requires_grad):
+        return point.p
+    support = point.p > 0
+    root = custom_root(
+        _Projection(support), _ProjectionSolve(support), batch_ndim=theta.ndim - 1,
+        symmetric=True,
+    )  # fmt: skip
+    return root(lambda t: point)(theta).p
 
 
 def sparsemax(theta: Tensor, dim: int = -1) -> Tensor:
@@ -103,11 +190,11 @@ def sparsemax(theta: Tensor, dim: int = -1) -> Tensor:
             f"every slice of theta along dim={dim} needs a finite entry; got shape "
             f"{tuple(theta.shape)} with an all -inf (or empty) slice"
         )
-    return _SparsemaxFunction.apply(moved).movedim(-1, dim)
+    return _sparsemax(moved).movedim(-1, dim)
 
 
 class Sparsemax(nn.Module):
-    """Module form of :func:`sparsemax` along ``dim``."""
+    """Module form of `sparsemax` along ``dim``."""
 
     def __init__(self, dim: int = -1) -> None:
         super().__init__()

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from structift.implicit import AbstractLinearSolver, AbstractResidual
+
 __all__ = ["AbstractKKTSystem", "AbstractRegularized", "AbstractStructure", "Exact", "Iterative"]
 
 Params = tuple[Tensor, ...]
@@ -105,6 +107,16 @@ class AbstractStructure(abc.ABC):
         """``(the MAP structure, its score)``; ties broken by a documented rule."""
 
     @abc.abstractmethod
+    def topk(self, theta: Params, k: int) -> tuple[Tensor, Tensor]:
+        """``(values [k, *batch, *event], scores [k, *batch])``: the ``k`` best structures.
+
+        Exact, best first, ties broken by a documented rule (for ``k = 1`` the rule of
+        ``argmax``). ``scores`` are ``score(theta, values)``, differentiable in θ. Ranks beyond
+        the number of finite-score structures are not structures: score ``-inf``, value 0.
+        ``k`` is a validated int ``>= 1`` (the families check it).
+        """
+
+    @abc.abstractmethod
     def sample(
         self, theta: Params, sample_shape: torch.Size, generator: torch.Generator | None
     ) -> Tensor:
@@ -166,31 +178,25 @@ class AbstractRegularized(abc.ABC):
         """The marginals μ held by a point."""
 
 
-class AbstractKKTSystem(abc.ABC):
+class AbstractKKTSystem(AbstractResidual):
     """The KKT system of a regularized argmax at one solution, on its support.
 
-    ``point`` is a pytree (a NamedTuple) of primal and dual variables, batch first;
-    ``residual(point, *θ) == 0`` is the invariant, and ``∂residual/∂z`` is symmetric and
-    nonsingular (the support restriction makes it so).
+    ``point`` is a pytree (a NamedTuple) of primal and dual variables, batch first; the system
+    is a residual (``structift.implicit.AbstractResidual``): ``self(point, *θ) == 0`` is the
+    invariant, and ``∂F/∂z`` is symmetric and nonsingular (the support restriction makes it
+    so). Its optional ``theta_cotangent`` gives ``−(∂F/∂θ)ᵀ u`` in closed form.
     """
 
     point: Any
 
     @abc.abstractmethod
-    def residual(self, z: Any, *theta: Tensor) -> Any:
+    def __call__(self, z: Any, *theta: Tensor) -> Any:
         """F(z; θ), the same pytree as z (differentiable in z and θ)."""
 
     @abc.abstractmethod
-    def structured_solver(self, check: bool, rtol: float | None) -> Any:
+    def structured_solver(self, check: bool, rtol: float | None) -> AbstractLinearSolver:
         """An exact linear solver for ``∂F/∂z`` here (a ``structift.implicit`` solver)."""
 
     @abc.abstractmethod
     def scales(self) -> Any:
         """A diagonal scaling D (pytree like z): D K D has O(1) entries (for generic solvers)."""
-
-    def theta_cotangent(self, u: Any, scale: Any | None) -> Params | None:
-        """``(∂F/∂θ)ᵀ u`` for the (scaled) system, or ``None`` to let autograd compute it.
-
-        An optional shortcut for structures whose θ enters F linearly through a mask.
-        """
-        return None

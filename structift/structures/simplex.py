@@ -20,9 +20,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from structift._deprecation import renamed_kwargs
 from structift._ops import logsumexp, softmax_entropy, softmax_kl
 from structift.implicit import ConvergenceError
+from structift.implicit._deprecation import renamed_kwargs
 from structift.implicit.solvers import AbstractLinearSolver, LinearSolution, Status
 from structift.structures.base import (
     AbstractKKTSystem,
@@ -271,6 +271,22 @@ class Simplex(AbstractStructure):
         best = logits.detach().argmax(-1)
         return best, logits.gather(-1, best.unsqueeze(-1)).squeeze(-1)
 
+    def topk(self, theta: Params, k: int) -> tuple[Tensor, Tensor]:
+        """The ``k`` largest logits, ties to the lower index (a stable descending sort)."""
+        (logits,) = theta
+        n = self.num_events
+        order = torch.sort(logits.detach(), dim=-1, descending=True, stable=True).indices
+        if k > n:  # ranks past n are missing: index 0, score -inf below
+            pad = order.new_zeros((*order.shape[:-1], k - n))
+            order = torch.cat([order, pad], -1)
+        order = order[..., :k]
+        scores = logits.gather(-1, order)
+        rank = torch.arange(k, device=logits.device)
+        exists = (rank < n) & (scores.detach() > float("-inf"))
+        values = torch.where(exists, order, torch.zeros_like(order)).movedim(-1, 0)
+        scores = torch.where(exists, scores, torch.full_like(scores, float("-inf")))
+        return values, scores.movedim(-1, 0)
+
     def sample(
         self, theta: Params, sample_shape: torch.Size, generator: torch.Generator | None
     ) -> Tensor:
@@ -339,8 +355,12 @@ class SimplexKKTSystem(AbstractKKTSystem):
         self.temperature = temperature
         self.point = point_from_primal(z.detach(), theta.detach(), temperature)
 
-    def residual(self, z: Any, *theta: Tensor) -> SimplexKKT:
+    def __call__(self, z: Any, *theta: Tensor) -> SimplexKKT:
         return kkt_residual(z, theta[0], self.temperature)
+
+    def theta_cotangent(self, u: Any, z: Any, *theta: Tensor) -> Params:
+        """``−(∂F/∂θ)ᵀ u = u_z`` on the support: ``F_z = τ log z + ν − θ`` is linear in θ."""
+        return (torch.where(support(self.point.z), u.z, 0.0),)
 
     def structured_solver(self, check: bool, rtol: float | None) -> AbstractLinearSolver:
         return SimplexSolve(self.point.z, self.temperature)

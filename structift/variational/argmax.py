@@ -6,7 +6,7 @@ For an exponential family with sufficient statistics φ and marginal polytope M 
 
 (Wainwright & Jordan 2008, Thm. 3.4). Its Jacobian dμ*/dθ = (1/τ) ∇²A(θ/τ) comes here from the
 implicit function theorem on the KKT system of the problem (not from autograd through A),
-through :func:`structift.implicit.custom_root`, so the forward solver is free: the structure's
+through `structift.implicit.custom_root`, so the forward solver is free: the structure's
 exact dynamic program at θ/τ, or an iterative solver that never runs it.
 
 Everything structure-specific (the forward solvers, the KKT system, its exact solve) is the
@@ -22,9 +22,8 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from structift._ops import sum_to_shape
 from structift.families import ExpFamily
-from structift.implicit import custom_root
+from structift.implicit import AbstractResidual, custom_root
 from structift.implicit.krylov import GMRES, MINRES
 from structift.implicit.solvers import AbstractLinearSolver, Dense
 from structift.structures.base import AbstractKKTSystem, Exact, Iterative, Params
@@ -48,8 +47,8 @@ class Structured:
     Args:
         check: also solve the dual block and measure the true KKT residual of the solve, raising
             ``ValueError`` above ``rtol``. The residual exceeds ``rtol`` when the forward
-            solution is not exact. Default (None): on for an :class:`Iterative` forward solver,
-            off for :class:`Exact` (whose solution is exact to rounding). Turn it off to study
+            solution is not exact. Default (None): on for an `Iterative` forward solver,
+            off for `Exact` (whose solution is exact to rounding). Turn it off to study
             loose forward solves on purpose.
         rtol: relative tolerance of the check (default sqrt(eps) of the dtype).
     """
@@ -129,17 +128,24 @@ def _check_dist(dist: object) -> ExpFamily:
     return dist
 
 
-def _theta_vjp(system: AbstractKKTSystem, scale: Any | None, theta: Params):
-    """The residual's θ-VJP shortcut for ``custom_root``, summed to θ's (broadcast) shapes."""
-    if type(system).theta_cotangent is AbstractKKTSystem.theta_cotangent:
-        return None  # not overridden: custom_root differentiates the residual by autograd
+class _ScaledSystem(AbstractResidual):
+    """The diagonally scaled system ``F_D(y) = D F(D y)`` (entries of O(1)) for generic solvers.
 
-    def theta_vjp(u: Any, z: Any, *args: Tensor) -> tuple[Tensor, ...]:
-        parts = system.theta_cotangent(u, scale)
-        assert parts is not None
-        return tuple(sum_to_shape(p, t.shape) for p, t in zip(parts, theta))
+    ``−(∂F_D/∂θ)ᵀ u = −(∂F/∂θ)ᵀ (D u)``: the system's closed form, if it has one, still serves.
+    """
 
-    return theta_vjp
+    def __init__(self, system: AbstractKKTSystem) -> None:
+        self.system, self.scale = system, system.scales()
+        self.kind = type(system.point)
+
+    def _times(self, x: Any) -> Any:
+        return self.kind(*(a * s for a, s in zip(x, self.scale)))
+
+    def __call__(self, y: Any, *theta: Tensor) -> Any:
+        return self._times(self.system(self._times(y), *theta))
+
+    def theta_cotangent(self, u: Any, y: Any, *theta: Tensor) -> Any:
+        return self.system.theta_cotangent(self._times(u), self._times(y), *theta)
 
 
 def _attach(system: AbstractKKTSystem, theta: Params, linear: Any, check: bool, batch_ndim: int):
@@ -147,25 +153,12 @@ def _attach(system: AbstractKKTSystem, theta: Params, linear: Any, check: bool, 
     point = system.point
     if isinstance(linear, Structured):
         solver = system.structured_solver(check, linear.rtol)
-        root = custom_root(
-            system.residual, solver, batch_ndim=batch_ndim, symmetric=True,
-            theta_vjp=_theta_vjp(system, None, theta),
-        )  # fmt: skip
+        root = custom_root(system, solver, batch_ndim=batch_ndim, symmetric=True)
         return root(lambda *t: point)(*theta)
-    # Generic solvers see the diagonally scaled system D K D (entries of O(1)).
-    scale = system.scales()
-    scaled = type(point)(*(p / s for p, s in zip(point, scale)))
-
-    def scaled_residual(y: Any, *t: Tensor) -> Any:
-        F = system.residual(type(point)(*(a * s for a, s in zip(y, scale))), *t)
-        return type(point)(*(f * s for f, s in zip(F, scale)))
-
-    root = custom_root(
-        scaled_residual, linear, batch_ndim=batch_ndim, symmetric=True,
-        theta_vjp=_theta_vjp(system, scale, theta),
-    )  # fmt: skip
-    y = root(lambda *t: scaled)(*theta)
-    return type(point)(*(a * s for a, s in zip(y, scale)))
+    scaled = _ScaledSystem(system)
+    y0 = type(point)(*(p / s for p, s in zip(point, scaled.scale)))
+    root = custom_root(scaled, linear, batch_ndim=batch_ndim, symmetric=True)
+    return scaled._times(root(lambda *t: y0)(*theta))
 
 
 def regularized_argmax(
@@ -181,19 +174,19 @@ def regularized_argmax(
     where the local polytope is exact and H is the Bethe entropy). The result equals ∇A(θ/τ)
     (``dist.marginals`` at τ = 1); its gradient with respect to the natural parameters θ is
     dμ*/dθ = (1/τ) ∇²A(θ/τ), computed from the KKT system by
-    :func:`structift.implicit.custom_root`, never by differentiating the forward solver.
+    `structift.implicit.custom_root`, never by differentiating the forward solver.
 
     Args:
-        dist: any structift distribution, e.g. a :class:`~structift.Categorical`, a
-            :class:`~structift.LinearChainCRF` or an :class:`~structift.HMM` (its posterior;
+        dist: any structift distribution, e.g. a `structift.Categorical`, a
+            `structift.LinearChainCRF` or an `structift.HMM` (its posterior;
             gradients flow on to the HMM's logits). −inf potentials are allowed: structures of
             score −∞ have zero mass and the KKT system is restricted to the support.
         temperature: τ > 0.
-        solver: ``"exact"`` / :class:`Exact` (the structure's dynamic program at θ/τ) or
-            ``"iterative"`` / :class:`Iterative` (message passing / mirror descent).
+        solver: ``"exact"`` / `Exact` (the structure's dynamic program at θ/τ) or
+            ``"iterative"`` / `Iterative` (message passing / mirror descent).
         linear_solver: how the backward solves the KKT system: ``"structured"`` or
-            :class:`Structured` (the structure's exact solve, default), ``"dense"``,
-            ``"minres"``, ``"gmres"``, or any :mod:`structift.implicit` solver object (e.g.
+            `Structured` (the structure's exact solve, default), ``"dense"``,
+            ``"minres"``, ``"gmres"``, or any `structift.implicit` solver object (e.g.
             ``MINRES(rtol=1e-12)``). Generic solvers see the diagonally scaled symmetric system.
 
     Returns:
@@ -226,13 +219,13 @@ def kkt_residual(dist: ExpFamily, mu: Any = None, temperature: float = 1.0) -> K
     stationarity and feasibility; it is zero (to rounding) at μ* = ∇A(θ/τ).
 
     Args:
-        dist: the distribution (see :func:`regularized_argmax`).
+        dist: the distribution (see `regularized_argmax`).
         mu: candidate marginals, same structure as ``dist.marginals``; default: the exact
             solution at θ/τ (its residual shows the rounding floor).
         temperature: τ > 0.
 
     Returns:
-        A :class:`KKTResidual` (point, residual, per-element norm).
+        A `KKTResidual` (point, residual, per-element norm).
     """
     tau = _check_temperature(temperature)
     dist = _check_dist(dist)
@@ -244,7 +237,7 @@ def kkt_residual(dist: ExpFamily, mu: Any = None, temperature: float = 1.0) -> K
         else:
             parts = _check_mu(mu, dist)
         system = problem.at(parts, theta)
-        F = system.residual(system.point, *theta)
+        F = system(system.point, *theta)
         nb = len(dist.structure.batch_shape)
         shape = dist.structure.batch_shape
         flat = torch.cat([f.reshape(*shape, f.shape[nb:].numel()) for f in F], -1)

@@ -20,7 +20,7 @@ __all__ = ["IFTCheck", "check_ift"]
 
 
 class IFTCheck(NamedTuple):
-    """Result of :func:`check_ift`.
+    """Result of `check_ift`.
 
     Attributes:
         max_abs_error: max over cotangents and parameter entries of |IFT − autograd|; ``inf``
@@ -85,7 +85,7 @@ def check_ift(
     """Compare the IFT vector-Jacobian product of the regularized argmax with autograd.
 
     For random cotangents g on μ, computes gᵀ dμ*/dθ two ways: through
-    :func:`regularized_argmax` (the KKT system and a linear solve) and by double-backward
+    `regularized_argmax` (the KKT system and a linear solve) and by double-backward
     through the smoothed log-partition A_τ(θ) = τ A(θ/τ), whose Hessian (1/τ) ∇²A(θ/τ) is the
     exact Jacobian. For an HMM the parameters are its init/transition/emission logits
     (the posterior's potentials are functions of them).
@@ -93,13 +93,13 @@ def check_ift(
     Args:
         dist: any structift distribution (Categorical, LinearChainCRF, HMM, ...).
         temperature: τ > 0.
-        solver: forward solver (see :func:`regularized_argmax`).
-        linear_solver: backward linear solver (see :func:`regularized_argmax`).
+        solver: forward solver (see `regularized_argmax`).
+        linear_solver: backward linear solver (see `regularized_argmax`).
         num_cotangents: how many random cotangents (standard normal) to try.
         generator: a torch.Generator for the cotangents (default: the global RNG).
 
     Returns:
-        An :class:`IFTCheck` with the errors and the forward KKT residual.
+        An `IFTCheck` with the errors and the forward KKT residual.
     """
     tau = float(temperature)
     copy, params = _rebuild(dist)

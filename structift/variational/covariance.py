@@ -19,7 +19,7 @@ the exact product in O(T Z²) time and O(T Z) extra memory, without θ and witho
 
 This is the tangent (forward-mode) pass of forward-backward written in probability space: the
 "second-order forward-backward". It is also the exact inverse of the chain's entropy-regularized
-KKT matrix (see :mod:`structift.variational.chain_kkt`): eliminating the node and edge blocks
+KKT matrix (see `structift.variational.chain_kkt`): eliminating the node and edge blocks
 one position at a time (a Schur complement on a block-bidiagonal system) yields these same two
 recursions. Because it only reads μ, its cost does not depend on how μ was computed.
 

@@ -29,7 +29,7 @@ class NormalEquations(AbstractLinearSolver):
     """Solve symmetric ``A x = b`` by running ``inner`` on ``A² x = A b``.
 
     Args:
-        inner: a solver for SPD systems, e.g. ``Neumann(terms=k, alpha=a)`` or ``CG()``.
+        inner: a solver for SPD systems, e.g. ``Neumann(max_iter=k, alpha=a)`` or ``CG()``.
             For the scaled chain KKT system λ_max(A) <= 1 + sqrt(Z), so
             ``alpha = 1 / (1 + sqrt(Z))**2`` is a safe Neumann step.
 

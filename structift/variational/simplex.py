@@ -6,7 +6,7 @@ The worked example of the seed (§4): for logits θ ∈ ℝⁿ and temperature �
 
 whose solution is softmax(θ/τ). The code never uses that closed form to solve: the forward is
 Newton's method on the one-dimensional dual (or entropic mirror descent), and the derivative
-comes from :func:`structift.implicit.custom_root` on the KKT system (seed eq. 4). With ν the
+comes from `structift.implicit.custom_root` on the KKT system (seed eq. 4). With ν the
 multiplier of 1ᵀz = 1 (shifted to absorb the constant from ∂H), the KKT residual is
 
     F_z = τ log z + ν 1 − θ = 0,   F_ν = 1ᵀz − 1 = 0,                           (KKT)
@@ -25,10 +25,10 @@ Logits equal to −inf give zᵢ = 0: the residual restricts to the support S = 
 (as the seed restricts to z ≻ 0) and uses F_zᵢ = zᵢ off the support, so those rows of the
 Jacobian are zero. Also dν/dθ = z: ν = τ logsumexp(θ/τ), the log-partition.
 
-Public API: :func:`entropic_argmax` (differentiable z), :func:`solve_kkt` (differentiable
-(z, ν)), :func:`kkt_residual`, :func:`kkt_matrix`, :func:`softmax_jacobian`,
-:func:`schur_jacobian`, :func:`dense_kkt_jacobian`, :func:`dual_newton`,
-:func:`mirror_descent`. Tensors are ``[..., n]`` with the simplex on the last dim (except
+Public API: `entropic_argmax` (differentiable z), `solve_kkt` (differentiable
+(z, ν)), `kkt_residual`, `kkt_matrix`, `softmax_jacobian`,
+`schur_jacobian`, `dense_kkt_jacobian`, `dual_newton`,
+`mirror_descent`. Tensors are ``[..., n]`` with the simplex on the last dim (except
 where ``dim`` is taken).
 """
 
@@ -40,8 +40,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from structift._deprecation import renamed_kwargs
 from structift.implicit import AbstractLinearSolver, custom_root
+from structift.implicit._deprecation import renamed_kwargs
 from structift.structures.simplex import (
     SimplexKKT,
     dual_newton,
@@ -139,7 +139,7 @@ def solve_kkt(
     """Solve the entropy-regularized argmax; return a differentiable ``(z, ν)``.
 
     The forward runs ``method`` without a graph; gradients come from
-    :func:`structift.implicit.custom_root` on :func:`kkt_residual` (so memory does not grow
+    `structift.implicit.custom_root` on `kkt_residual` (so memory does not grow
     with the number of iterations). ``dν/dθ = z``.
 
     Args:
@@ -192,7 +192,7 @@ def entropic_argmax(
 ) -> Tensor:
     """Return argmax_{z ∈ Δ} ⟨θ, z⟩ + τ H(z) along ``dim`` (= softmax(θ/τ)), via the IFT.
 
-    See :func:`solve_kkt` for the keyword arguments; this returns only z, moved back to
+    See `solve_kkt` for the keyword arguments; this returns only z, moved back to
     ``dim``.
 
     Args:
@@ -214,7 +214,7 @@ def entropic_argmax(
 
 
 class MirrorDescentResult(NamedTuple):
-    """Output of the deprecated :func:`simplex_mirror_descent`: ``mu`` ``[B, n]``."""
+    """Output of the deprecated `simplex_mirror_descent`: ``mu`` ``[B, n]``."""
 
     mu: Tensor
 
@@ -226,7 +226,7 @@ def simplex_mirror_descent(
     max_iter: int = 10_000,
     damping: float = 0.5,
 ) -> MirrorDescentResult:
-    """Deprecated: :func:`mirror_descent` with ``tol`` (the one simplex solver)."""
+    """Deprecated: `mirror_descent` with ``tol`` (the one simplex solver)."""
     warnings.warn(
         "simplex_mirror_descent is deprecated: use structift.variational.simplex.mirror_descent"
         "(theta, temperature, max_iter, damping, tol); it goes away in the next release",

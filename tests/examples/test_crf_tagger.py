@@ -108,9 +108,10 @@ class TestModel:
         for b, length in enumerate(batch.lengths.tolist()):
 
             def score(tags: tuple[int, ...], b: int = b) -> torch.Tensor:
-                s = model.start[tags[0]] + model.end[tags[-1]]
+                crf = model.crf
+                s = crf.start_transitions[tags[0]] + crf.end_transitions[tags[-1]]
                 s = s + sum(emissions[b, t, z] for t, z in enumerate(tags))
-                return s + sum(model.transitions[i, j] for i, j in itertools.pairwise(tags))
+                return s + sum(crf.transitions[i, j] for i, j in itertools.pairwise(tags))
 
             all_scores = torch.stack([score(y) for y in itertools.product(range(Z), repeat=length)])
             gold = tuple(batch.tags[b, :length].tolist())
@@ -193,8 +194,8 @@ class TestEndToEnd:
             str(tmp_path),
             cwd=tmp_path,
         )
-        assert "200 training / 40 test sentences" in out
-        assert "structift LinearChainCRF (this run)" in out and "softmax ablation (this run)" in out
+        assert "180 training / 20 dev (end of the training data) / 40 test sentences" in out
+        assert "structift layers.CRF (this run" in out and "softmax ablation (this run" in out
         assert "0.9476" in out and "(reference)" in out
         for name in ("crf.pt", "softmax.pt", "learning_curve.png"):
             assert (tmp_path / name).stat().st_size > 0
@@ -293,5 +294,132 @@ class TestEndToEnd:
             cwd=tmp_path,
         )
         assert "2 process(es) on cpu" in out
-        assert out.count("structift LinearChainCRF (this run)") == 1  # rank 0 reports alone
+        assert out.count("structift layers.CRF (this run") == 1  # rank 0 reports alone
         assert (tmp_path / "run" / "crf.pt").is_file()
+
+
+class TestSpans:
+    def test_conlleval_chunks(self) -> None:
+        from tagger.spans import chunks
+
+        assert chunks(["B-PER", "I-PER", "O", "B-LOC"]) == {("PER", 0, 1), ("LOC", 3, 3)}
+        # conlleval: an I after O (or after another type) starts a chunk; B splits same types.
+        assert chunks(["I-PER", "I-PER", "B-PER", "I-LOC"]) == {
+            ("PER", 0, 1),
+            ("PER", 2, 2),
+            ("LOC", 3, 3),
+        }
+        assert chunks(["B-X", "L-X", "U-Y", "O", "U-X"]) == {("X", 0, 1), ("Y", 2, 2), ("X", 4, 4)}
+        assert chunks(["B-X", "M-X", "E-X", "S-Y"]) == {("X", 0, 2), ("Y", 3, 3)}
+        assert chunks(["O", "O"]) == set()
+
+    def test_span_scores(self) -> None:
+        from tagger.spans import SpanScores
+
+        s = SpanScores()
+        s.add(["B-PER", "I-PER", "O", "B-LOC"], ["B-PER", "I-PER", "O", "B-ORG"])
+        s.add(["O"], ["B-LOC"])
+        assert (s.correct, s.guessed, s.gold) == (1, 3, 2)
+        assert s.precision == pytest.approx(1 / 3) and s.recall == pytest.approx(1 / 2)
+        assert s.f1 == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
+        assert SpanScores().f1 == 0.0
+
+    def test_detect_scheme(self) -> None:
+        from tagger.spans import detect_scheme
+
+        tags = ["B-PER", "I-PER", "O"]
+        assert detect_scheme(tags, [["B-PER", "I-PER", "O"], ["O"]]) == "BIO"
+        assert detect_scheme(tags, [["I-PER", "I-PER", "B-PER"]]) == "IOB1"
+        assert detect_scheme(["B-X", "I-X", "L-X", "U-X", "O"], [["U-X", "B-X", "L-X"]]) == "BIOUL"
+        assert detect_scheme(["B-X", "E-X", "S-X"], [["S-X", "B-X", "E-X"]]) == "BMES"
+        assert detect_scheme(["nn", "vb"], [["nn", "vb"]]) is None  # part-of-speech tags
+        assert detect_scheme(["B-PER", "O", "PER"], [["O"]]) is None  # a bare label
+        # BIO letters but sequences well formed under neither BIO nor IOB1: no constraints.
+        assert detect_scheme(tags, [["O", "I-PER"], ["I-PER", "I-PER", "B-PER", "B-PER"]]) == (
+            "IOB1"
+        )
+        # A B at the start is IOB1-illegal, an I after O BIO-illegal: plain labels then.
+        assert detect_scheme(tags, [["B-PER", "O"], ["O", "O", "I-PER"]]) is None
+
+
+def _bio_corpus(n: int, seed: int) -> list:
+    """Toy named entities: 'mr X' is a PER span, 'in Y city' a LOC span (BIO)."""
+    g = seeded(seed)
+    names, places = ["smith", "jones", "brown"], ["paris", "rome", "oslo"]
+    pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=g))]  # noqa: E731
+    sents = []
+    for _ in range(n):
+        person = [("mr", "B-PER"), (pick(names), "I-PER")]
+        place = [(pick(places), "B-LOC"), ("city", "I-LOC")]
+        sents.append([*person, ("went", "O"), ("to", "O"), *place, (".", "O")])
+    return sents
+
+
+class TestCommandLine:
+    def test_help_shows_defaults(self) -> None:
+        out = " ".join(run(sys.executable, str(SCRIPT), "--help", cwd=ROOT).split())
+        assert "(default: 32)" in out and "(default: 0.1)" in out and "(default: 650)" in out
+
+    def test_span_tags_get_constraints_and_span_scores(self, tmp_path: Path) -> None:
+        write_conll(tmp_path / "train.conll", _bio_corpus(150, 0))
+        write_conll(tmp_path / "test.conll", _bio_corpus(30, 1))
+        out = run(
+            sys.executable, str(SCRIPT), "--smoke", "--head", "crf", "--no-progress",
+            "--lr", "0.05", "--train", str(tmp_path / "train.conll"),
+            "--test", str(tmp_path / "test.conll"), "--out", str(tmp_path / "run"), cwd=tmp_path,
+        )  # fmt: skip
+        assert "(BIO spans)" in out and "gold BIO spans (conlleval), constraints applied" in out
+        assert "dev span F1" in out and "span F1" in out
+        header = next(line for line in out.splitlines() if line.startswith("model"))
+        row = next(line for line in out.splitlines() if line.startswith("structift"))
+        cells = row.split()
+        assert header.split()[-4:] == ["P", "span", "F1", "time"] or "span F1" in header
+        assert float(cells[-3]) > 0.9  # span F1 on the toy language
+        assert cells[-6] == "-"  # no unknown words in the test file: "-", not 0.0000
+        state = torch.load(tmp_path / "run" / "crf.pt", weights_only=True)
+        assert state["config"]["constraints"]  # the checkpoint keeps them for --tag
+
+    def test_resume_without_checkpoint_warns(self, tmp_path: Path) -> None:
+        write_conll(tmp_path / "train.conll", toy_corpus(60, 0))
+        write_conll(tmp_path / "test.conll", toy_corpus(10, 1))
+        proc = subprocess.run(
+            [
+                sys.executable, str(SCRIPT), "--smoke", "--epochs", "1", "--head", "crf",
+                "--resume", "--no-progress", "--train", str(tmp_path / "train.conll"),
+                "--test", str(tmp_path / "test.conll"), "--out", str(tmp_path / "run"),
+            ],
+            cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "no checkpoint at" in proc.stderr and "training from scratch" in proc.stderr
+
+    def test_resume_continues_the_schedule(self, tmp_path: Path) -> None:
+        """2 epochs, then 1 more on resume, equals 3 epochs in one go (schedule, data, RNG)."""
+        write_conll(tmp_path / "train.conll", toy_corpus(80, 0))
+        write_conll(tmp_path / "test.conll", toy_corpus(10, 1))
+        common = [
+            "--head", "crf", "--no-progress", "--min-count", "1", "--hidden", "4",
+            "--word-dim", "4", "--train", str(tmp_path / "train.conll"),
+            "--test", str(tmp_path / "test.conll"), "--threads", "1", "--patience", "9",
+        ]  # fmt: skip
+        run(sys.executable, str(SCRIPT), *common, "--epochs", "3", "--out", "a", cwd=tmp_path)
+        run(sys.executable, str(SCRIPT), *common, "--epochs", "2", "--out", "b", cwd=tmp_path)
+        out = run(
+            sys.executable, str(SCRIPT), *common, "--epochs", "3", "--resume", "--out", "b",
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert "after epoch 2" in out
+        a = torch.load(tmp_path / "a" / "crf.pt", weights_only=True)
+        b = torch.load(tmp_path / "b" / "crf.pt", weights_only=True)
+        assert a["history"]["epoch"] == b["history"]["epoch"] == [1, 2, 3]
+        assert a["history"]["train_loss"] == pytest.approx(b["history"]["train_loss"], rel=1e-6)
+        for k, v in a["model"].items():
+            torch.testing.assert_close(v, b["model"][k], rtol=1e-5, atol=1e-6)
+
+    def test_learning_rate_is_a_function_of_the_step(self) -> None:
+        from tagger.training import learning_rate
+
+        assert learning_rate(1.0, 0, 100) == 1.0
+        assert learning_rate(1.0, 100, 100) == pytest.approx(0.1)
+        assert learning_rate(2.0, 50, 100) == pytest.approx(2.0 * 0.1**0.5)

@@ -59,7 +59,7 @@ CONSTRUCTION = [
         "cat-int",
         lambda: st.Categorical(torch.tensor([1, 2])),
         TypeError,
-        r"logits must have a floating dtype.*torch\.int64",
+        r"logits must be a floating-point tensor.*torch\.int64",
     ),
     (
         "cat-0d",
@@ -96,7 +96,7 @@ CONSTRUCTION = [
         "crf-unary-int",
         _crf(unary=torch.zeros(2, 4, 3, dtype=torch.long)),
         TypeError,
-        r"unary must have a floating dtype.*torch\.int64",
+        r"unary must be a floating-point tensor.*torch\.int64",
     ),
     (
         "crf-binary-shape",
@@ -230,7 +230,7 @@ CONSTRUCTION = [
         "hmm-float-init",
         _hmm(init_logits=torch.zeros(3, dtype=torch.long)),
         TypeError,
-        r"init_logits must have a floating dtype",
+        r"init_logits must be a floating-point tensor",
     ),
 ]
 
@@ -402,3 +402,24 @@ def test_nan_check_is_not_fooled_by_infinities_or_overflow() -> None:
         st.LinearChainCRF(unary, torch.zeros(2, 2))
     huge = torch.full((1, 3, 2), 3e38)  # float32: the sum overflows to +inf, the entries are fine
     st.LinearChainCRF(huge, torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize(
+    "dist",
+    [
+        lambda: st.Categorical(torch.zeros(2, 3)),
+        lambda: st.LinearChainCRF(torch.zeros(2, 4, 3), torch.zeros(3, 3)),
+        lambda: st.HMM(
+            torch.zeros(3), torch.zeros(3, 3), torch.zeros(3, 2), torch.zeros(2, 4).long()
+        ),
+    ],
+    ids=["categorical", "crf", "hmm"],
+)
+def test_sample_shape_is_checked(dist) -> None:
+    d = dist()
+    with pytest.raises(ValueError, match=r"sample_shape must have non-negative sizes.*\(-1,\)"):
+        d.sample((-1,))
+    with pytest.raises(TypeError, match="sample_shape must be a tuple of non-negative ints"):
+        d.sample((1.5,))
+    assert d.sample((0,)).shape[0] == 0
+    assert d.sample(3).shape[0] == 3

@@ -241,7 +241,7 @@ def test_solver_runs_without_graph_and_nonconvergence_raises() -> None:
         return upper_circle(theta)
 
     theta = torch.tensor([0.2, 0.5], dtype=DT, requires_grad=True)
-    x = custom_root(circle_residual, CG(max_iters=1), batch_ndim=1, symmetric=True)(solver)(theta)
+    x = custom_root(circle_residual, CG(max_iter=1), batch_ndim=1, symmetric=True)(solver)(theta)
     assert seen == [False]
     assert x.requires_grad
     # 2 systems of size 1 converge in 1 CG step, so force failure with a tiny budget elsewhere:
@@ -250,8 +250,8 @@ def test_solver_runs_without_graph_and_nonconvergence_raises() -> None:
     Q = Qm @ Qm.T + 1e-3 * torch.eye(n, dtype=DT)
     gamma = torch.tensor(1e-3, dtype=DT)
     th = torch.randn(n, dtype=DT, requires_grad=True)
-    f = custom_root(convex_residual, CG(max_iters=2), symmetric=True)(newton)
-    with pytest.raises(ConvergenceError, match="max_iters"):
+    f = custom_root(convex_residual, CG(max_iter=2), symmetric=True)(newton)
+    with pytest.raises(ConvergenceError, match="max_iter"):
         f(th, Q, gamma).sum().backward()
     with pytest.raises(ConvergenceError, match="spectral radius"):
         custom_root(convex_residual, Neumann(alpha=10.0), symmetric=True)(newton)(

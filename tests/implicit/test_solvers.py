@@ -60,7 +60,7 @@ class Case:
 
 def _neumann(A: torch.Tensor) -> AbstractLinearSolver:
     lam_max = float(torch.linalg.eigvalsh(A).max())
-    return Neumann(terms=5000, alpha=1.0 / lam_max, rtol=1e-11)
+    return Neumann(max_iter=5000, alpha=1.0 / lam_max, rtol=1e-11)
 
 
 CASES = [
@@ -69,7 +69,7 @@ CASES = [
     Case("cg", lambda A: CG()),
     Case("minres", lambda A: MINRES(), symmetric=True),
     Case("gmres", lambda A: GMRES(), symmetric=True, general=True),
-    Case("gmres-restart3", lambda A: GMRES(restart=3, max_iters=5000), general=True),
+    Case("gmres-restart3", lambda A: GMRES(restart=3, max_iter=5000), general=True),
     Case("neumann", _neumann),
 ]
 
@@ -170,14 +170,14 @@ def test_ill_conditioned_dense_raises() -> None:
 def test_non_convergence_raises_with_advice_or_warns() -> None:
     A = spd(2, 30, cond=1e4)
     b = torch.randn(2, 30, dtype=DT)
-    with pytest.raises(ConvergenceError, match="max_iters"):
-        CG(max_iters=3).solve(MatrixOperator(A), b)
+    with pytest.raises(ConvergenceError, match="max_iter"):
+        CG(max_iter=3).solve(MatrixOperator(A), b)
     with pytest.raises(ConvergenceError, match="did not converge"):
-        MINRES(max_iters=3).solve(MatrixOperator(A), b)
+        MINRES(max_iter=3).solve(MatrixOperator(A), b)
     with pytest.raises(ConvergenceError, match="restart"):
-        GMRES(max_iters=3).solve(MatrixOperator(A), b)
+        GMRES(max_iter=3).solve(MatrixOperator(A), b)
     with pytest.warns(ConvergenceWarning):
-        sol = CG(max_iters=3, on_failure="warn").solve(MatrixOperator(A), b)
+        sol = CG(max_iter=3, on_failure="warn").solve(MatrixOperator(A), b)
     assert sol.status == Status.MAX_ITERS
     assert (sol.solution != 0).any()  # the partial iterate, never silent zeros
     assert (sol.residual_norm > 1e-3).all()
@@ -193,7 +193,7 @@ def test_neumann_diverges_on_kkt_matrix_and_raises() -> None:
     A = sym_indefinite(1, 6)
     lam_max = float(torch.linalg.eigvalsh(A).abs().max())
     with pytest.raises(ConvergenceError, match="spectral radius"):
-        Neumann(terms=200, alpha=1.0 / lam_max).solve(
+        Neumann(max_iter=200, alpha=1.0 / lam_max).solve(
             MatrixOperator(A), torch.randn(1, 6, dtype=DT)
         )
 
@@ -205,11 +205,11 @@ def test_neumann_truncation_error_is_rho_to_the_k() -> None:
     alpha = 1.0 / float(lam.max())
     rho = float((1 - alpha * lam).abs().max())
     for k in (1, 5, 20):
-        sol = Neumann(terms=k, alpha=alpha).solve(MatrixOperator(A), b)
+        sol = Neumann(max_iter=k, alpha=alpha).solve(MatrixOperator(A), b)
         assert sol.status == Status.APPROXIMATE and sol.iterations == k
         assert float(sol.residual_norm[0]) <= rho**k * float(b.norm()) * (1 + 1e-9)
     with pytest.raises(ConvergenceError):
-        Neumann(terms=5, alpha=alpha, rtol=1e-12).solve(MatrixOperator(A), b)
+        Neumann(max_iter=5, alpha=alpha, rtol=1e-12).solve(MatrixOperator(A), b)
 
 
 def test_bad_inputs_raise() -> None:
@@ -233,7 +233,7 @@ def test_gmres_stagnation_raises_early() -> None:
     A = torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=DT)
     b = torch.tensor([[1.0, 0.0]], dtype=DT)
     with pytest.raises(ConvergenceError, match="did not converge in 1 iterations"):
-        GMRES(restart=1, max_iters=500).solve(MatrixOperator(A), b)
+        GMRES(restart=1, max_iter=500).solve(MatrixOperator(A), b)
     sol = GMRES(restart=2).solve(MatrixOperator(A), b)
     torch.testing.assert_close(sol.solution, torch.linalg.solve(A, b[0]).unsqueeze(0))
 

@@ -1,7 +1,7 @@
 """The chain's custom_root hooks (closed-form θ-VJP, tree-shaped structured solve) change nothing.
 
 Each test computes the IFT gradient of ``regularized_argmax`` twice in float64: as shipped
-(``theta_vjp`` given, ``StructuredChainSolve.accepts_tree``), and with both hooks switched off
+(``ChainKKT.theta_cotangent``, ``StructuredChainSolve`` a tree solver), and with both switched off
 (custom_root then flattens, and differentiates the residual in θ by autograd).
 """
 
@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import structift as sf
-from structift.structures.base import AbstractKKTSystem
+from structift.implicit import AbstractLinearSolver, AbstractResidual
 from structift.structures.chain.regularized import ChainKKT
 from structift.variational import StructuredChainSolve, regularized_argmax
 from tests.seeding import examples, seeded
@@ -35,9 +35,28 @@ def _gradient(case: Case, params: dict, tau: float, linear: str, seed: int) -> l
     return list(torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True))
 
 
+class _FlatView(AbstractLinearSolver):
+    """A solver seen through its [B, N] interface only (custom_root then flattens)."""
+
+    def __init__(self, inner: AbstractLinearSolver) -> None:
+        self.inner = inner
+
+    def init(self, operator: Any) -> Any:
+        return self.inner.init(operator)
+
+    def solve(self, state: Any, rhs: torch.Tensor) -> Any:
+        return self.inner.solve(state, rhs)
+
+    def transpose(self, state: Any) -> Any:
+        return self.inner.transpose(state)
+
+
 def _without_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ChainKKT, "theta_cotangent", AbstractKKTSystem.theta_cotangent)
-    monkeypatch.setattr(StructuredChainSolve, "accepts_tree", False)
+    monkeypatch.setattr(ChainKKT, "theta_cotangent", AbstractResidual.theta_cotangent)
+    tree_solver = ChainKKT.structured_solver
+    monkeypatch.setattr(
+        ChainKKT, "structured_solver", lambda self, *a: _FlatView(tree_solver(self, *a))
+    )
 
 
 def _compare(case: Case, params: dict, tau: float, linear: str, seed: int) -> None:
@@ -80,26 +99,25 @@ def test_hooks_on_a_full_support_chain() -> None:
 
 
 def test_structured_solve_returns_the_tree_layout() -> None:
-    """The tree and flat right-hand sides give the same solution."""
+    """The tree and flat right-hand sides give the same solution; custom_root uses the tree."""
     g = seeded(4)
     unary = torch.randn(2, 4, 3, dtype=torch.float64, generator=g)
     binary = torch.randn(2, 3, 3, 3, dtype=torch.float64, generator=g)
     lengths = torch.tensor([4, 2])
     seen: list[type] = []
-    original = StructuredChainSolve.solve
+    original = StructuredChainSolve.solve_tree
 
     def spy(self: StructuredChainSolve, state: Any, rhs: Any) -> Any:
         seen.append(type(rhs))
         sol = original(self, state, rhs)
-        if not isinstance(rhs, torch.Tensor):
-            flat_rhs = torch.cat([r.reshape(2, -1) for r in rhs], -1)
-            flat = original(self, state, flat_rhs).solution
-            tree = torch.cat([x.reshape(2, -1) for x in sol.solution], -1)
-            torch.testing.assert_close(tree, flat, rtol=0, atol=0)
+        flat_rhs = torch.cat([r.reshape(2, -1) for r in rhs], -1)
+        flat = self.solve(state, flat_rhs).solution
+        tree = torch.cat([x.reshape(2, -1) for x in sol.solution], -1)
+        torch.testing.assert_close(tree, flat, rtol=0, atol=0)
         return sol
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(StructuredChainSolve, "solve", spy)
+        mp.setattr(StructuredChainSolve, "solve_tree", spy)
         u = unary.clone().requires_grad_(True)
         mu = regularized_argmax(sf.LinearChainCRF(u, binary, lengths), 1.0)
         torch.autograd.grad(mu.unary.sum() + mu.binary.sum(), u)

@@ -25,7 +25,7 @@ from tests.variational.cases import CASE_IDS, CASES, Case, temperatures
 LINEAR_SOLVERS = {
     "structured": "structured",
     "dense": Dense(),
-    "minres": MINRES(rtol=1e-13, max_iters=20_000),
+    "minres": MINRES(rtol=1e-13, max_iter=20_000),
 }
 
 
@@ -253,8 +253,8 @@ def test_neumann_diverges_on_the_kkt_system_and_cg_on_normal_equations_converges
         torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(2, 4, 3, 3, dtype=torch.float64)
     )
     with pytest.raises(ConvergenceError, match="diverges"):
-        check_ift(crf, 1.0, linear_solver=Neumann(terms=50, alpha=0.5))
-    cg = NormalEquations(CG(rtol=1e-13, max_iters=5000))
+        check_ift(crf, 1.0, linear_solver=Neumann(max_iter=50, alpha=0.5))
+    cg = NormalEquations(CG(rtol=1e-13, max_iter=5000))
     _assert_close(check_ift(crf, 1.0, linear_solver=cg, generator=_gen()), 1e-10)
 
 

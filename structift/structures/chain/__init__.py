@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from structift.structures.chain import _primitives
+from structift.structures.chain import _kbest, _primitives
 from structift.structures.chain._decode import score
 from structift.structures.chain._local import entropy, kl
 from structift.structures.chain.backends import (
@@ -58,6 +58,7 @@ __all__ = [
     "resolve",
     "sample",
     "score",
+    "topk",
     "use_backend",
     "viterbi",
 ]
@@ -194,6 +195,26 @@ def viterbi(
     with torch.no_grad():
         tags = _primitives.viterbi_tags(unary, binary, lengths, resolve(backend, unary))
     return tags, score(unary, binary, lengths, tags)
+
+
+def topk(unary: Tensor, binary: Tensor, lengths: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Find the ``k`` highest-scoring tag sequences, exactly (k-best Viterbi, ``_kbest``).
+
+    One torch loop on every device and backend. Paths of equal score come in ascending
+    lexicographic order of the reversed sequence (lower last tag first, then lower
+    second-to-last, ...), which for ``k = 1`` is ``viterbi``'s rule.
+
+    Args:
+        unary, binary, lengths: as in ``log_partition``.
+        k: the number of paths, an int ``>= 1`` (not validated here; the families check it).
+
+    Returns:
+        ``(tags LongTensor [k, B, T], scores [k, B])``, best first. ``scores[r]`` is
+        ``score(unary, binary, lengths, tags[r])`` (differentiable). Where a sequence has fewer
+        than ``k`` finite-score paths, the missing ranks have score ``-inf`` and tags 0.
+    """
+    _check(unary, binary, lengths)
+    return _kbest.topk(unary, binary, lengths, k)
 
 
 def sample(

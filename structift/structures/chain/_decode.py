@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from structift._ops import lengths_to_mask
-from structift.semiring import Max
 from structift.structures.chain import _log
 
 
@@ -24,18 +24,29 @@ def score(unary: Tensor, binary: Tensor, lengths: Tensor, tags: Tensor) -> Tenso
     Returns:
         ``[B]`` scores (``-inf`` if the sequence uses a forbidden potential).
     """
-    B, T, Z = unary.shape
+    B, T, _ = unary.shape
     mask = lengths_to_mask(lengths.to(unary.device), T)
     tags = torch.where(mask, tags, torch.zeros_like(tags))
     zero = unary.new_zeros(())
     u = unary.gather(2, tags.unsqueeze(-1)).squeeze(-1)  # shape: (B, T)
     total = torch.where(mask, u, zero).sum(-1)
     if T > 1:
-        flat = _log.expand_binary(binary, B, T, Z).reshape(B, T - 1, Z * Z)
-        pair = (tags[:, :-1] * Z + tags[:, 1:]).unsqueeze(-1)
-        e = flat.gather(2, pair).squeeze(-1)  # shape: (B, T-1)
+        # Index the stored blocks (a shared [Z, Z] is read as is), never the expanded view:
+        # the backward of a gather on an expanded view allocates the full [B, T-1, Z, Z].
+        base = binary
+        while base.dim() < 4:
+            base = base.unsqueeze(0)
+        rows = torch.arange(B, device=unary.device)[:, None] if base.shape[0] > 1 else 0
+        steps = torch.arange(T - 1, device=unary.device)[None, :] if base.shape[1] > 1 else 0
+        e = base[rows, steps, tags[:, :-1], tags[:, 1:]]  # shape: (B, T-1)
         total = total + torch.where(mask[:, 1:], e, zero).sum(-1)
     return total
+
+
+# From this many states on, the forward pass keeps only the maxima (``amax`` is many times
+# faster than ``max`` with indices over a [Z, B, Z] block) and the back-pointers are recomputed
+# while backtracking, one [B, Z] row a step (ties resolve identically: same sums, first index).
+RECOMPUTE_POINTERS_FROM = 16
 
 
 def viterbi(unary: Tensor, binary: Tensor, lengths: Tensor) -> Tensor:
@@ -45,27 +56,127 @@ def viterbi(unary: Tensor, binary: Tensor, lengths: Tensor) -> Tensor:
     ``matvec`` with back-pointers, messages centred at every step (the argmax is
     shift-invariant, and centring keeps float32 ties as resolvable at step 10,000 as at step 1).
     Ties go to the lowest state. Tags beyond each length are 0.
+
+    Each step is six ops on preallocated buffers, none for padding (the per-op overhead is the
+    whole cost for small ``B Z``). The scores are laid out ``[from, B, to]``, so the max over
+    ``from`` is an element-wise maximum of contiguous ``[B, Z]`` slices (vectorised for any ``Z``; a
+    reduction over the last dimension is not). For ``Z < RECOMPUTE_POINTERS_FROM`` the
+    back-pointers are taken in the forward pass; from there on only the centred messages are
+    kept and each pointer is recomputed as ``argmax_i alpha_{t-1}[i] + binary[i, z_t]`` while
+    backtracking.
     """
     with torch.no_grad():
         B, T, Z = unary.shape
-        b = _log.expand_binary(binary, B, T, Z)
-        mask = lengths_to_mask(lengths.to(unary.device), T)
-        ident = torch.arange(Z, device=unary.device).expand(B, Z)
-        alpha = _centre(unary[:, 0])
-        pointers = []
+        device = unary.device
+        lengths = lengths.to(device)
+        mask = lengths_to_mask(lengths, T)
+        blocks = _blocks(binary, B, T)
+        recompute = Z >= RECOMPUTE_POINTERS_FROM
+        lowest = torch.finfo(unary.dtype).min
+        U = unary.transpose(0, 1)  # shape: (T, B, Z), a view
+        pointers = torch.empty(0 if recompute else max(T - 1, 0), B, Z, dtype=torch.long,
+                               device=device)  # fmt: skip
+        alphas = unary.new_empty(T, B, Z)
+        P, A = pointers.unbind(0), alphas.unbind(0)
+        cand = unary.new_empty(Z, B, Z)
+        top = unary.new_empty(B, 1)
+        A[0].copy_(_centre(unary[:, 0]))
+        # Steps past a row's length run on (rows never mix; padding may hold anything, even
+        # NaN): the final state is read at L - 1 and backtracking starts there.
         for t in range(1, T):
-            best, arg = Max.matvec_argmax(alpha, b[:, t - 1])  # shape: (B, Z)
-            valid = mask[:, t, None]
-            alpha = torch.where(valid, _centre(best + unary[:, t]), alpha)
-            # Padding points each state to itself, so backtracking carries the last tag through.
-            pointers.append(torch.where(valid, arg, ident))
-        last = alpha.argmax(dim=-1)
-        tags = [last]
-        for ptr in reversed(pointers):
-            last = ptr.gather(1, last.unsqueeze(-1)).squeeze(-1)
-            tags.append(last)
-        path = torch.stack(tags[::-1], dim=1)
+            blk = blocks[0] if len(blocks) == 1 else blocks[t - 1]
+            torch.add(A[t - 1].T.unsqueeze(-1), blk, out=cand)  # cand[i, b, j], (Z, B, Z)
+            new = A[t]
+            if recompute:
+                torch.amax(cand, dim=0, out=new)
+            else:
+                torch.max(cand, dim=0, out=(new, P[t - 1]))  # ties: the first (lowest) i
+            new.add_(U[t])
+            # Centre: subtract the row maximum; clamping keeps all--inf rows at -inf (no NaN).
+            torch.amax(new, -1, keepdim=True, out=top)
+            new.sub_(top.clamp_min_(lowest))
+        rows = torch.arange(B, device=device)
+        last = alphas[(lengths - 1).clamp_min(0), rows].argmax(dim=-1)
+        if recompute:
+            path = _backtrack_recompute(alphas, blocks, mask, last)
+        else:
+            path = _backtrack(pointers, mask, last)
         return torch.where(mask, path, torch.zeros_like(path))
+
+
+def _blocks(binary: Tensor, B: int, T: int) -> list[Tensor]:
+    """The transition blocks as ``[from, 1 or B, to]`` views: one if shared over time."""
+    b = binary
+    while b.dim() < 4:
+        b = b.unsqueeze(0)
+    if b.shape[0] > 1 and b.stride(0) == 0:
+        b = b[:1]
+    if b.shape[1] > 1 and b.stride(1) == 0:
+        b = b[:, :1]
+    if T < 2:
+        return []
+    b = b.permute(1, 2, 0, 3)  # shape: (Tb, from, Bb, to)
+    return [b[0]] if b.shape[0] == 1 else list(b.unbind(0))
+
+
+def _backtrack(pointers: Tensor, mask: Tensor, last: Tensor) -> Tensor:
+    """Follow ``pointers`` ``[T-1, B, Z]`` back from the final states ``last`` ``[B]``.
+
+    Row ``b`` starts at position ``L_b - 1``: beyond it the state is carried unchanged.
+    """
+    n, B = pointers.shape[0], last.shape[0]
+    if pointers.device.type == "cpu":
+        # One numpy fancy-index a step costs a fraction of a torch gather's dispatch.
+        ptr, V = pointers.numpy(), mask.numpy()
+        rows = np.arange(B)
+        out = np.empty((B, n + 1), dtype=np.int64)
+        state = last.numpy()
+        out[:, n] = state
+        for t in range(n - 1, -1, -1):
+            state = np.where(V[:, t + 1], ptr[t, rows, state], state)
+            out[:, t] = state
+        return torch.from_numpy(out)
+    tags = [last]
+    for t in range(n - 1, -1, -1):
+        prev = pointers[t].gather(1, last.unsqueeze(-1)).squeeze(-1)
+        last = torch.where(mask[:, t + 1], prev, last)
+        tags.append(last)
+    return torch.stack(tags[::-1], dim=1)
+
+
+def _backtrack_recompute(
+    alphas: Tensor, blocks: list[Tensor], mask: Tensor, last: Tensor
+) -> Tensor:
+    """Backtrack with pointers recomputed: ``z_{t-1} = argmax_i alphas[t-1, i] + W_t[i, z_t]``.
+
+    ``alphas`` ``[T, B, Z]`` are the forward pass's centred messages and ``blocks`` its
+    ``[from, 1 or B, to]`` transition blocks: the sums are the forward pass's own, so the first
+    maximal index is the pointer it would have stored. Padding (``t >= L``) keeps the state.
+    """
+    T, B, _ = alphas.shape
+    if alphas.device.type == "cpu":
+        A, V = alphas.numpy(), mask.numpy()
+        W = [blk.numpy() for blk in blocks]
+        rows = np.arange(B)
+        out = np.empty((B, T), dtype=np.int64)
+        state = last.numpy()
+        out[:, T - 1] = state
+        for t in range(T - 1, 0, -1):
+            w = W[0] if len(W) == 1 else W[t - 1]
+            col = w[:, 0, state] if w.shape[1] == 1 else w[:, rows, state]  # shape: (Z, B)
+            prev = (A[t - 1] + col.T).argmax(-1)  # numpy: the first maximal index
+            state = np.where(V[:, t], prev, state)
+            out[:, t - 1] = state
+        return torch.from_numpy(out)
+    rows_t = torch.arange(B, device=alphas.device)
+    tags = [last]
+    for t in range(T - 1, 0, -1):
+        blk = blocks[0] if len(blocks) == 1 else blocks[t - 1]
+        col_t = blk[:, 0, last] if blk.shape[1] == 1 else blk[:, rows_t, last]  # shape: (Z, B)
+        prev_t = (alphas[t - 1] + col_t.T).argmax(-1)
+        last = torch.where(mask[:, t], prev_t, last)
+        tags.append(last)
+    return torch.stack(tags[::-1], dim=1)
 
 
 def _centre(alpha: Tensor) -> Tensor:

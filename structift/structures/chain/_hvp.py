@@ -92,7 +92,7 @@ def hvp(
         mv_from = mv_to = mu_u.new_zeros(B, T - 1, Z)
     else:
         mv = mu_b * v_b.to(mu_b.dtype)
-        mv.masked_fill_(~mask[:, 1:, None, None], 0.0)  # padding directions may hold anything
+        mv = torch.where(mask[:, 1:, None, None], mv, 0.0)  # padding directions: anything
         mv_from, mv_to = mv.sum(-1), mv.sum(-2)  # shape: (B, T-1, Z)
     p_from, p_to = mu_b.sum(-1), mu_b.sum(-2)  # p(z_t = i), p(z_{t+1} = j): (B, T-1, Z)
     inv_from, inv_to = _inverse(p_from), _inverse(p_to)
@@ -108,7 +108,7 @@ def hvp(
     left, right = ra_all[:, :-1], vu[:, 1:] + rb_all[:, 1:]
     mean = (p_from * left).sum(-1) + (p_to * right).sum(-1) + mv_from.sum(-1)
     h_b = mu_b * (left - mean[..., None]).unsqueeze(-1)
-    h_b.addcmul_(mu_b, right.unsqueeze(-2))
+    h_b = torch.addcmul(h_b, mu_b, right.unsqueeze(-2))  # out of place: vmap has a rule
     if mv is not None:
         h_b += mv
     return h_u, h_b

@@ -25,18 +25,15 @@ import torch
 from torch import Tensor
 
 from structift._ops import lengths_to_mask, sum_to_shape
-from structift.structures.chain import _hvp, _log
-from structift.structures.chain.backends import AbstractChainBackend
+from structift.structures.chain import _hvp
+from structift.structures.chain.backends import REGISTRY, AbstractChainBackend
 
 _LOW = (torch.float16, torch.bfloat16)
-_REGISTRY: dict[str, AbstractChainBackend] = {}
 
 
 def backend_key(backend: AbstractChainBackend) -> str:
-    """Register ``backend`` (an immutable value) and return the string the operators take."""
-    key = repr(backend)
-    _REGISTRY.setdefault(key, backend)
-    return key
+    """The string the operators take for ``backend`` (registered when it was created)."""
+    return backend.key
 
 
 def _work(x: Tensor) -> Tensor:
@@ -71,7 +68,7 @@ def _posterior_op(
     ``mu_binary`` is ``[B, T-1, Z, Z]`` if ``full``, else summed over time where ``binary`` is
     shared over time (``reduced_binary_shape``), or an empty ``[0]`` without ``want_binary``.
     """
-    engine = _REGISTRY[backend]
+    engine = REGISTRY[backend]
     u, b = _work(unary), _work(binary)
     B, T, Z = u.shape
     shape = (B, T - 1, Z, Z) if full else reduced_binary_shape(u, b)
@@ -96,7 +93,7 @@ def _(unary, binary, lengths, backend, full, want_binary):
 @torch.library.custom_op("structift::chain_log_partition", mutates_args=())
 def _log_partition_op(unary: Tensor, binary: Tensor, lengths: Tensor, backend: str) -> Tensor:
     """``log Z [B]`` in the working dtype (the forward pass only)."""
-    log_z, _ = _REGISTRY[backend].forward(_work(unary), _work(binary), lengths, eager=False)
+    log_z, _ = REGISTRY[backend].forward(_work(unary), _work(binary), lengths, eager=False)
     return log_z
 
 
@@ -111,7 +108,7 @@ def _hvp_op(
 ) -> tuple[Tensor, Tensor]:
     """``H v`` from the marginals (``_hvp.hvp``); an empty ``v_b`` means no binary direction."""
     mask = lengths_to_mask(lengths.to(mu_u.device), mu_u.shape[1])
-    sweeps = _REGISTRY[backend].sweeps
+    sweeps = REGISTRY[backend].sweeps
     return _hvp.hvp(mu_u, mu_b, mask, v_u, v_b if v_b.numel() else None, sweeps=sweeps)
 
 
@@ -123,7 +120,7 @@ def _(mu_u, mu_b, lengths, v_u, v_b, backend):
 @torch.library.custom_op("structift::chain_viterbi", mutates_args=())
 def _viterbi_op(unary: Tensor, binary: Tensor, lengths: Tensor, backend: str) -> Tensor:
     """MAP tags ``[B, T]`` (LongTensor)."""
-    return _REGISTRY[backend].viterbi(_work(unary), _work(binary), lengths)
+    return REGISTRY[backend].viterbi(_work(unary), _work(binary), lengths)
 
 
 @_viterbi_op.register_fake
@@ -250,8 +247,11 @@ def _first_order(backend, mu_u, mu_b, lengths, g_z, v_u, v_b):
     g_u = g_b = None
     if g_z is not None:
         g = g_z.to(mu_u.dtype)
-        g_u = mu_u * g[:, None, None]
-        g_b = mu_b * g[:, None, None, None] if mu_b is not None else None
+        if _all_ones(g):  # the gradient of a sum: the saved marginals are the answer
+            g_u, g_b = mu_u, mu_b
+        else:
+            g_u = mu_u * g[:, None, None]
+            g_b = mu_b * g[:, None, None, None] if mu_b is not None else None
     if v_u is not None or v_b is not None:
         assert mu_b is not None  # cotangents on the marginals: the full marginals were formed
         B, T, Z = mu_u.shape
@@ -263,32 +263,39 @@ def _first_order(backend, mu_u, mu_b, lengths, g_z, v_u, v_b):
     return g_u, g_b
 
 
+def _all_ones(g: Tensor) -> bool:
+    """Whether ``g`` is all ones, checked only where that is free (on the host).
+
+    Returning the saved marginals then saves a pass over them (for per-(b, t) transitions,
+    the largest tensor of the computation). Autograd never writes into a returned gradient
+    it does not own (it copies before accumulating), so the saved tensors stay intact for a
+    second backward.
+    """
+    return g.device.type == "cpu" and bool((g == 1).all())
+
+
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return b if a is None else a if b is None else a + b
 
 
 def _higher_order(ctx, unary, binary, lengths, g_z, v_u, v_b):
-    """``g_z mu + H v`` rebuilt differentiably (see ``_Posterior``), shaped like the inputs."""
+    """``g_z mu + H v`` rebuilt differentiably (see ``_Posterior``), shaped like the inputs.
+
+    ``mu`` comes from ``_Posterior`` again (its backward is the HVP), and ``H v`` from the HVP's
+    plain-torch form ``_hvp.hvp(mu, v)``, an exact function of the marginals: autograd through
+    it (chain rule through ``mu``) gives the third derivatives. No ``torch.autograd.grad``
+    runs inside, so this also works under ``torch.func`` transforms.
+    """
+    _, mu_u, mu_b = _Posterior.apply(unary, binary, lengths, ctx.backend, True, True)
     g_u = g_b = None
     if g_z is not None:
-        _, mu_u, mu_b = _Posterior.apply(unary, binary, lengths, ctx.backend, True, True)
         g_u = mu_u * g_z[:, None, None].to(mu_u.dtype)
-        g_b = sum_to_shape(mu_b * g_z[:, None, None, None].to(mu_b.dtype), binary.shape)
+        g_b = mu_b * g_z[:, None, None, None].to(mu_b.dtype)
     if v_u is not None or v_b is not None:
-        flags = ctx.needs_input_grad[:2]
-        inputs = [x for x, need in zip((unary, binary), flags) if need]
-        _, mu_u, mu_b = _log.forward_backward(unary, binary, lengths)
-        pairs = [(m, v) for m, v in ((mu_u, v_u), (mu_b, v_b)) if v is not None]
-        grads = iter(
-            torch.autograd.grad(
-                [m for m, _ in pairs], inputs, [v for _, v in pairs], create_graph=True,
-                allow_unused=True,
-            )
-        )  # fmt: skip
-        h_u = next(grads) if flags[0] else None
-        h_b = next(grads) if flags[1] else None
+        mask = lengths_to_mask(lengths.to(mu_u.device), mu_u.shape[1])
+        h_u, h_b = _hvp.hvp(mu_u, mu_b, mask, v_u, v_b)
         g_u, g_b = _add(g_u, h_u), _add(g_b, h_b)
-    return g_u, g_b
+    return g_u, None if g_b is None else sum_to_shape(g_b, binary.shape)
 
 
 def posterior(

@@ -185,18 +185,23 @@ def forward(
     if not expu.is_contiguous():
         expu = expu.contiguous()
 
-    alpha, scale = _alpha_pass(trans, expu, mask, min_len)
-    inc = torch.log(scale) + u_shift.T
-    if T > 1:
-        inc[1:] += trans.shift.expand(B, T - 1).T
-    log_z = torch.where(mask, inc, torch.zeros_like(inc)).sum(0) + torch.log(alpha[-1].sum(-1))
-
     eager = eager and trans.full and eager_on(u.device)
-    if eager:
-        beta, norm = _beta_pass_eager(trans, expu, alpha, scale, mask, min_len)
-    else:
-        beta = _beta_pass(trans, expu, mask, min_len)
+    if trans.Bb == 1 and trans.Tb == 1 and T > 1 and not eager:
+        # One shared block: both recursions in one loop of stacked ops (half the op count).
+        alpha, scale, beta, log_z = _paired_passes(trans, expu, mask, lengths, min_len, u_shift)
         norm = torch.linalg.vecdot(alpha, beta)  # shape: (T, B)
+    else:
+        alpha, scale = _alpha_pass(trans, expu, mask, min_len)
+        inc = torch.log(scale) + u_shift.T
+        if T > 1:
+            inc[1:] += trans.shift.expand(B, T - 1).T
+        log_z = torch.where(mask, inc, torch.zeros_like(inc)).sum(0)
+        log_z = log_z + torch.log(alpha[-1].sum(-1))
+        if eager:
+            beta, norm = _beta_pass_eager(trans, expu, alpha, scale, mask, min_len)
+        else:
+            beta = _beta_pass(trans, expu, mask, min_len)
+            norm = torch.linalg.vecdot(alpha, beta)  # shape: (T, B)
 
     # Certificate (module docstring); NaN compares False, so NaN rows fail it too.
     thr = certified_threshold(u.dtype)
@@ -253,6 +258,74 @@ def _alpha_pass(
         if t >= min_len:  # padding keeps the last valid message
             torch.where(M[t].unsqueeze(-1), at, A[t - 1], out=at)
     return alpha, scale.squeeze(-1)
+
+
+def _paired_passes(
+    trans: Transitions,
+    expu: Tensor,
+    mask: Tensor,
+    lengths: Tensor,
+    min_len: int,
+    u_shift: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``alpha``, ``S`` and ``beta`` as ``_alpha_pass``/``_beta_pass``, and ``log Z``, in one loop.
+
+    For one shared block ``E`` both recursions take the form ``v <- norm((e ⊙ v) E')`` if the
+    forward one carries the pre-emission message ``a_t = norm(alpha_{t-1} E)`` (``a_0 = 1``)
+    instead of ``alpha_t = norm(e_t ⊙ a_t)``, so step ``s`` computes ``a_s`` and a backward
+    message as one ``[2, B, Z] @ [2, Z, Z]`` product, normalised together (every vector keeps
+    maximum 1, as in the separate passes): four ops a step for both recursions.
+
+    The backward half runs each row from its own end: step ``s`` of row ``b`` computes
+    ``beta_{L_b - 1 - s}`` from the emissions reversed within the row, starting at
+    ``beta_{L_b - 1} = 1``, so no step needs a padding ``where`` (steps past a row's end, in
+    either half, compute values that are never read: rows do not mix). Afterwards, with
+    ``s_t`` the maximum of ``a_t`` before normalisation and ``m_t = max(e_t ⊙ a_t)``:
+    ``alpha_t = e_t ⊙ a_t / m_t``, ``S_0 = m_0``, ``S_t = s_t m_t / m_{t-1}`` and
+    ``log Z = sum_{0<t<L} (log s_t + shift) + sum_{t<L} n_t + log sum(e_{L-1} ⊙ a_{L-1})``.
+    Padding is then filled as the separate passes leave it: ``alpha`` copies the last valid
+    message and ``beta`` is 1 from ``L - 1`` on.
+    """
+    T, B, Z = expu.shape
+    E = trans.E[0, 0]
+    mats = torch.stack([E, E.T]).contiguous()  # shape: (2, Z, Z)
+    steps = torch.arange(T, device=expu.device)[:, None]  # shape: (T, 1)
+    last = (lengths - 1).clamp_min(0)  # shape: (B,)
+    # rev[s, b] = L_b - 1 - s: the position of row b that step s of the backward half is at.
+    rev = (last[None, :] - steps).clamp_min(0)  # shape: (T, B)
+    uniform = min_len == T  # every row has length T: reversing within rows is a flip
+    back = expu.flip(0) if uniform else expu.gather(0, rev[..., None].expand(T, B, Z))
+    emit = torch.stack([expu, back], 1)  # step s multiplies its inputs by emit[s - 1]
+    msg = expu.new_empty(T, 2, B, Z)  # msg[s] = (a_s, beta_{L-1-s})
+    top = expu.new_empty(T, 2, B, 1)
+    msg[0].fill_(1.0)
+    top[0].fill_(1.0)
+    V = expu.new_empty(2, B, Z)
+    Ms, Xs, Ts = msg.unbind(0), emit.unbind(0), top.unbind(0)
+    for s in range(1, T):
+        cur = Ms[s]
+        torch.mul(Ms[s - 1], Xs[s - 1], out=V)
+        torch.bmm(V, mats, out=cur)
+        torch.amax(cur, -1, keepdim=True, out=Ts[s])
+        cur.div_(Ts[s])
+    rows = torch.arange(B, device=expu.device)
+    alpha_raw = expu * msg[:, 0]  # e_t ⊙ a_t, shape: (T, B, Z)
+    log_z = torch.log(alpha_raw[last, rows].sum(-1))
+    inc = u_shift.T.clone()  # shape: (T, B)
+    inc[1:] += torch.log(top[1:, 0, :, 0]) + trans.shift.reshape(())
+    log_z = log_z + torch.where(mask, inc, torch.zeros_like(inc)).sum(0)
+    m = alpha_raw.amax(-1)  # shape: (T, B)
+    alpha = alpha_raw.div_(m[..., None])
+    if not uniform:  # positions past some row's end copy that row's last message
+        tail = alpha[min_len:]
+        torch.where(mask[min_len:, :, None], tail, alpha[last, rows][None], out=tail)
+    scale = torch.empty_like(m)
+    scale[0] = m[0]
+    scale[1:] = top[1:, 0, :, 0] * m[1:] / m[:-1]
+    # beta[t] = msg[L-1-t, 1]; from t = L-1 on, rev is 0 and msg[0] = 1, as wanted.
+    back_msg = msg[:, 1]
+    beta = back_msg.flip(0) if uniform else back_msg.gather(0, rev[..., None].expand(T, B, Z))
+    return alpha, scale, beta, log_z
 
 
 def _beta_pass(trans: Transitions, expu: Tensor, mask: Tensor, min_len: int) -> Tensor:

@@ -64,6 +64,14 @@ class AbstractChainBackend(abc.ABC):
 
     name: ClassVar[str]
 
+    @property
+    def key(self) -> str:
+        """A string that identifies this backend and its settings (the operators take it)."""
+        return self.name
+
+    def __post_init__(self) -> None:
+        REGISTRY.setdefault(self.key, self)  # the operators find a backend by its key
+
     def can_run(self, unary: Tensor) -> bool:
         """Whether this engine runs on these potentials (device, size, installed software)."""
         return True
@@ -104,6 +112,10 @@ class AbstractChainBackend(abc.ABC):
         generator: torch.Generator | None,
     ) -> Tensor:
         """Exact samples LongTensor ``[*sample_shape, B, T]``, 0 beyond each length."""
+
+
+REGISTRY: dict[str, AbstractChainBackend] = {}
+"""Every backend by its ``key`` (custom operators take strings, not objects)."""
 
 
 class _LoopDecoding(AbstractChainBackend):
@@ -191,6 +203,10 @@ class Fused(AbstractChainBackend):
     warps: int | None = None
     prefetch: bool | None = None
 
+    @property
+    def key(self) -> str:
+        return f"fused/{self.warps}/{self.prefetch}"
+
     def can_run(self, unary: Tensor) -> bool:
         return _fused.supports(unary)
 
@@ -229,6 +245,9 @@ class Fused(AbstractChainBackend):
     ) -> Tensor:
         return _fused_decode.sample(unary, binary, lengths, sample_shape, generator)
 
+
+for _default in (Log(), Scaled(), Fused()):  # registered at import, before any tracing
+    REGISTRY.setdefault(_default.key, _default)
 
 BackendSpec = AbstractChainBackend | str | None
 _NAMES: dict[str, type[AbstractChainBackend]] = {"log": Log, "scaled": Scaled, "fused": Fused}
@@ -276,6 +295,7 @@ def use_backend(backend: BackendSpec) -> Iterator[None]:
         _CURRENT.reset(token)
 
 
+@torch.compiler.assume_constant_result
 def current_backend() -> BackendSpec:
     """The choice in effect: the innermost ``use_backend``, else the configured default name."""
     spec = _CURRENT.get()

@@ -122,7 +122,7 @@ def chain_kkt_residual(
     module docstring for the system and the restriction to the support.
 
     Args:
-        z: the point, a :class:`ChainKKTPoint`.
+        z: the point, a `ChainKKTPoint`.
         unary: θ node potentials ``[B, T, Z]`` (may hold −inf).
         binary: θ edge potentials ``[B, T-1, Z, Z]`` laid out ``[from, to]`` (may hold −inf).
         lengths: LongTensor ``[B]``.
@@ -131,7 +131,7 @@ def chain_kkt_residual(
             Pass the masks of the solution to keep F differentiable in z with a fixed support.
 
     Returns:
-        The residual as a :class:`ChainKKTPoint` of the same shapes (a stationarity residual in
+        The residual as a `ChainKKTPoint` of the same shapes (a stationarity residual in
         the μ slots, a constraint residual in the dual slots).
     """
     m, M, alpha, beta, nu = z
@@ -179,7 +179,7 @@ def chain_duals(
 ) -> ChainKKTPoint:
     """Recover the duals (α, β, ν) of a chain solution by one backward sweep.
 
-    Solves the stationarity equations for the duals given μ (see :func:`dual_sweep`). Works
+    Solves the stationarity equations for the duals given μ (see `dual_sweep`). Works
     for μ from any solver; at μ* every stationarity row is then exactly zero.
 
     Args:
@@ -214,7 +214,7 @@ def dual_sweep(
 
     Args:
         base_node: ``[B, T, Z]``; base_edge: ``[B, T-1, Z, Z]``; mu_unary, mu_binary: the
-            marginals that weight the averages; support: masks from :func:`chain_support`.
+            marginals that weight the averages; support: masks from `chain_support`.
 
     Returns:
         ``alpha`` ``[B, T-1, Z]``, ``beta`` ``[B, T-1, Z]``, ``nu`` ``[B]``.
@@ -259,15 +259,15 @@ def chain_kkt_matvec(
     """Multiply the KKT matrix K = ∂F/∂z at ``point`` by ``direction``, without autograd.
 
     K is symmetric; on the support it is [[H, −Jᵀ], [−J, 0]] with H = diag(−τ/M on edges,
-    τ c_t/m on nodes), off the support the identity (see :func:`chain_kkt_residual`).
+    τ c_t/m on nodes), off the support the identity (see `chain_kkt_residual`).
 
     Args:
         point: the linearization point (its marginals define H).
-        direction: a :class:`ChainKKTPoint` of the same shapes.
-        lengths: LongTensor ``[B]``; temperature: τ; support: masks from :func:`chain_support`.
+        direction: a `ChainKKTPoint` of the same shapes.
+        lengths: LongTensor ``[B]``; temperature: τ; support: masks from `chain_support`.
 
     Returns:
-        ``K @ direction`` as a :class:`ChainKKTPoint`.
+        ``K @ direction`` as a `ChainKKTPoint`.
     """
     S, tau = support, temperature
     m, M = point.mu_unary, point.mu_binary

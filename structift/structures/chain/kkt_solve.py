@@ -1,6 +1,6 @@
 """The structured exact solve of the chain KKT system (a linear solver object).
 
-On the support, the KKT matrix of the chain problem (see :mod:`~structift.structures.chain.kkt`)
+On the support, the KKT matrix of the chain problem (see `structift.structures.chain.kkt`)
 
     K = [[ H, −Jᵀ],        H = τ∇²H_Bethe(μ) = diag(−τ/M on edges, τ c_t/m on nodes)
          [−J,   0 ]]
@@ -16,7 +16,7 @@ A_τ(θ) = τ A(θ/τ). The covariance product is computed from μ alone by the 
 recursions of the chain's one HVP (``Chain.hvp``, on the support: the
 Schur complements of the block-bidiagonal system, eliminated position by position), and the
 dual block of the solution by the backward sweep of
-:func:`~structift.structures.chain.kkt.dual_sweep`. Cost: O(T Z²) time, O(T Z) memory beyond
+`structift.structures.chain.kkt.dual_sweep`. Cost: O(T Z²) time, O(T Z) memory beyond
 the marginals, whatever solver produced μ.
 """
 
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from structift.implicit.operators import AbstractLinearOperator
-from structift.implicit.solvers import AbstractLinearSolver, LinearSolution, Status
+from structift.implicit.solvers import AbstractTreeSolver, LinearSolution, Status
 from structift.structures.chain.kkt import (
     ChainKKTPoint,
     _entropy_coefficients,
@@ -49,20 +49,20 @@ def _ratio(num: Tensor, den: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, num / torch.where(mask, den, 1.0), 0.0)
 
 
-class StructuredChainSolve(AbstractLinearSolver):
+class StructuredChainSolve(AbstractTreeSolver):
     """Exact solve of the chain KKT system at a solution, by covariance recursions.
 
     Bound to one solution (its marginals, lengths, temperature and support); used as the
-    ``linear_solver`` of :func:`structift.implicit.custom_root` for the unscaled chain residual.
-    K is symmetric, so ``transpose`` is the identity. It ``accepts_tree``: custom_root hands
-    it the cotangent as a :class:`~structift.structures.chain.kkt.ChainKKTPoint` and gets the
-    solution back in that layout, with no flattening. The right-hand side must have a zero
-    dual block (which is what the IFT backward of a function returning only μ produces);
+    ``linear_solver`` of `structift.implicit.custom_root` for the unscaled chain residual.
+    K is symmetric, so ``transpose`` is the identity. A tree solver: custom_root hands it the
+    cotangent as a `structift.structures.chain.kkt.ChainKKTPoint` (``solve_tree``)
+    and gets the solution back in that layout, with no flattening. The right-hand side must
+    have a zero dual block (which is what the IFT backward of a function returning only μ produces);
     otherwise a ``ValueError`` is raised.
 
     Args:
-        point: the solution, a :class:`~structift.structures.chain.kkt.ChainKKTPoint`.
-        structure: the :class:`~structift.structures.chain.Chain` (its lengths and its HVP).
+        point: the solution, a `structift.structures.chain.kkt.ChainKKTPoint`.
+        structure: the `structift.structures.chain.Chain` (its lengths and its HVP).
         temperature: τ > 0.
         support: the support masks the residual was restricted to.
         check: also solve for the dual block, measure the true residual ‖rhs − K x‖ (one
@@ -72,8 +72,6 @@ class StructuredChainSolve(AbstractLinearSolver):
             because ∂F/∂θ vanishes on the dual rows and off the support.
         rtol: relative tolerance of that check (default sqrt(eps) of the dtype).
     """
-
-    accepts_tree = True
 
     def __init__(
         self,
@@ -105,15 +103,19 @@ class StructuredChainSolve(AbstractLinearSolver):
         parts = torch.split(flat, self.sizes, dim=-1)
         return [p.reshape(flat.shape[0], *s) for p, s in zip(parts, self.shapes)]
 
-    def solve(self, state: Any, rhs: Tensor | ChainKKTPoint) -> LinearSolution:
-        """Solve ``K x = rhs`` (zero dual block).
+    def solve(self, state: Any, rhs: Tensor) -> LinearSolution:
+        """Solve ``K x = rhs`` (zero dual block) for ``rhs`` ``[B, N]``."""
+        x, rnorm = self._solve(self._unflatten(rhs))
+        B = rhs.shape[0]
+        flat = torch.cat([p.reshape(B, -1) for p in x], dim=-1)
+        return LinearSolution(flat, rnorm, 0, Status.SUCCESS)
 
-        ``rhs`` is either ``[B, N]`` (the solution is then ``[B, N]``) or a
-        :class:`~structift.structures.chain.kkt.ChainKKTPoint` (``accepts_tree``: the
-        solution is then a ChainKKTPoint too, and nothing is flattened).
-        """
-        tree = not isinstance(rhs, Tensor)
-        parts = self._unflatten(rhs) if isinstance(rhs, Tensor) else list(rhs)
+    def solve_tree(self, state: Any, rhs: ChainKKTPoint) -> LinearSolution:
+        """Solve ``K x = rhs`` (zero dual block) in the layout of the KKT point."""
+        x, rnorm = self._solve(list(rhs))
+        return LinearSolution(cast(Tensor, ChainKKTPoint(*x)), rnorm, 0, Status.SUCCESS)
+
+    def _solve(self, parts: list[Tensor]) -> tuple[list[Tensor], Tensor]:
         r_node, r_edge, r_alpha, r_beta, r_nu = parts
         S = self.support
         dual_on = (
@@ -152,11 +154,7 @@ class StructuredChainSolve(AbstractLinearSolver):
                 )
         else:
             rnorm = r_node.new_full((B,), float("nan"))
-        if tree:
-            # accepts_tree: the solution keeps the layout of z (LinearSolution documents [B, N]).
-            return LinearSolution(cast(Tensor, ChainKKTPoint(*x)), rnorm, 0, Status.SUCCESS)
-        flat = torch.cat([p.reshape(B, -1) for p in x], dim=-1)
-        return LinearSolution(flat, rnorm, 0, Status.SUCCESS)
+        return x, rnorm
 
     def _solve_primal(self, r_node: Tensor, r_edge: Tensor) -> list[Tensor]:
         m, M = self.point.mu_unary, self.point.mu_binary

@@ -24,7 +24,7 @@ __all__ = ["MessagePassingResult", "chain_message_passing"]
 
 
 class MessagePassingResult(NamedTuple):
-    """Output of :func:`chain_message_passing`.
+    """Output of `chain_message_passing`.
 
     Attributes:
         mu_unary: node beliefs ``[B, T, Z]`` (zero beyond ``lengths``).
@@ -81,7 +81,7 @@ def chain_message_passing(
 
     Iterates until the largest change of a finite log-message is below ``tol`` or ``max_iter``
     updates were made; the result is returned either way (check ``change``, or the KKT residual
-    with :func:`structift.variational.kkt_residual`). The iterates are plain tensor operations,
+    with `structift.variational.kkt_residual`). The iterates are plain tensor operations,
     so autograd can unroll them (used by the benchmark to compare memory with the IFT).
 
     Args:
@@ -94,7 +94,7 @@ def chain_message_passing(
         damping: ρ in (0, 1]; ρ = 1 is undamped flooding (exact after max(lengths) - 1 sweeps).
 
     Returns:
-        A :class:`MessagePassingResult`.
+        A `MessagePassingResult`.
     """
     if not 0.0 < damping <= 1.0:
         raise ValueError(f"damping must be in (0, 1], got {damping}")

@@ -81,7 +81,7 @@ class ChainKKT(AbstractKKTSystem):
             self.point = chain_duals(m, M, unary, binary.expand(M.shape), self.lengths, self.tau)
         self.support = chain_support(m, M, self.lengths)
 
-    def residual(self, z: Any, *theta: Tensor) -> ChainKKTPoint:
+    def __call__(self, z: Any, *theta: Tensor) -> ChainKKTPoint:
         unary, binary = theta
         return chain_kkt_residual(z, unary, binary, self.lengths, self.tau, self.support)
 
@@ -108,15 +108,12 @@ class ChainKKT(AbstractKKTSystem):
             s_node, s_edge, s_alpha, s_beta, torch.full_like(self.point.nu, tau**0.5)
         )
 
-    def theta_cotangent(self, u: Any, scale: Any | None) -> Params:
-        """``(∂F/∂θ)ᵀ u``: θ enters F linearly, masked by the support, in the μ rows only.
+    def theta_cotangent(self, u: Any, z: Any, *theta: Tensor) -> Params:
+        """``−(∂F/∂θ)ᵀ u``: θ enters F linearly, masked by the support, in the μ rows only.
 
         ``F_m ∋ where(S_node, unary, 0)`` and ``F_M ∋ where(S_edge, binary, 0)`` (off the support
-        F = μ; the dual rows hold no θ), so ``(∂F/∂θ)ᵀ u`` is u's μ block masked by the support,
-        whatever z and θ are. With the scaling D, ``(∂F_D/∂θ)ᵀ u = (∂F/∂θ)ᵀ (D u)``.
+        F = μ; the dual rows hold no θ), so ``−(∂F/∂θ)ᵀ u`` is −u's μ block on the support,
+        whatever z and θ are: one pass, no autograd.
         """
         S = self.support
-        node, edge = u.mu_unary, u.mu_binary
-        if scale is not None:
-            node, edge = node * scale.mu_unary, edge * scale.mu_binary
-        return torch.where(S.node, node, 0.0), torch.where(S.edge, edge, 0.0)
+        return torch.where(S.node, -u.mu_unary, 0.0), torch.where(S.edge, -u.mu_binary, 0.0)

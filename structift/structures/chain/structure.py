@@ -12,7 +12,7 @@ from torch import Tensor
 
 from structift._ops import lengths_to_mask
 from structift.structures.base import AbstractRegularized, AbstractStructure, Params
-from structift.structures.chain import _decode, _local, _primitives
+from structift.structures.chain import _decode, _hvp, _kbest, _local, _primitives
 from structift.structures.chain.backends import AbstractChainBackend, BackendSpec, resolve
 
 __all__ = ["Chain"]
@@ -88,13 +88,16 @@ class Chain(AbstractStructure):
         return log_z, (mu_u, mu_b)
 
     def hvp(self, mu: Params, v: Params) -> Params:
+        """``∇²A v`` from the marginals; differentiable (plain torch ops) under grad mode."""
         mu_u, mu_b = mu
         B, T, Z = mu_u.shape
-        key = _primitives.backend_key(self.backend)
         vu = v[0].expand(B, T, Z)
+        if torch.is_grad_enabled() and any(x.requires_grad for x in (*mu, *v) if x is not None):
+            mask = self.mask()
+            return _hvp.hvp(mu_u, mu_b, mask, vu, v[1], sweeps=self.backend.sweeps)
+        key = _primitives.backend_key(self.backend)
         vb = v[1].expand(mu_b.shape) if v[1] is not None else mu_u.new_zeros(0)
-        with torch.no_grad():
-            return _primitives._hvp_op(mu_u, mu_b, self.lengths, vu, vb, key)
+        return _primitives._hvp_op(mu_u, mu_b, self.lengths, vu, vb, key)
 
     # ---- structures ----------------------------------------------------------------------
 
@@ -103,6 +106,11 @@ class Chain(AbstractStructure):
         with torch.no_grad():
             tags = _primitives.viterbi_tags(unary, binary, self.lengths, self.backend)
         return tags, _decode.score(unary, binary, self.lengths, tags)
+
+    def topk(self, theta: Params, k: int) -> tuple[Tensor, Tensor]:
+        """k-best Viterbi (``_kbest``): tags ``[k, B, T]``, scores ``[k, B]``, any backend."""
+        unary, binary = theta
+        return _kbest.topk(unary, binary, self.lengths, k)
 
     def sample(
         self, theta: Params, sample_shape: torch.Size, generator: torch.Generator | None
