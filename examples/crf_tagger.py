@@ -9,7 +9,7 @@ Model selection never looks at the test set: the last 10% of the training senten
 split, the epoch with the best dev score is kept (span F1 for span tags, else accuracy), and
 training stops early when the dev score has not improved for ``--patience`` epochs. The
 defaults adapt to the data size: the number of epochs is chosen to give about ``--steps``
-optimizer steps (5 epochs on Brown news, more on small files), and the learning rate decays
+optimizer steps (6 epochs on Brown news, more on small files), and the learning rate decays
 10x over that many steps. When the tags are BIO / IOB1 / BIOUL / BMES span tags (detected from
 the training file), the CRF gets the scheme's transition constraints and the results table
 reports span precision, recall and F1 with conlleval's chunk rules.

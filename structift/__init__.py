@@ -12,14 +12,18 @@ from structift.families import (
     ExpFamily,
     LinearChainCRF,
 )
+from structift.families.blocked import BlockedEmission
+from structift.families.lowrank import LowRankTransition
 from structift.layers.crf import CRF
 
 __all__ = [
     "CRF",
     "HMM",
+    "BlockedEmission",
     "Categorical",
     "ChainMarginals",
     "ExpFamily",
     "LinearChainCRF",
+    "LowRankTransition",
     "__version__",
 ]

@@ -84,8 +84,10 @@ class HMM(ExpFamily):
 
     Args:
         init_logits: ``[Z]`` or ``[B, Z]``.
-        transition_logits: ``[Z, Z]`` or ``[B, Z, Z]``, laid out ``[from, to]``.
-        emission_logits: ``[Z, V]`` or ``[B, Z, V]``.
+        transition_logits: ``[Z, Z]`` or ``[B, Z, Z]``, laid out ``[from, to]``; or a
+            ``LowRankTransition`` (``structift.families.lowrank``: O(T Z r) inference).
+        emission_logits: ``[Z, V]`` or ``[B, Z, V]``; or a ``BlockedEmission``
+            (``structift.families.blocked``: each word emitted by its cluster's states only).
         observations: LongTensor ``[B, T]`` with values in ``[0, V)`` within each length
             (padding may hold anything, e.g. -100).
         lengths: LongTensor ``[B]`` with ``1 <= lengths[b] <= T``; ``None`` means all ``T``.
@@ -95,6 +97,26 @@ class HMM(ExpFamily):
     """
 
     _value_name = "tags"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> HMM:
+        # A parameterization given as a value selects its family (same API).
+        from structift.families.blocked import BlockedEmission, BlockedHMM
+        from structift.families.lowrank import LowRankHMM, LowRankTransition
+
+        transition = args[1] if len(args) > 1 else kwargs.get("transition_logits")
+        emission = args[2] if len(args) > 2 else kwargs.get("emission_logits")
+        low_rank, blocked = (
+            isinstance(transition, LowRankTransition),
+            isinstance(emission, BlockedEmission),
+        )
+        if cls is not HMM or not (low_rank or blocked):
+            return super().__new__(cls)
+        if low_rank and blocked:
+            raise NotImplementedError(
+                "HMM: a LowRankTransition with a BlockedEmission is not implemented yet; use "
+                "dense transition_logits with blocked emissions, or dense emissions."
+            )
+        return super().__new__(LowRankHMM if low_rank else BlockedHMM)
 
     def __init__(
         self,
