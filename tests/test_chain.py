@@ -77,13 +77,24 @@ def random_chain(
     dtype: torch.dtype = F64,
     scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random potentials with a fraction ``masked`` of entries set to -inf."""
+    """Random potentials with a fraction ``masked`` of entries set to -inf.
+
+    One random path per sequence keeps its finite scores, so every chain has a finite log Z
+    under every seed (tests that want an infeasible chain set its -inf entries themselves).
+    """
     g = seeded(seed)
     unary = scale * torch.randn(B, T, Z, generator=g, dtype=F64)
     binary = scale * torch.randn(B, T - 1, Z, Z, generator=g, dtype=F64)
     if masked:
+        finite_u, finite_b = unary.clone(), binary.clone()
         unary[torch.rand(unary.shape, generator=g) < masked] = -INF
         binary[torch.rand(binary.shape, generator=g) < masked] = -INF
+        path = torch.randint(0, Z, (B, T), generator=g)
+        b, t = torch.arange(B)[:, None], torch.arange(T)[None]
+        unary[b, t, path] = finite_u[b, t, path]
+        binary[b, t[:, :-1], path[:, :-1], path[:, 1:]] = finite_b[
+            b, t[:, :-1], path[:, :-1], path[:, 1:]
+        ]
     if lengths is None:
         lens = torch.randint(1, T + 1, (B,), generator=g)
         lens[0] = T
@@ -392,8 +403,8 @@ class TestHessianVectorProduct:
         """Longer chains than enumeration allows, -inf masks, lengths, broadcast binary."""
         B, T, Z = 5, 23, 4
         unary, binary, lengths = random_chain(B, T, Z, seed=40, masked=0.25, scale=3.0)
-        lengths[1] = 1
-        unary[2, 7] = -INF  # no finite path
+        lengths[1], lengths[2] = 1, T
+        unary[2, 7] = -INF  # no finite path (position 7 lies within sequence 2)
         if kind == "shared":
             binary = binary[0, 0].clone()
         elif kind == "per_t":

@@ -25,11 +25,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from structift._ops import lengths_to_mask, softmax_entropy
-from structift.structures.base import AbstractRegularized, AbstractStructure, Params
+from structift._ops import softmax_entropy
+from structift.structures.base import AbstractRegularized, Params
 from structift.structures.chain import _lowrank
 from structift.structures.chain.backends import BackendSpec, resolve
-from structift.structures.chain.structure import Chain
+from structift.structures.chain.structure import Chain, ChainSpace
 
 __all__ = ["LowRankChain", "materialize"]
 
@@ -56,7 +56,7 @@ def _unsupported(what: str) -> NotImplementedError:
     )
 
 
-class LowRankChain(AbstractStructure):
+class LowRankChain(ChainSpace):
     """Tag sequences ``[B, T]`` within ``lengths``, potentials θ = (unary, log_a, log_b).
 
     Args:
@@ -73,35 +73,11 @@ class LowRankChain(AbstractStructure):
         self.num_steps, self.num_states = num_steps, num_states
         self._backend = backend
 
+    _kind = "low-rank chain"
+
     def dense(self, like: Tensor) -> Chain:
         """The dense chain on the same space (for decoding on the materialized matrix)."""
         return Chain(self.lengths, self.num_steps, self.num_states, resolve(self._backend, like))
-
-    # ---- space ---------------------------------------------------------------------------
-
-    @property
-    def batch_shape(self) -> torch.Size:
-        return torch.Size(self.lengths.shape)
-
-    @property
-    def event_shape(self) -> torch.Size:
-        return torch.Size((self.num_steps,))
-
-    def same_space(self, other: AbstractStructure) -> bool:
-        if not isinstance(other, (LowRankChain, Chain)):
-            return False
-        if (other.num_steps, other.num_states) != (self.num_steps, self.num_states):
-            return False
-        lengths = other.lengths
-        return lengths.shape == self.lengths.shape and bool((lengths == self.lengths).all())
-
-    def describe(self) -> str:
-        lengths = tuple(self.lengths.tolist())
-        return f"low-rank chain(T={self.num_steps}, Z={self.num_states}, lengths={lengths})"
-
-    def mask(self) -> Tensor:
-        """BoolTensor ``[B, T]``, True at valid positions."""
-        return lengths_to_mask(self.lengths, self.num_steps)
 
     # ---- A(θ) ----------------------------------------------------------------------------
 

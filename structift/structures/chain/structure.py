@@ -15,10 +15,50 @@ from structift.structures.base import AbstractRegularized, AbstractStructure, Pa
 from structift.structures.chain import _decode, _hvp, _kbest, _local, _primitives
 from structift.structures.chain.backends import AbstractChainBackend, BackendSpec, resolve
 
-__all__ = ["Chain"]
+__all__ = ["Chain", "ChainSpace"]
 
 
-class Chain(AbstractStructure):
+class ChainSpace(AbstractStructure):
+    """The space every chain structure shares: tag sequences ``[B, T]`` within ``lengths``.
+
+    Subclasses set ``lengths`` (LongTensor ``[B]``), ``num_steps`` (T) and ``num_states`` (Z).
+    ``same_space`` also asks for the same structure class: entropy/KL between two chains pair
+    their natural parameters term by term, which only means something for one parameterization
+    of the transitions (dense with dense, low-rank with low-rank).
+    """
+
+    lengths: Tensor
+    num_steps: int
+    num_states: int
+    _kind = "chain"
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        return torch.Size(self.lengths.shape)
+
+    @property
+    def event_shape(self) -> torch.Size:
+        return torch.Size((self.num_steps,))
+
+    def same_space(self, other: AbstractStructure) -> bool:
+        if type(other) is not type(self):
+            return False
+        assert isinstance(other, ChainSpace)
+        if (other.num_steps, other.num_states) != (self.num_steps, self.num_states):
+            return False
+        lengths = other.lengths
+        return lengths.shape == self.lengths.shape and bool((lengths == self.lengths).all())
+
+    def describe(self) -> str:
+        lengths = tuple(self.lengths.tolist())
+        return f"{self._kind}(T={self.num_steps}, Z={self.num_states}, lengths={lengths})"
+
+    def mask(self) -> Tensor:
+        """BoolTensor ``[B, T]``, True at valid positions."""
+        return lengths_to_mask(self.lengths, self.num_steps)
+
+
+class Chain(ChainSpace):
     """Tag sequences ``y ∈ {0..Z-1}^L`` of lengths ``L = lengths[b] <= T``.
 
     Args:
@@ -40,32 +80,6 @@ class Chain(AbstractStructure):
         """The chain of potentials like ``unary`` ``[B, T, Z]``, its backend resolved now."""
         _, T, Z = unary.shape
         return cls(lengths, T, Z, resolve(backend, unary))
-
-    # ---- space ---------------------------------------------------------------------------
-
-    @property
-    def batch_shape(self) -> torch.Size:
-        return torch.Size(self.lengths.shape)
-
-    @property
-    def event_shape(self) -> torch.Size:
-        return torch.Size((self.num_steps,))
-
-    def same_space(self, other: AbstractStructure) -> bool:
-        if not isinstance(other, Chain):
-            return False
-        if (other.num_steps, other.num_states) != (self.num_steps, self.num_states):
-            return False
-        lengths = other.lengths
-        return lengths.shape == self.lengths.shape and bool((lengths == self.lengths).all())
-
-    def describe(self) -> str:
-        lengths = tuple(self.lengths.tolist())
-        return f"chain(T={self.num_steps}, Z={self.num_states}, lengths={lengths})"
-
-    def mask(self) -> Tensor:
-        """BoolTensor ``[B, T]``, True at valid positions."""
-        return lengths_to_mask(self.lengths, self.num_steps)
 
     # ---- A(θ) ----------------------------------------------------------------------------
 
