@@ -20,15 +20,22 @@ from structift.variational.argmax import (
 from structift.variational.check import IFTCheck, check_ift
 from structift.variational.covariance import chain_covariance_vector_product
 from structift.variational.normal import NormalEquations
+from structift.variational.regularizers import L2, Entropy
 from structift.variational.simplex import simplex_mirror_descent
+from structift.variational.sparsemap import ActiveSet, SparseMAPResult, SparseMAPStatus, sparsemap
 
 __all__ = [
+    "L2",
+    "ActiveSet",
     "ChainKKTPoint",
+    "Entropy",
     "Exact",
     "IFTCheck",
     "Iterative",
     "KKTResidual",
     "NormalEquations",
+    "SparseMAPResult",
+    "SparseMAPStatus",
     "Structured",
     "StructuredChainSolve",
     "chain_covariance_vector_product",
@@ -39,4 +46,5 @@ __all__ = [
     "kkt_residual",
     "regularized_argmax",
     "simplex_mirror_descent",
+    "sparsemap",
 ]

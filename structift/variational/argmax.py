@@ -27,6 +27,7 @@ from structift.implicit import AbstractResidual, custom_root
 from structift.implicit.krylov import GMRES, MINRES
 from structift.implicit.solvers import AbstractLinearSolver, Dense
 from structift.structures.base import AbstractKKTSystem, Exact, Iterative, Params
+from structift.variational.regularizers import L2, Entropy, Regularizer
 
 __all__ = [
     "Exact",
@@ -58,6 +59,7 @@ class Structured:
 
 
 ForwardSolver = Literal["exact", "iterative"] | Exact | Iterative
+_ENTROPY = Entropy()  # the default regularizer (a frozen value)
 LinearSolverSpec = (
     Literal["structured", "dense", "minres", "gmres"] | Structured | AbstractLinearSolver
 )
@@ -166,6 +168,7 @@ def regularized_argmax(
     temperature: float = 1.0,
     solver: ForwardSolver = "exact",
     linear_solver: LinearSolverSpec = "structured",
+    regularizer: Regularizer = _ENTROPY,
 ) -> Any:
     r"""Solve μ* = argmax_{μ ∈ M} ⟨θ, μ⟩ + τ H(μ) and differentiate it by the IFT.
 
@@ -188,6 +191,9 @@ def regularized_argmax(
             `Structured` (the structure's exact solve, default), ``"dense"``,
             ``"minres"``, ``"gmres"``, or any `structift.implicit` solver object (e.g.
             ``MINRES(rtol=1e-12)``). Generic solvers see the diagonally scaled symmetric system.
+        regularizer: `Entropy` (default, the problem above) or `L2` (SparseMAP, τ H(μ)
+            replaced by −(τ/2)‖μ_U‖²: `structift.variational.sparsemap`'s marginals; ``solver``
+            and ``linear_solver`` apply to `Entropy` only).
 
     Returns:
         The same structure as ``dist.marginals``, differentiable w.r.t. the parameters.
@@ -199,6 +205,20 @@ def regularized_argmax(
     tau = _check_temperature(temperature)
     fwd = _resolve_forward(solver)
     linear = _resolve_linear(linear_solver)
+    if isinstance(regularizer, L2):
+        from structift.variational.sparsemap import sparsemap
+
+        if fwd != Exact() or linear != Structured():
+            raise ValueError(
+                "solver and linear_solver apply to the Entropy regularizer only; with L2 the "
+                f"options are L2's fields (got solver={solver!r}, linear_solver={linear_solver!r})"
+            )
+        r = regularizer
+        return sparsemap(dist, tau, max_iter=r.max_iter, tol=r.tol, on_failure=r.on_failure)[0]
+    if not isinstance(regularizer, Entropy):
+        raise TypeError(
+            f"regularizer must be Entropy() or L2(...); got {type(regularizer).__name__}"
+        )
     dist = _check_dist(dist)
     theta = dist._natural_params
     problem = dist.structure.regularized(tau)
