@@ -46,6 +46,7 @@ from ._kkt import (
 # Fraction of the distance to the boundary of the positive orthant a step may cover: keeps the
 # iterates strictly interior so W = s/λ stays finite and positive.
 _STEP_FRACTION = 0.99
+_STEP_FRACTION_FAR = 0.95
 # Stop an element after this many iterations in a row that fail to lower its best merit by
 # the factor below: rounding (mostly in float32) has ended progress. That happens near the
 # attainable accuracy; far from it (residual above √tol) a merit that rises for a few steps is
@@ -340,7 +341,11 @@ def interior_point(
         ds, dlam, dnu, yw = _newton_multipliers(data, UK, Mtu, s, lam, rp, re, rc)
         dz = recover_x(data, u, yw)
         alpha = torch.minimum(_max_step(s, ds), _max_step(lam, dlam))
-        alpha = (_STEP_FRACTION * alpha).clamp(max=1.0)
+        # Cautious far from the solution, where a step to 0.99 of the boundary can jam a
+        # slack and its multiplier both near zero on the wrong side of the active set (seen:
+        # a well-conditioned QP stalling at residual 1e-2); up to 0.99 as μ -> 0.
+        eta = (1.0 - mu).clamp(_STEP_FRACTION_FAR, _STEP_FRACTION)
+        alpha = (eta * alpha).clamp(max=1.0)
         finite = torch.stack(
             [t.isfinite().all(-1) for t in (dz, ds, dlam, dnu)] + [alpha.isfinite()], -1
         ).all(-1)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from structift.layers import QPLayer, QPSolution, qp_solve
 from tests.layers.qp_problems import kkt_residual, known_qp
-from tests.seeding import seeded
+from tests.seeding import fixed, seeded
 
 F64 = torch.float64
 SIZES = [(6, 8, 2), (5, 7, 0), (4, 0, 2), (3, 0, 0), (10, 25, 3)]
@@ -37,6 +37,14 @@ class TestForward:
         assert bool(sol.status.polished.all())
         assert (sol.z - P.z).abs().max() <= 1e-12
         assert (sol.lam - P.lam).abs().max() <= 1e-12
+
+    def test_no_jam_near_the_boundary(self) -> None:
+        """Reproducer: element 14 of this well-conditioned batch (cond Q = 8.4) stalled at a
+        scaled residual of 1.3e-2 when every step went to 0.99 of the boundary."""
+        P = known_qp(16, 12, 20, 3, generator=fixed(4_000_020))
+        sol = qp_solve(*P.theta, full=True)
+        assert bool(sol.status.converged.all())
+        assert (sol.z - P.z).abs().max() <= 1e-12
 
     def test_kkt_residual_is_zero_at_solution(self, device: torch.device) -> None:
         P = known_qp(8, 12, 20, 3, device=device, generator=seeded(3))
