@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU check for a session with a lent CUDA device (one call; at most about 11.5 minutes of
-# timeouts, typically 5-7: give the call timeout_s=600 and expect the tuning step to be cut).
+# GPU check for a session with a lent CUDA device (one call; at most about 14 minutes of
+# timeouts, typically 6-8: give the call timeout_s=600 and expect the tuning step to be cut).
 #
 #   0. the peers (torch-struct, pytorch-crf, qpth + cvxpy) from ./.whl if that folder exists
 #      (`make gpu-wheels` fills it; carry `.whl` with the call: the device cannot reach an index);
@@ -13,8 +13,11 @@
 #   5. benchmarks/qp.py on CUDA, batch 128, n = 100, float32 and float64, against qpth;
 #   6. benchmarks/precision.py on CUDA: float32 vs float64 error of the fused kernel's log Z,
 #      marginals, entropy, KL and IFT VJP next to the peers (issue 10's targets);
-#   7. benchmarks/tune_fused.py: the fused kernel's warps / prefetch settings, timed.
-# (Run order: tests, chain, QP, decode, HVP, precision, tuning.)
+#   7. benchmarks/hmm_scale.py --quick on CUDA: dense, low-rank and blocked HMMs vs Z;
+#   8. benchmarks/sparsemap.py on CUDA (float32);
+#   9. benchmarks/tune_fused.py: the fused kernel's warps / prefetch settings, timed.
+# (Run order: tests, chain, QP, decode, HVP, precision, HMMs, SparseMAP, tuning: the last
+# steps are the first to be cut by the call's time limit.)
 #
 # Usage: bash benchmarks/gpu_check.sh   (PYTHON=... to pick the interpreter; output also in $OUT
 # when that variable names a directory, as on the lent machines).
@@ -60,6 +63,12 @@ PYEOF
 
   echo "== float32 precision (CUDA, fused kernel vs peers)"
   timeout 90 "$PY" benchmarks/precision.py --device cuda --T 1000 --scales 1 30 100 || status=1
+
+  echo "== large HMMs (CUDA, --quick: dense / low-rank / blocked, Z up to 2^14)"
+  timeout 90 "$PY" benchmarks/hmm_scale.py --device cuda --quick || status=1
+
+  echo "== SparseMAP (CUDA, float32: active set vs the enumerated QP, scaling in T and Z)"
+  timeout 60 "$PY" benchmarks/sparsemap.py --device cuda --dtype float32 || status=1
 
   echo "== fused kernel launch settings (CUDA, B=256 T=128 Z=32)"
   timeout 120 "$PY" benchmarks/tune_fused.py --device cuda || status=1
