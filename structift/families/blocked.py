@@ -25,16 +25,13 @@ from structift._checks import (
     LOG_POTENTIAL,
     check_expand_shape,
     check_float_tensor,
-    check_index_tensor,
-    check_lengths,
     check_log_potential,
     check_same_dtype_device,
-    lengths_from,
 )
 from structift._ops import lengths_to_mask
 from structift.families.base import _resolve_validate
 from structift.families.crf import LinearChainCRF
-from structift.families.hmm import HMM, _check_parameter
+from structift.families.hmm import HMM, _check_parameter, check_observations, observation_lengths
 from structift.structures.chain import BackendSpec, Chain
 from structift.structures.chain.blocked import BlockedChain
 
@@ -174,24 +171,17 @@ class BlockedHMM(HMM):
                 "init_logits", init_logits, transition_logits=transition_logits,
                 emission_logits=emission.logits,
             )  # fmt: skip
-            if not isinstance(observations, Tensor) or observations.dim() != 2:
-                raise ValueError("observations must be a LongTensor of shape [B, T].")
+            check_observations(observations)
         B, T = observations.shape
         device = init_logits.device
         if validate:
             _check_parameter("init_logits", init_logits, (Z,), B)
             _check_parameter("transition_logits", transition_logits, (Z, Z), B)
-        lengths = lengths_from(lengths, mask, B, T, device)
-        if lengths is None:
-            lengths = torch.full((B,), T, dtype=torch.long, device=device)
-        elif validate:
-            check_lengths(lengths, B, T, device)
+        lengths = observation_lengths(observations, lengths, mask, V, device, validate)
         valid = lengths_to_mask(lengths, T)
-        if validate:
-            check_index_tensor("observations", observations, (B, T), V, device, valid)
         self.init_logits, self.transition_logits = init_logits, transition_logits
         self.emission, self.emission_logits = emission, emission.logits
-        self.observations, self.lengths = observations, lengths.long()
+        self.observations, self.lengths = observations, lengths
         self.num_observations = V
         safe = torch.where(valid, observations, torch.zeros_like(observations))
         self._words = safe

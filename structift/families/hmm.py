@@ -66,6 +66,38 @@ def emission_unary(
     return torch.cat([first, unary[:, 1:]], dim=1)
 
 
+def check_observations(observations: object) -> None:
+    """Raise unless ``observations`` is a 2-D tensor ``[B, T]`` (its values are checked later)."""
+    if not isinstance(observations, Tensor) or observations.dim() != 2:
+        shape = tuple(observations.shape) if isinstance(observations, Tensor) else None
+        raise ValueError(
+            f"observations must be a LongTensor of shape [B, T]; got "
+            f"{type(observations).__name__} of shape {shape}."
+        )
+
+
+def observation_lengths(
+    observations: Tensor,
+    lengths: Tensor | None,
+    mask: Tensor | None,
+    num_observations: int,
+    device: torch.device,
+    validate: bool,
+) -> Tensor:
+    """The ``lengths [B]`` (LongTensor) of ``observations [B, T]`` from ``lengths`` or ``mask``
+    (default: all T), with the lengths and the observed values in ``[0, V)`` validated."""
+    B, T = observations.shape
+    out = lengths_from(lengths, mask, B, T, device)
+    if out is None:
+        out = torch.full((B,), T, dtype=torch.long, device=device)
+    elif validate:
+        check_lengths(out, B, T, device)
+    if validate:
+        valid = lengths_to_mask(out, T)  # shape: (B, T)
+        check_index_tensor("observations", observations, (B, T), num_observations, device, valid)
+    return out.long()
+
+
 class HMM(ExpFamily):
     """A hidden Markov model, seen as the posterior over hidden states z given observations x.
 
@@ -144,12 +176,7 @@ class HMM(ExpFamily):
                 transition_logits=transition_logits,
                 emission_logits=emission_logits,
             )
-            if not isinstance(observations, Tensor) or observations.dim() != 2:
-                shape = tuple(observations.shape) if isinstance(observations, Tensor) else None
-                raise ValueError(
-                    f"observations must be a LongTensor of shape [B, T]; got "
-                    f"{type(observations).__name__} of shape {shape}."
-                )
+            check_observations(observations)
         B, T = observations.shape
         Z, V = emission_logits.shape[-2:]
         device = init_logits.device
@@ -159,19 +186,12 @@ class HMM(ExpFamily):
             _check_parameter("init_logits", init_logits, (Z,), B)
             _check_parameter("transition_logits", transition_logits, (Z, Z), B)
             _check_parameter("emission_logits", emission_logits, (Z, V), B)
-        lengths = lengths_from(lengths, mask, B, T, device)
-        if lengths is None:
-            lengths = torch.full((B,), T, dtype=torch.long, device=device)
-        elif validate:
-            check_lengths(lengths, B, T, device)
-        if validate:
-            valid = lengths_to_mask(lengths, T)  # shape: (B, T)
-            check_index_tensor("observations", observations, (B, T), V, device, valid)
+        lengths = observation_lengths(observations, lengths, mask, V, device, validate)
         self.init_logits = init_logits
         self.transition_logits = transition_logits
         self.emission_logits = emission_logits
         self.observations = observations
-        self.lengths = lengths.long()
+        self.lengths = lengths
         self.num_observations = V
         like = emission_logits.new_empty(0, T, Z)  # the posterior's shape and device
         self._structure = Chain.build(like, self.lengths, backend)

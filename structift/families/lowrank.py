@@ -23,17 +23,20 @@ from structift._checks import (
     LOG_POTENTIAL,
     check_expand_shape,
     check_float_tensor,
-    check_index_tensor,
-    check_lengths,
     check_same_dtype_device,
     check_sample_shape,
-    lengths_from,
     promote_under_autocast,
 )
 from structift._ops import lengths_to_mask
 from structift.families.base import _needs_graph, _resolve_validate, _value_with_gradient
 from structift.families.crf import LinearChainCRF
-from structift.families.hmm import HMM, _check_parameter, emission_unary
+from structift.families.hmm import (
+    HMM,
+    _check_parameter,
+    check_observations,
+    emission_unary,
+    observation_lengths,
+)
 from structift.structures.chain import BackendSpec
 from structift.structures.chain.lowrank import LowRankChain, materialize
 
@@ -157,12 +160,7 @@ class LowRankHMM(HMM):
             check_same_dtype_device(
                 "init_logits", init_logits, emission_logits=emission_logits, u=u
             )
-            if not isinstance(observations, Tensor) or observations.dim() != 2:
-                shape = tuple(observations.shape) if isinstance(observations, Tensor) else None
-                raise ValueError(
-                    f"observations must be a LongTensor of shape [B, T]; got "
-                    f"{type(observations).__name__} of shape {shape}."
-                )
+            check_observations(observations)
         B, T = observations.shape
         Z, V = emission_logits.shape[-2:]
         if validate:
@@ -176,18 +174,11 @@ class LowRankHMM(HMM):
                 )
             _check_parameter("init_logits", init_logits, (Z,), B)
             _check_parameter("emission_logits", emission_logits, (Z, V), B)
-        lengths = lengths_from(lengths, mask, B, T, init_logits.device)
-        if lengths is None:
-            lengths = torch.full((B,), T, dtype=torch.long, device=init_logits.device)
-        elif validate:
-            check_lengths(lengths, B, T, init_logits.device)
-        if validate:
-            valid = lengths_to_mask(lengths, T)
-            check_index_tensor("observations", observations, (B, T), V, init_logits.device, valid)
+        lengths = observation_lengths(observations, lengths, mask, V, init_logits.device, validate)
         self.init_logits, self.emission_logits = init_logits, emission_logits
         self.transition = LowRankTransition(u, v) if u is not transition.u else transition
         self.transition_logits = self.transition  # type: ignore[assignment]  # its HMM name
-        self.observations, self.lengths = observations, lengths.long()
+        self.observations, self.lengths = observations, lengths
         self.num_observations = V
         self._structure = LowRankChain(self.lengths, T, Z, backend)  # type: ignore[assignment]
         super(HMM, self).__init__(torch.Size((B,)), torch.Size((T,)), validate_args=False)
