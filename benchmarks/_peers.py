@@ -53,9 +53,15 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_times(runs: dict[str, Callable[[], Any]], repeats: int, device: str) -> dict:
-    """Median seconds per run over ``repeats`` rounds, rounds interleaved (drift hits all)."""
+def interleaved_times(
+    runs: dict[str, Callable[[], Any]], repeats: int, device: str, warmup: bool = False
+) -> dict[str, list[float]]:
+    """Seconds of each run in each of ``repeats`` rounds, rounds interleaved (drift hits all);
+    ``warmup``: one untimed call of each run first."""
     times: dict[str, list[float]] = {k: [] for k in runs}
+    if warmup:
+        for run in runs.values():
+            run()
     for _ in range(repeats):
         for name, run in runs.items():
             sync(device)
@@ -63,7 +69,12 @@ def median_times(runs: dict[str, Callable[[], Any]], repeats: int, device: str) 
             run()
             sync(device)
             times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def median_times(runs: dict[str, Callable[[], Any]], repeats: int, device: str) -> dict:
+    """Median seconds per run over ``repeats`` interleaved rounds (`interleaved_times`)."""
+    return {k: statistics.median(v) for k, v in interleaved_times(runs, repeats, device).items()}
 
 
 def chain_parser(doc: str | None, repeats: int, B: int = 32) -> argparse.ArgumentParser:

@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable
 
 import torch
-from _memory import peak_bytes, sync
+from _memory import peak_bytes
+from _peers import interleaved_times
 
 import structift as st
 
@@ -167,16 +167,7 @@ def time_runs(runs: dict[str, Run], repeats: int, device: torch.device) -> dict[
 
     The minimum, not the median: on a shared CPU other processes only ever add time.
     """
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for run in runs.values():
-        run()
-    for _ in range(repeats):
-        for name, run in runs.items():
-            sync(device)
-            t0 = time.perf_counter()
-            run()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
+    times = interleaved_times(runs, repeats, str(device.type), warmup=True)
     return {k: min(v) for k, v in times.items()}
 
 

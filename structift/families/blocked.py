@@ -23,7 +23,6 @@ from torch.distributions import constraints
 
 from structift._checks import (
     LOG_POTENTIAL,
-    check_expand_shape,
     check_float_tensor,
     check_log_potential,
     check_same_dtype_device,
@@ -224,19 +223,11 @@ class BlockedHMM(HMM):
             "transition_logits": constraints.independent(LOG_POTENTIAL, 2),
         }
 
-    def expand(self, batch_shape: Any, _instance: Any = None) -> BlockedHMM:
-        """Return the HMM with batch shape ``batch_shape`` (broadcast views, no copy)."""
-        B, T = self.observations.shape
-        n = check_expand_shape("HMM", batch_shape, B)
+    def _generative_parameters(self) -> tuple[Any, Any, Any]:
+        return self.init_logits, self.transition_logits, self.emission
 
-        def grow(x: Tensor, event_dims: int) -> Tensor:
-            return x.expand(n, *x.shape[1:]) if x.dim() > event_dims else x
-
-        return BlockedHMM(
-            grow(self.init_logits, 1), grow(self.transition_logits, 2), self.emission,
-            self.observations.expand(n, T), self.lengths.expand(n),
-            validate_args=self._validate_args, backend=self.structure.inner.backend,
-        )  # fmt: skip
+    def _backend_spec(self) -> BackendSpec:
+        return self.structure.inner.backend
 
     @property
     def structure(self) -> BlockedChain:  # type: ignore[override]

@@ -242,18 +242,30 @@ class HMM(ExpFamily):
         B, T = self.observations.shape
         n = check_expand_shape("HMM", batch_shape, B)
 
-        def grow(x: Tensor, event_dims: int) -> Tensor:
-            return x.expand(n, *x.shape[1:]) if x.dim() > event_dims else x
+        def grow(x: Any, event_dims: int) -> Any:
+            # Parameterization objects (LowRankTransition, BlockedEmission) are batch-shared.
+            if isinstance(x, Tensor) and x.dim() > event_dims:
+                return x.expand(n, *x.shape[1:])
+            return x
 
-        return HMM(
-            grow(self.init_logits, 1),
-            grow(self.transition_logits, 2),
-            grow(self.emission_logits, 2),
+        init, transition, emission = self._generative_parameters()
+        return type(self)(
+            grow(init, 1),
+            grow(transition, 2),
+            grow(emission, 2),
             self.observations.expand(n, T),
             self.lengths.expand(n),
             validate_args=self._validate_args,
-            backend=self.structure.backend,
+            backend=self._backend_spec(),
         )
+
+    def _generative_parameters(self) -> tuple[Any, Any, Any]:
+        """``(init, transition, emission)`` as the constructor takes them."""
+        return self.init_logits, self.transition_logits, self.emission_logits
+
+    def _backend_spec(self) -> BackendSpec:
+        """The chain backend this HMM was built with (for `expand`)."""
+        return self.structure.backend
 
     # ---- exponential-family hooks: those of the posterior ----------------------------------
 

@@ -21,7 +21,6 @@ from torch.distributions import constraints
 
 from structift._checks import (
     LOG_POTENTIAL,
-    check_expand_shape,
     check_float_tensor,
     check_same_dtype_device,
     check_sample_shape,
@@ -204,19 +203,11 @@ class LowRankHMM(HMM):
             "emission_logits": constraints.independent(LOG_POTENTIAL, 2),
         }
 
-    def expand(self, batch_shape: Any, _instance: Any = None) -> LowRankHMM:
-        """Return the HMM with batch shape ``batch_shape`` (broadcast views, no copy)."""
-        B, T = self.observations.shape
-        n = check_expand_shape("HMM", batch_shape, B)
+    def _generative_parameters(self) -> tuple[Any, Any, Any]:
+        return self.init_logits, self.transition, self.emission_logits
 
-        def grow(x: Tensor, event_dims: int) -> Tensor:
-            return x.expand(n, *x.shape[1:]) if x.dim() > event_dims else x
-
-        return LowRankHMM(
-            grow(self.init_logits, 1), self.transition, grow(self.emission_logits, 2),
-            self.observations.expand(n, T), self.lengths.expand(n),
-            validate_args=self._validate_args, backend=self.structure._backend,
-        )  # fmt: skip
+    def _backend_spec(self) -> BackendSpec:
+        return self.structure._backend
 
     @property
     def structure(self) -> LowRankChain:  # type: ignore[override]
