@@ -76,6 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument(
         "--head", choices=["crf", "softmax", "both"], default="both", help="output layer(s)"
     )
+    model.add_argument(
+        "--loss",
+        choices=["nll", "sparsemap", "both"],
+        default="nll",
+        help="CRF head's training loss: negative log-likelihood, the SparseMAP Fenchel-Young "
+        "loss, or both (two CRF runs, both reported)",
+    )
     model.add_argument("--no-sparse", action="store_true", help="drop the sparse features")
     model.add_argument("--no-neural", action="store_true", help="drop the BiLSTM part")
     model.add_argument("--hidden", type=int, default=96, help="BiLSTM size per direction")
@@ -178,14 +185,20 @@ def train_head(
     d: Dist,
     constraints: list[tuple[int, int]] | None,
 ) -> tuple[Tagger, History]:
-    """Train (or resume) one head; return its best-dev-epoch model and its learning curve."""
+    """Train (or resume) one head; return its best-dev-epoch model and its learning curve.
+
+    ``head`` is ``"crf"``, ``"crf-sparsemap"`` (the CRF trained with the SparseMAP loss) or
+    ``"softmax"``; it also names the checkpoint.
+    """
     torch.manual_seed(args.seed)
+    crf = head.startswith("crf")
     config = TaggerConfig(
         n_words=len(vocab.words),
         n_chars=len(vocab.chars),
         n_feats=len(vocab.feats),
         n_tags=len(vocab.tags),
-        head=head,
+        head="crf" if crf else head,
+        loss="sparsemap" if head.endswith("sparsemap") else "nll",
         sparse=not args.no_sparse,
         neural=not args.no_neural,
         word_dim=8 if args.smoke else args.word_dim,
@@ -193,7 +206,7 @@ def train_head(
         hidden=8 if args.smoke else args.hidden,
         dropout=args.dropout,
         feature_dropout=args.feature_dropout,
-        constraints=constraints if head == "crf" else None,
+        constraints=constraints if crf else None,
     )
     model = Tagger(config).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, args.lr, args.sparse_lr, args.sparse_decay))
@@ -333,6 +346,11 @@ def main(argv: list[str] | None = None) -> None:
             f"{torch.get_num_threads()} thread(s) each"
         )
     heads = ["crf", "softmax"] if args.head == "both" else [args.head]
+    if "crf" in heads and args.loss != "nll":
+        at = heads.index("crf")
+        heads[at : at + 1] = (
+            ["crf-sparsemap"] if args.loss == "sparsemap" else ["crf", "crf-sparsemap"]
+        )
     rows, curves = [], {}
     for head in heads:
         model, history = train_head(head, args, vocab, data, device, d, constraints)
@@ -348,7 +366,11 @@ def main(argv: list[str] | None = None) -> None:
         if d.main:
             scores, preds = evaluate(model, test_items, 64, device)
             spans = span_scores(test, preds, vocab) if scheme else None
-            label = "structift layers.CRF" if head == "crf" else "softmax ablation"
+            label = {
+                "crf": "structift layers.CRF",
+                "crf-sparsemap": "structift layers.CRF, SparseMAP loss",
+                "softmax": "softmax ablation",
+            }[head]
             label += f" (this run, {history.best_epoch} ep.)"
             rows.append((label, scores, seconds, spans))
             curves[head] = history

@@ -1,4 +1,4 @@
-"""Softmax vs sparsemax vs structured attention on a task where the evidence is a contiguous span.
+"""Softmax, sparsemax, structured and SparseMAP attention on a task whose evidence is a span.
 
 The task (synthetic, generated here): each position of a sequence holds a token with a colour
 (one of C) and a bit. A query names a colour k. Somewhere in the sequence lies a hidden span of
@@ -10,7 +10,9 @@ resolves it: an isolated colour-k token is a distractor, a short gap inside a ru
 The keys are per-token embeddings with no contextual encoder, so contiguity can only come from
 the attention layer: softmax and sparsemax select tokens independently, while structured
 attention (Kim et al., arXiv:1702.00887) selects with a linear-chain CRF over binary selection
-variables whose learned pairwise potentials favour runs.
+variables whose learned pairwise potentials favour runs; SparseMAP attention (Niculae et al.,
+arXiv:1802.04223) takes the same chain's L2-regularized marginals, a sparse mixture of a few
+selections whose weights are mostly exactly 0 or 1.
 
 Run:
     python examples/structured_attention.py --out runs/attention
@@ -226,7 +228,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/structured_attention"))
-    p.add_argument("--kinds", nargs="+", default=["softmax", "sparsemax", "structured"])
+    p.add_argument(
+        "--kinds", nargs="+", default=["softmax", "sparsemax", "structured", "sparsemap"]
+    )
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--test-size", type=int, default=2000)

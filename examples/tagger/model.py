@@ -8,8 +8,10 @@ Emission scores are the sum of two parts, both ``[B, T, Z]``:
 
 With ``head="crf"`` the emissions go into `structift.layers.CRF` (learned start, end
 and transition scores; span-scheme constraints when ``config.constraints`` lists the allowed
-transitions), the loss is its negative log-likelihood and decoding is Viterbi. With
-``head="softmax"`` each token is classified independently (the ablation).
+transitions), the loss is its negative log-likelihood (``loss="nll"``) or the SparseMAP
+Fenchel–Young loss (``loss="sparsemap"``, `structift.variational.sparsemap_loss`: gradient
+μ* − φ(y) with μ* a sparse mix of a few tag sequences, found by Viterbi calls only) and decoding
+is Viterbi. With ``head="softmax"`` each token is classified independently (the ablation).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 
 import structift as st
 from structift.layers import CRF
+from structift.variational import sparsemap_loss
 from tagger.features import Batch
 
 
@@ -34,6 +37,7 @@ class TaggerConfig:
     n_feats: int
     n_tags: int
     head: str = "crf"
+    loss: str = "nll"  # CRF head: "nll" or "sparsemap"
     sparse: bool = True
     neural: bool = True
     word_dim: int = 64
@@ -137,6 +141,9 @@ class Tagger(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         """Return the training loss: NLL (CRF) or cross-entropy (softmax) per token."""
         n_tokens = batch.lengths.sum()
+        if self.config.head == "crf" and self.config.loss == "sparsemap":
+            tags = batch.tags.clamp(min=0)
+            return sparsemap_loss(self.distribution(batch), tags, tol=1e-6).sum() / n_tokens
         if self.config.head == "crf":
             tags = batch.tags.clamp(min=0)
             llh = self.crf(self.emissions(batch), tags, lengths=batch.lengths, reduction="sum")

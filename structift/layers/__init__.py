@@ -23,6 +23,7 @@ from structift.layers.weights import (
     AbstractWeights,
     SelectionWeights,
     SoftmaxWeights,
+    SparseMAPWeights,
     SparsemaxWeights,
     weights_for,
 )
@@ -40,6 +41,7 @@ __all__: list[str] = [
     "QPStatus",
     "SelectionWeights",
     "SoftmaxWeights",
+    "SparseMAPWeights",
     "Sparsemax",
     "SparsemaxWeights",
     "StructuredAttention",

@@ -45,6 +45,7 @@ from structift.layers.weights import (
     AbstractWeights,
     SelectionWeights,
     SoftmaxWeights,
+    SparseMAPWeights,
     weights_for,
 )
 
@@ -103,7 +104,8 @@ def attention_weights(
             refused (it is a mask: pass ``mask=`` or ``lengths=mask.sum(-1)``).
         mask: Alternative to ``lengths``: BoolTensor ``[B, T]`` (or the batch shape of
             ``scores`` plus T), True on a prefix of valid keys.
-        kind: ``"softmax"``, ``"sparsemax"`` or ``"structured"``.
+        kind: ``"softmax"``, ``"sparsemax"``, ``"structured"`` or ``"sparsemap"`` (the
+            selection chain's SparseMAP marginals, `SparseMAPWeights`: sparse runs).
         binary: Pairwise potentials θ(z_t, z_{t+1}) of the selection chain, laid out
             [from, to], broadcastable to ``[*batch, T-1, 2, 2]`` (e.g. ``[2, 2]`` shared, or
             ``[B, 1, 2, 2]`` per sequence). Structured kind only; defaults to zeros (then the
@@ -158,7 +160,8 @@ def attend(
         lengths: LongTensor ``[B]`` of valid keys per sequence (or ``[B, M]``).
         mask: BoolTensor ``[B, T]`` (or ``[B, M, T]``) prefix mask, instead of ``lengths``.
         weights: a weights object (``SoftmaxWeights()`` by default, ``SparsemaxWeights()``,
-            ``SelectionWeights(binary, gradient, normalize)``).
+            ``SelectionWeights(binary, gradient, normalize)``,
+            ``SparseMAPWeights(binary, temperature, normalize)``).
         scale: Multiplier of the dot products; defaults to ``D ** -0.5``.
         bias: added to every score (broadcast to ``[B, M, T]``).
 
@@ -170,7 +173,8 @@ def attend(
     if not isinstance(weigh, AbstractWeights):
         raise TypeError(
             "weights must be a structift.layers.weights object (SoftmaxWeights(), "
-            f"SparsemaxWeights(), SelectionWeights(...)); got {type(weights).__name__}"
+            f"SparsemaxWeights(), SelectionWeights(...), SparseMAPWeights(...)); got "
+            f"{type(weights).__name__}"
         )
     value = check_query_key_value(query, key, value)
     (B, T, D), single = key.shape, query.dim() == 2
@@ -226,7 +230,7 @@ def structured_attention(
         lengths: LongTensor ``[B]`` of valid keys per sequence (see
             `attention_weights`).
         mask: BoolTensor ``[B, T]`` prefix mask, instead of ``lengths``.
-        kind: ``"softmax"``, ``"sparsemax"`` or ``"structured"``.
+        kind: one of ``KINDS``: ``"softmax"``, ``"sparsemax"``, ``"structured"``, ``"sparsemap"``.
         binary: Pairwise potentials for ``kind="structured"``, broadcastable to
             ``[B, M, T-1, 2, 2]`` (``[B, T-1, 2, 2]`` for one query).
         gradient: ``"autograd"`` or ``"ift"`` (structured kind).
@@ -259,7 +263,7 @@ class StructuredAttention(nn.Module):
     Args:
         key_dim: D, the key feature size.
         query_dim: Query feature size; if given, a bias-free linear map to D is learned.
-        kind: ``"softmax"``, ``"sparsemax"`` or ``"structured"``.
+        kind: one of ``KINDS``: ``"softmax"``, ``"sparsemax"``, ``"structured"``, ``"sparsemap"``.
         gradient: ``"autograd"`` or ``"ift"`` for the structured kind.
         normalize: Normalize the structured weights to sum to one.
     """
@@ -276,9 +280,11 @@ class StructuredAttention(nn.Module):
         super().__init__()
         check_choice("kind", kind, KINDS)
         check_choice("gradient", gradient, GRADIENTS)
-        if kind != "structured" and (gradient != "autograd" or normalize):
+        chain = kind in ("structured", "sparsemap")
+        if (kind != "structured" and gradient != "autograd") or (normalize and not chain):
             raise ValueError(
-                f"gradient and normalize apply to kind='structured' only, not {kind!r}."
+                f"gradient applies to kind='structured' only and normalize to 'structured' or "
+                f"'sparsemap'; got gradient={gradient!r}, normalize={normalize} with {kind!r}."
             )
         check_size("key_dim", key_dim)
         if query_dim is not None:
@@ -288,7 +294,7 @@ class StructuredAttention(nn.Module):
         self.query_proj = None if query_dim is None else nn.Linear(query_dim, key_dim, bias=False)
         self.pairwise: nn.Parameter | None = None
         self.bias: nn.Parameter | None = None
-        if kind == "structured":
+        if chain:
             self.pairwise = nn.Parameter(torch.zeros(2, 2))
             self.bias = nn.Parameter(torch.zeros(()))
 
@@ -314,10 +320,15 @@ class StructuredAttention(nn.Module):
         check_layer_inputs(query, key, value, self.key_dim, query_dim)
         if self.query_proj is not None:
             query = self.query_proj(query)
-        if self.kind != "structured":
+        if self.pairwise is None:
             return attend(query, key, value, lengths, mask=mask, weights=weights_for(self.kind))
-        assert self.pairwise is not None and self.bias is not None
-        weigh = SelectionWeights(self.pairwise.to(key.dtype), self.gradient, self.normalize)
+        assert self.bias is not None
+        pairwise = self.pairwise.to(key.dtype)
+        weigh: AbstractWeights
+        if self.kind == "sparsemap":
+            weigh = SparseMAPWeights(pairwise, normalize=self.normalize)
+        else:
+            weigh = SelectionWeights(pairwise, self.gradient, self.normalize)
         bias = self.bias.to(key.dtype)
         return attend(query, key, value, lengths, mask=mask, weights=weigh, bias=bias)
 

@@ -10,7 +10,8 @@ keys, and holds only the options that apply to it:
   ``binary`` (Kim et al., arXiv:1702.00887), i.e. ``w = ∇_s A(s, binary)``.
 
 ``structift.layers.attend`` (and the layers) take any of them; ``weights_for(kind, ...)`` is the
-one table from the names ``"softmax"``, ``"sparsemax"``, ``"structured"`` to these objects.
+one table from the names ``"softmax"``, ``"sparsemax"``, ``"structured"``, ``"sparsemap"`` to
+these objects.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ __all__ = [
     "AbstractWeights",
     "SelectionWeights",
     "SoftmaxWeights",
+    "SparseMAPWeights",
     "SparsemaxWeights",
     "weights_for",
 ]
 
-KINDS = ("softmax", "sparsemax", "structured")
+KINDS = ("softmax", "sparsemax", "structured", "sparsemap")
 """Names accepted by ``kind=`` (see ``weights_for``)."""
 
 GRADIENTS = ("autograd", "ift")
@@ -124,6 +126,45 @@ class SelectionWeights(AbstractWeights):
         return weights
 
 
+@dataclass(frozen=True, eq=False)
+class SparseMAPWeights(AbstractWeights):
+    """SparseMAP selection marginals ``μ*_t(1)`` of the binary chain over the keys.
+
+    μ* = argmax_{μ ∈ M} ⟨θ, μ⟩ − (τ/2)‖μ_U‖² over the marginal polytope of the selection chain
+    (unary potentials (0, s_t), pairwise ``binary``): `structift.variational.sparsemap`, an
+    active-set solve differentiated by the implicit function theorem on its restricted KKT
+    system. The weights are a convex combination of a few binary selections.
+
+    Args:
+        binary: Pairwise potentials as for `SelectionWeights` (default zeros).
+        temperature: τ > 0 (smaller: closer to the single best selection).
+        normalize: divide the weights by their sum, so they sum to one.
+    """
+
+    binary: Tensor | None = None
+    temperature: float = 1.0
+    normalize: bool = False
+    kind = "sparsemap"
+
+    def for_one_query(self) -> SparseMAPWeights:
+        b = self.binary
+        if b is not None and b.dim() >= 4:
+            return SparseMAPWeights(b.unsqueeze(1), self.temperature, self.normalize)
+        return self
+
+    def weigh(self, scores: Tensor, lengths: Tensor, valid: Tensor) -> Tensor:
+        from structift.variational import sparsemap
+
+        binary = scores.new_zeros(2, 2) if self.binary is None else self.binary
+        crf = _selection_crf(scores, check_binary(binary, scores), lengths, valid)
+        mu = sparsemap(crf, self.temperature).marginals.unary
+        weights = mu[..., 1].reshape(scores.shape).masked_fill(~valid, 0.0)
+        if self.normalize:
+            total = weights.sum(-1, keepdim=True)
+            weights = weights / total.clamp_min(torch.finfo(weights.dtype).tiny)
+        return weights
+
+
 def _selection_crf(scores: Tensor, binary: Tensor, lengths: Tensor, valid: Tensor):
     """Build the binary-selection LinearChainCRF over flattened batch dims."""
     import structift as st
@@ -148,17 +189,21 @@ def weights_for(
     gradient: str = "autograd",
     normalize: bool = False,
 ) -> AbstractWeights:
-    """The weights object of ``kind`` (``"softmax"``, ``"sparsemax"``, ``"structured"``).
+    """The weights object of ``kind`` (one of ``KINDS``).
 
-    ``binary``, ``gradient`` and ``normalize`` belong to the structured kind; giving them for
-    another kind is an error (they would be ignored).
+    ``binary`` and ``normalize`` belong to the chain kinds (``"structured"``, ``"sparsemap"``),
+    ``gradient`` to ``"structured"`` (SparseMAP is always differentiated by the IFT); giving
+    them for another kind is an error (they would be ignored).
     """
     check_choice("kind", kind, KINDS)
     check_choice("gradient", gradient, GRADIENTS)
     if kind == "structured":
         return SelectionWeights(binary, gradient, normalize)
+    if kind == "sparsemap" and gradient == "autograd":
+        return SparseMAPWeights(binary, normalize=normalize)
     if binary is not None or normalize or gradient != "autograd":
         raise ValueError(
-            f"binary, normalize and gradient apply to kind='structured' only, not kind={kind!r}."
+            f"binary and normalize apply to kind='structured' or 'sparsemap' only and gradient "
+            f"to kind='structured' only; got them with kind={kind!r}."
         )
     return SoftmaxWeights() if kind == "softmax" else SparsemaxWeights()

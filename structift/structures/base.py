@@ -97,8 +97,13 @@ class AbstractStructure(abc.ABC):
         """
 
     @abc.abstractmethod
-    def hvp(self, mu: Params, v: Params) -> Params:
-        """The covariance-vector product ``∇²A(θ) v = Cov[φ, ⟨v, φ⟩]`` from the marginals μ."""
+    def hvp(self, mu: Params, v: Params, theta: Params | None = None) -> Params:
+        """The covariance-vector product ``∇²A(θ) v = Cov[φ, ⟨v, φ⟩]``.
+
+        Chains and the simplex compute it from the marginals μ alone (their covariance is a
+        function of μ) and ignore ``theta``; structures whose covariance is not (trees,
+        segmentations: ``structift.structures.autograd``) need ``theta`` and ignore ``mu``.
+        """
 
     # ---- structures -----------------------------------------------------------------------
 
@@ -129,6 +134,14 @@ class AbstractStructure(abc.ABC):
     @abc.abstractmethod
     def statistics(self, value: Tensor, dtype: torch.dtype) -> Params:
         """φ(value) in the layout of θ, each ``[*S, *batch, *part]``."""
+
+    def unary_statistics(self, value: Tensor, dtype: torch.dtype) -> Tensor:
+        """φ_U(value), the first part of ``statistics`` (SparseMAP's regularized part).
+
+        Structures whose other parts are large (a chain's pairwise indicators, Z² per step)
+        override this to skip building them.
+        """
+        return self.statistics(value, dtype)[0]
 
     @abc.abstractmethod
     def check_value(self, name: str, value: Tensor, device: torch.device) -> None:

@@ -261,7 +261,7 @@ class Simplex(AbstractStructure):
             e = torch.exp(logits - torch.where(torch.isfinite(m), m, 0.0))
             return logsumexp(logits, -1), (e / e.sum(-1, keepdim=True),)
 
-    def hvp(self, mu: Params, v: Params) -> Params:
+    def hvp(self, mu: Params, v: Params, theta: Params | None = None) -> Params:
         (p,), (w,) = mu, v
         w = torch.where(p > 0, w, 0.0)  # directions on zero-mass outcomes do not matter
         return (p * (w - (p * w).sum(-1, keepdim=True)),)

@@ -19,6 +19,7 @@ from structift.variational.argmax import (
 )
 from structift.variational.check import IFTCheck, check_ift
 from structift.variational.covariance import chain_covariance_vector_product
+from structift.variational.fenchel_young import sparsemap_loss
 from structift.variational.normal import NormalEquations
 from structift.variational.regularizers import L2, Entropy
 from structift.variational.simplex import simplex_mirror_descent
@@ -47,4 +48,5 @@ __all__ = [
     "regularized_argmax",
     "simplex_mirror_descent",
     "sparsemap",
+    "sparsemap_loss",
 ]

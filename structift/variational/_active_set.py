@@ -70,7 +70,7 @@ class ActiveSetState(NamedTuple):
 def _unary(structure: AbstractStructure, values: Tensor) -> Tensor:
     """φ_U of ``values`` ``[K, *batch, *event]`` in float64, ``[Bf, K, D_U]``."""
     K, Bf = values.shape[0], structure.batch_shape.numel()
-    return structure.statistics(values, torch.float64)[0].reshape(K, Bf, -1).transpose(0, 1)
+    return structure.unary_statistics(values, torch.float64).reshape(K, Bf, -1).transpose(0, 1)
 
 
 def statistics_rows(structure: AbstractStructure, values: Tensor, dtype: torch.dtype) -> Tensor:

@@ -49,7 +49,7 @@ from structift.structures.base import AbstractStructure, Params
 from structift.variational._active_set import ActiveSetState, active_set_solve, statistics_rows
 from structift.variational.argmax import _check_dist, _check_temperature
 
-__all__ = ["ActiveSet", "SparseMAPResult", "SparseMAPStatus", "sparsemap"]
+__all__ = ["ActiveSet", "SparseMAPResult", "SparseMAPStatus", "solve_active_set", "sparsemap"]
 
 OnFailure = Literal["raise", "warn"]
 
@@ -302,25 +302,16 @@ def sparsemap(
         ConvergenceError: the budget ran out first (with ``on_failure="raise"``).
     """
     tau = _check_temperature(temperature)
-    _check_options(max_iter, tol, on_failure)
     dist = _check_dist(dist)
     theta = dist._natural_params
     structure = dist.structure
     batch = structure.batch_shape
     if batch.numel() == 0:
+        _check_options(max_iter, tol, on_failure)
         return _empty(dist, theta)
+    solution = solve_active_set(dist, tau, max_iter, tol, on_failure)
     with torch.no_grad():
-        _check_theta(theta)
-        _, best = structure.argmax(theta)
-        if bool(torch.isneginf(best).any()):
-            index = tuple(int(i) for i in torch.isneginf(best).nonzero()[0])
-            raise ValueError(
-                f"sparsemap: no structure has finite score at batch index {index} of dist "
-                "(its potentials forbid every outcome); relax the -inf constraints there"
-            )
-        solution = active_set_solve(structure, theta, tau, max_iter, tol)
         state = _compact(structure, solution, theta[0].dtype)
-    _report(state, max_iter, on_failure)
     residual = RestrictedKKT(structure, state, tau)
     point = _point(state, tau, batch, theta[0].dtype)
     solver = RestrictedKKTSolve(state, tau)
@@ -333,3 +324,27 @@ def sparsemap(
         state.iterations.reshape(batch), state.gap.reshape(batch), state.converged.reshape(batch)
     )
     return SparseMAPResult(dist._present(mu), active_set, status)
+
+
+def solve_active_set(
+    dist: ExpFamily, tau: float, max_iter: int, tol: float, on_failure: OnFailure
+) -> ActiveSetState:
+    """Check the options and potentials, run the active-set forward, report non-convergence.
+
+    The state's statistics Φ are not built (``phi`` is None): callers that need only the
+    structures and weights (`structift.variational.sparsemap_loss`) skip that cost.
+    """
+    _check_options(max_iter, tol, on_failure)
+    theta, structure = dist._natural_params, dist.structure
+    with torch.no_grad():
+        _check_theta(theta)
+        _, best = structure.argmax(theta)
+        if bool(torch.isneginf(best).any()):
+            index = tuple(int(i) for i in torch.isneginf(best).nonzero()[0])
+            raise ValueError(
+                f"sparsemap: no structure has finite score at batch index {index} of dist "
+                "(its potentials forbid every outcome); relax the -inf constraints there"
+            )
+        solution = active_set_solve(structure, theta, tau, max_iter, tol)
+    _report(solution, max_iter, on_failure)
+    return solution

@@ -123,6 +123,30 @@ class TestModel:
             assert model.predict(batch)[b, :length].tolist() == list(best)
         torch.testing.assert_close(loss, nll / batch.lengths.sum())
 
+    def test_sparsemap_loss_head_is_the_fenchel_young_loss_of_the_layer_distribution(self) -> None:
+        from structift.variational import sparsemap, sparsemap_loss
+
+        torch.manual_seed(shift(1))
+        vocab = Vocab.build(TOY)
+        batch = collate([encode(vocab, s) for s in [TOY[1][:3], TOY[0][:2]]])
+        sizes = (len(vocab.words), len(vocab.chars), len(vocab.feats), len(vocab.tags))
+        config = TaggerConfig(*sizes, loss="sparsemap", word_dim=4, char_filters=4, hidden=3)
+        model = Tagger(config).double().eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_()
+        loss = model(batch)
+        dist = model.distribution(batch)
+        tags = batch.tags.clamp(min=0)
+        ref = sparsemap_loss(dist, tags, tol=1e-12).sum() / batch.lengths.sum()
+        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-9)
+        # Its gradient through the emissions is (μ* − φ(y)) / tokens (Danskin).
+        emissions = model.emissions(batch).detach().requires_grad_()
+        dist = model.crf.distribution(emissions, lengths=batch.lengths)
+        (grad,) = torch.autograd.grad(sparsemap_loss(dist, tags, tol=1e-12).sum(), emissions)
+        mu = sparsemap(dist, tol=1e-12).marginals.unary.detach()
+        torch.testing.assert_close(grad, mu - dist.sufficient_statistics(tags).unary)
+
     def test_scores_known_unknown(self) -> None:
         vocab = Vocab.build(TOY[:2])
         model = Tagger(

@@ -56,7 +56,7 @@ def test_generator_makes_the_task_it_describes(example):
 def test_smoke_run_writes_table_heatmap_and_results(example, tmp_path, capsys):
     results = example.main(["--smoke", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert set(results) == {"softmax", "sparsemax", "structured"}
+    assert set(results) == {"softmax", "sparsemax", "structured", "sparsemap"}
     for kind, metrics in results.items():
         assert 0.0 <= metrics["accuracy"] <= 1.0
         assert f"| {kind} |" in out

@@ -62,8 +62,10 @@ def test_selection_options_live_on_the_selection_weights() -> None:
 
 
 def test_options_of_another_kind_are_refused() -> None:
-    with pytest.raises(ValueError, match="apply to kind='structured' only"):
+    with pytest.raises(ValueError, match="apply to kind='structured' or 'sparsemap' only"):
         weights_for("softmax", normalize=True)
+    with pytest.raises(ValueError, match="gradient to kind='structured' only"):
+        weights_for("sparsemap", gradient="ift")
     with pytest.raises(ValueError, match="gradient must be one of"):
         SelectionWeights(gradient="unrolled")
     with pytest.raises(TypeError, match=r"weights must be a structift\.layers\.weights object"):

@@ -19,8 +19,12 @@ __all__ = [
     "Enumeration",
     "categorical",
     "chain",
+    "dependency_trees",
+    "heads",
     "hmm_joint",
     "hmm_posterior",
+    "segmentations",
+    "semi_markov",
     "sequences",
 ]
 
@@ -177,3 +181,117 @@ def hmm_joint(
             zs.append(z)
             ps.append(p)
     return torch.tensor(xs), torch.tensor(zs), torch.stack(ps)
+
+
+# ---- dependency trees ------------------------------------------------------------------------
+
+
+def _reaches_root(head: tuple[int, ...]) -> bool:
+    """Whether every word 1..n reaches ROOT (0) by following heads (no cycle)."""
+    for m in range(1, len(head) + 1):
+        seen, node = set(), m
+        while node != 0:
+            if node in seen:
+                return False
+            seen.add(node)
+            node = head[node - 1]
+    return True
+
+
+def _projective(head: tuple[int, ...]) -> bool:
+    """Whether no two arcs cross (ROOT at position 0, words at 1..n)."""
+    arcs = [(min(h, m), max(h, m)) for m, h in enumerate(head, start=1)]
+    for a, b in arcs:
+        for c, d in arcs:
+            if a < c < b < d:
+                return False
+    return True
+
+
+def heads(n: int, total: int, projective: bool, multi_root: bool) -> Tensor:
+    """Every dependency tree over ``n`` words as head vectors ``[M, total + 1]``.
+
+    ``out[i, m]`` is the head (0 = ROOT) of word m for m in 1..n; index 0 and padding hold -1.
+    Trees: every word has one head, no cycles; ``multi_root=False`` keeps those with exactly
+    one word on ROOT; ``projective`` keeps those without crossing arcs.
+    """
+    rows = []
+    for head in itertools.product(range(n + 1), repeat=n):
+        if any(h == m for m, h in enumerate(head, start=1)) or not _reaches_root(head):
+            continue
+        if not multi_root and sum(h == 0 for h in head) != 1:
+            continue
+        if projective and not _projective(head):
+            continue
+        rows.append([-1, *head, *([-1] * (total - n))])
+    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), total + 1)
+
+
+def dependency_trees(
+    arc_scores: Tensor, n: int, projective: bool = False, multi_root: bool = False
+) -> Enumeration:
+    """Enumerate a dependency-tree CRF (one batch element).
+
+    Args:
+        arc_scores: ``[N+1, N+1]``, ``arc_scores[h, m]`` scores head h -> modifier m (0 = ROOT).
+        n: the number of words (``<= N``); words beyond n are padding.
+        projective: only projective trees.
+        multi_root: allow several words on ROOT.
+    """
+    total = arc_scores.shape[-1] - 1
+    values = heads(n, total, projective, multi_root)
+    words = torch.arange(1, n + 1)
+    scores = arc_scores[values[:, 1 : n + 1], words].sum(-1)
+    feats = torch.zeros(values.shape[0], total + 1, total + 1, dtype=arc_scores.dtype)
+    for i, row in enumerate(values.tolist()):
+        for m in range(1, n + 1):
+            feats[i, row[m], m] = 1.0
+    return Enumeration(values, scores, (feats,))
+
+
+# ---- semi-Markov segmentations ---------------------------------------------------------------
+
+
+def segmentations(length: int, total: int, max_len: int, num_labels: int) -> Tensor:
+    """Every labelled segmentation of positions ``0..length-1`` as label vectors ``[M, total]``.
+
+    torch-struct's encoding: ``out[i, 0]`` is the initial label; a segment of ``k`` steps
+    (``1 <= k <= max_len``) from boundary s ends at s + k, where the vector holds its label;
+    positions inside a segment and padding hold -1. The last position always ends a segment.
+    """
+    rows: list[list[int]] = []
+
+    def grow(prefix: list[int], at: int) -> None:
+        if at == length - 1:
+            rows.append(prefix + [-1] * (total - length))
+            return
+        for k in range(1, min(max_len, length - 1 - at) + 1):
+            for c in range(num_labels):
+                grow(prefix + [-1] * (k - 1) + [c], at + k)
+
+    for c0 in range(num_labels):
+        grow([c0], 0)
+    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), total)
+
+
+def semi_markov(scores: Tensor, length: int) -> Enumeration:
+    """Enumerate a semi-Markov CRF (one batch element).
+
+    Args:
+        scores: ``[N-1, K, C, C]``: ``scores[s, k, a, c]`` scores a segment of k steps from
+            boundary s to s + k with label c after label a (laid out [from, to]; k = 0 unused).
+        length: the number of positions L in ``[1, N]``.
+    """
+    N_1, K, C, _ = scores.shape
+    values = segmentations(length, N_1 + 1, K - 1, C)
+    feats = torch.zeros(values.shape[0], *scores.shape, dtype=scores.dtype)
+    for i, row in enumerate(values.tolist()):
+        start, label = 0, row[0]
+        for t in range(1, length):
+            if row[t] >= 0:
+                feats[i, start, t - start, label, row[t]] = 1.0
+                start, label = t, row[t]
+    total = (feats * torch.where(feats > 0, scores, 0.0)).flatten(1).sum(-1)
+    forbidden = ((feats > 0) & (scores == float("-inf"))).flatten(1).any(-1)
+    scores_out = torch.where(forbidden, float("-inf"), total)
+    return Enumeration(values, scores_out, (feats,))

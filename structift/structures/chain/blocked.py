@@ -87,7 +87,7 @@ class BlockedChain(AbstractStructure):
     def posterior(self, theta: Params, create_graph: bool = False) -> tuple[Tensor, Params]:
         return self.inner.posterior(theta, create_graph)
 
-    def hvp(self, mu: Params, v: Params) -> Params:
+    def hvp(self, mu: Params, v: Params, theta: Params | None = None) -> Params:
         return self.inner.hvp(mu, v)
 
     # ---- structures: translated ------------------------------------------------------------

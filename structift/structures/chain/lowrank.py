@@ -95,7 +95,7 @@ class LowRankChain(ChainSpace):
             n, m = _lowrank.factored_counts(msg, back)
         return msg.log_z, (gamma, n, m)
 
-    def hvp(self, mu: Params, v: Params) -> Params:
+    def hvp(self, mu: Params, v: Params, theta: Params | None = None) -> Params:
         raise _unsupported("hvp")
 
     # ---- structures ----------------------------------------------------------------------

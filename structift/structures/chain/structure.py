@@ -101,7 +101,7 @@ class Chain(ChainSpace):
         log_z, mu_u, mu_b = (x.to(unary.dtype) for x in out)
         return log_z, (mu_u, mu_b)
 
-    def hvp(self, mu: Params, v: Params) -> Params:
+    def hvp(self, mu: Params, v: Params, theta: Params | None = None) -> Params:
         """``∇²A v`` from the marginals; differentiable (plain torch ops) under grad mode."""
         mu_u, mu_b = mu
         B, T, Z = mu_u.shape
@@ -158,6 +158,13 @@ class Chain(ChainSpace):
         pair = weight[:, 1:]  # the pair (t, t+1) exists iff t + 1 < length
         binary = unary[..., :-1, :, None] * unary[..., 1:, None, :] * pair[..., None, None]
         return unary, binary
+
+    def unary_statistics(self, value: Tensor, dtype: torch.dtype) -> Tensor:
+        """The tag indicators ``[*S, B, T, Z]`` alone (no Z² pairwise indicators)."""
+        mask = self.mask()
+        tags = torch.where(mask, value, torch.zeros_like(value))
+        onehot = torch.nn.functional.one_hot(tags, self.num_states).to(dtype)
+        return onehot * mask[..., None].to(dtype)
 
     def check_value(self, name: str, value: Tensor, device: torch.device) -> None:
         from structift._checks import check_index_tensor
