@@ -1,4 +1,4 @@
-"""Benchmark SparseMAP on linear chains: against the enumerated QP, and its scaling in T and Z.
+"""Benchmark SparseMAP: chains against the enumerated QP, scaling in T and Z; and on trees.
 
 ``sparsemap`` (structift.variational) solves max_{μ ∈ M} ⟨θ, μ⟩ − (τ/2)‖μ_U‖² by an active-set
 method on the Viterbi oracle, and differentiates by the IFT on the active set. Tables:
@@ -11,6 +11,8 @@ method on the Viterbi oracle, and differentiates by the IFT on the active set. T
 2. Scaling in T and Z: forward and backward times (timed separately within each run), active-set iterations and sizes (mean and
    max over the batch), next to the entropy-regularized argmax (``regularized_argmax``, exact
    forward + structured IFT backward) on the same inputs.
+3. Dependency trees (projective: Eisner oracle; non-projective: Chu–Liu–Edmonds), n words:
+   the same columns (``--table trees``).
 
 Times are medians over --repeats after a warm-up; the machine may be shared (noisy). Inputs are
 standard-normal unary and binary potentials (float64 by default), full lengths, τ = --tau, a
@@ -220,13 +222,60 @@ def table_scaling(args, device: torch.device, dtype: torch.dtype) -> None:
         )
 
 
+def table_trees(args, device: torch.device, dtype: torch.dtype) -> None:
+    """SparseMAP on dependency trees (its oracle: Eisner / Chu–Liu–Edmonds), scaling in n."""
+    print(
+        f"\n### SparseMAP on dependency trees (B={args.B}, τ={args.tau}, {dtype}, {device.type})\n"
+    )
+    print("| trees | n | sparsemap fwd (ms) | sparsemap bwd (ms) | iters (mean/max) | "
+          "active set (mean/max) | entropy fwd+bwd (ms) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for projective, n in itertools.product((True, False), (8, 16, 32)):
+        g = torch.Generator().manual_seed(0)
+        arcs = torch.randn(args.B, n + 1, n + 1, generator=g, dtype=dtype).to(device)
+        cot = torch.randn(arcs.shape, generator=g, dtype=dtype).to(device)
+        lengths = torch.full((args.B,), n, device=device)
+        fwd, bwd, out = [], [], {}
+        for i in range(args.repeats + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            x = arcs.detach().requires_grad_()
+            out["result"] = sparsemap(sf.DependencyCRF(x, lengths, projective), args.tau)
+            loss = (out["result"].marginals * cot).sum()
+            sync(device)
+            t1 = time.perf_counter()
+            torch.autograd.grad(loss, x)
+            sync(device)
+            if i:
+                fwd.append(t1 - t0)
+                bwd.append(time.perf_counter() - t1)
+
+        def entropy(arcs=arcs, lengths=lengths, projective=projective, cot=cot) -> None:
+            x = arcs.detach().requires_grad_()
+            mu = regularized_argmax(sf.DependencyCRF(x, lengths, projective), args.tau)
+            torch.autograd.grad((mu * cot).sum(), x)
+
+        status, active = out["result"].status, out["result"].active_set.active
+        sizes, iters = active.sum(-1).float(), status.iterations.float()
+        kind = "projective" if projective else "non-projective"
+        print(
+            f"| {kind} | {n} | {1e3 * statistics.median(fwd):.1f} | "
+            f"{1e3 * statistics.median(bwd):.1f} | {iters.mean():.1f}/{int(iters.max())} "
+            f"| {sizes.mean():.1f}/{int(sizes.max())} | "
+            f"{median_ms(entropy, args.repeats, device):.1f} |",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
-    parser.add_argument("--table", default="both", choices=["both", "enumerated", "scaling"])
+    parser.add_argument(
+        "--table", default="both", choices=["both", "enumerated", "scaling", "trees"]
+    )
     parser.add_argument("-B", type=int, default=8)
     parser.add_argument("--tau", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=5)
@@ -241,6 +290,8 @@ def main() -> None:
         table_enumerated(args, device, dtype)
     if args.table in ("both", "scaling"):
         table_scaling(args, device, dtype)
+    if args.table in ("both", "trees"):
+        table_trees(args, device, dtype)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from structift.families import (
 )
 from structift.families.blocked import BlockedEmission
 from structift.families.lowrank import LowRankTransition
+from structift.families.semimarkov import SemiMarkovCRF
+from structift.families.tree import DependencyCRF
 from structift.layers.crf import CRF
 
 __all__ = [
@@ -22,8 +24,10 @@ __all__ = [
     "BlockedEmission",
     "Categorical",
     "ChainMarginals",
+    "DependencyCRF",
     "ExpFamily",
     "LinearChainCRF",
     "LowRankTransition",
+    "SemiMarkovCRF",
     "__version__",
 ]

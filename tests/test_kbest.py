@@ -19,6 +19,7 @@ from tests.reference import brute_force
 from tests.seeding import examples, seeded
 
 cases = pytest.mark.parametrize("case", CASES, ids=repr)
+kbest_cases = pytest.mark.parametrize("case", [c for c in CASES if c.kbest], ids=repr)
 devices = pytest.mark.parametrize("device", DEVICES)
 NEG_INF = float("-inf")
 
@@ -27,6 +28,8 @@ def _event(value: torch.Tensor, dist, b: int) -> tuple[int, ...]:
     """One structure as a tuple, padding dropped (chains keep their first L tags)."""
     if value.dim() == 0:
         return (int(value),)
+    if dist.structure.padding_value != 0:  # padding is canonical (-1) in values and enumeration
+        return tuple(value.tolist())
     L = int(dist.lengths[b]) if hasattr(dist, "lengths") else value.shape[-1]
     return tuple(value[:L].tolist())
 
@@ -35,7 +38,7 @@ def _brute_table(enum: brute_force.Enumeration, dist, b: int) -> dict[tuple[int,
     return {_event(s, dist, b): float(x) for s, x in zip(enum.structures, enum.scores)}
 
 
-@cases
+@kbest_cases
 @devices
 @given(data=st.data())
 @settings(max_examples=examples(40))
@@ -64,9 +67,16 @@ def test_topk_is_the_k_best_of_the_enumeration(case: Case, device, data) -> None
         assert len(set(got)) == n, "the k best structures must be distinct"
         for r, g in enumerate(got):  # each structure carries its own score
             assert table[g] == pytest.approx(float(scores[r, b]), rel=1e-9, abs=1e-9)
-        # Missing ranks: score -inf, value 0.
+        # Missing ranks: score -inf, value padding_value (0 for chains, -1 for trees).
         assert bool((scores[n:, b] == NEG_INF).all())
-        assert bool((values[n:, b] == 0).all())
+        assert bool((values[n:, b] == dist.structure.padding_value).all())
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c.kbest], ids=repr)
+def test_topk_beyond_one_is_a_clear_error_where_unsupported(case: Case) -> None:
+    dist = case.build(case.fixed())
+    with pytest.raises(ValueError, match="k = 2 is not supported"):
+        dist.topk(2)
 
 
 @cases

@@ -220,7 +220,8 @@ class ExpFamily(ExponentialFamily):
         Returns:
             ``(values [k, *batch, *event], scores [k, *batch])``; ``scores`` are
             ``score(values)``, differentiable. Ranks beyond the number of structures of finite
-            score hold score ``-inf`` and value 0.
+            score hold score ``-inf`` and value ``structure.padding_value`` (0 for tag sequences,
+            -1 for trees and segmentations).
 
         Raises:
             TypeError: ``k`` is not an int.

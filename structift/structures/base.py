@@ -63,7 +63,14 @@ class Iterative:
 
 
 class AbstractStructure(abc.ABC):
-    """The combinatorics of one kind of structure (see the module docstring)."""
+    """The combinatorics of one kind of structure (see the module docstring).
+
+    ``padding_value`` is what a structure holds where it has no entry (beyond its length) and
+    what ranks of ``topk`` beyond the number of structures hold: 0 for tag sequences, -1 for
+    trees and segmentations (whose 0 is a real head or label).
+    """
+
+    padding_value: int = 0
 
     @property
     @abc.abstractmethod
@@ -117,7 +124,8 @@ class AbstractStructure(abc.ABC):
 
         Exact, best first, ties broken by a documented rule (for ``k = 1`` the rule of
         ``argmax``). ``scores`` are ``score(theta, values)``, differentiable in θ. Ranks beyond
-        the number of finite-score structures are not structures: score ``-inf``, value 0.
+        the number of finite-score structures are not structures: score ``-inf``, value
+        ``padding_value``.
         ``k`` is a validated int ``>= 1`` (the families check it).
         """
 

@@ -7,8 +7,6 @@ by brute force, and declares capabilities (lengths, chain structure) instead of 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,50 +14,23 @@ from hypothesis import strategies as st
 
 import structift as st_
 from tests import strategies
+from tests.families.case import Case, Params
 from tests.reference import brute_force
 from tests.seeding import seeded
 
-Params = dict[str, Any]
 
-
-def _to(params: Params, device: torch.device | str) -> Params:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in params.items()}
-
-
-@dataclass(frozen=True)
-class Case:
-    """One family under test.
-
-    Attributes:
-        name: Test id.
-        params: ``params(**fixed) -> strategy`` of parameter dicts (float64, CPU).
-        like: ``like(params, **kw) -> strategy`` of parameters on the same sample space.
-        make: ``make(params, **kwargs) -> ExpFamily``.
-        brute: ``brute(params) -> list[Enumeration]`` (one per batch element).
-        shift: ``shift(params, b, c) -> (params', expected change of A [B])``: add ``c`` to
-            the potentials of one position of element ``b``.
-        pad: ``pad(params, data) -> params'`` that changes only padding (None: no lengths).
-        select: ``select(params, b) -> params`` of batch element ``b`` alone (batch of one).
-        fixed: a small fixed parameter dict for gradcheck and sampling tests (float64).
-        is_chain: marginals are ``ChainMarginals`` (unary/binary) with lengths.
-    """
-
-    name: str
-    params: Callable[..., st.SearchStrategy[Params]]
-    like: Callable[..., st.SearchStrategy[Params]]
-    make: Callable[..., Any]
-    brute: Callable[[Params], list[brute_force.Enumeration]]
-    shift: Callable[[Params, int, float], tuple[Params, torch.Tensor]]
-    pad: Callable[[Params, st.DataObject], Params] | None
-    select: Callable[[Params, int], Params]
-    fixed: Callable[[], Params]
-    is_chain: bool
-
-    def build(self, params: Params, device: Any = "cpu", **kwargs: Any) -> Any:
-        return self.make(_to(params, device), **kwargs)
-
-    def __repr__(self) -> str:
-        return self.name
+def chain_mass(dist: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One tag per position, one pair per consecutive positions, pairs consistent with tags."""
+    mu = dist.marginals
+    T = mu.unary.shape[1]
+    mask = (torch.arange(T, device=mu.unary.device) < dist.lengths[:, None]).to(mu.unary.dtype)
+    pair = mask[:, 1:]
+    return [
+        (mu.unary.sum(-1), mask),
+        (mu.binary.sum((-1, -2)), pair),
+        (mu.binary.sum(-1), mu.unary[:, :-1] * pair[..., None]),
+        (mu.binary.sum(-2), mu.unary[:, 1:] * pair[..., None]),
+    ]
 
 
 # ---- Categorical --------------------------------------------------------------------------
@@ -148,6 +119,7 @@ CRF = Case(
     },
     fixed=_crf_fixed,
     is_chain=True,
+    mass=chain_mass,
 )
 
 
@@ -229,7 +201,17 @@ HMM = Case(
     },
     fixed=_hmm_fixed,
     is_chain=True,
+    mass=chain_mass,
 )
 
-CASES = [CATEGORICAL, CRF, HMM]
+
+def _structures() -> list[Case]:
+    """The segmentation and tree cases (their own modules, which import ``Case`` from here)."""
+    from tests.families.cases_semimarkov import SEMI_MARKOV
+    from tests.families.cases_tree import ALL_TREE_CASES
+
+    return [SEMI_MARKOV, *ALL_TREE_CASES]
+
+
+CASES = [CATEGORICAL, CRF, HMM, *_structures()]
 CHAIN_CASES = [c for c in CASES if c.is_chain]

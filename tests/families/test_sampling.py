@@ -63,6 +63,9 @@ def test_sample_frequencies_match_enumeration(case: Case, device) -> None:
             length = int(params["lengths"][b])
             assert bool((column[:, length:] == 0).all()), "padding positions must hold 0"
             codes, support = _encode(column, base), _encode(enum.structures, base)
+        elif column.dim() > 1:  # structures with -1 entries (trees, segmentations)
+            high = int(max(column.max(), enum.structures.max())) + 2
+            codes, support = _encode(column + 1, high), _encode(enum.structures + 1, high)
         else:
             codes, support = column, enum.structures
         _assert_frequencies(codes, support, enum.probs)
