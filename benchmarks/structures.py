@@ -65,13 +65,15 @@ def _report(name: str, runs: dict[str, Callable[[], object]], args, device) -> N
         print(line)
 
 
-def _projective_runs(
-    arcs: torch.Tensor, lengths: torch.Tensor, multi_root: bool
+def _tree_runs(
+    arcs: torch.Tensor, lengths: torch.Tensor, multi_root: bool, projective: bool
 ) -> dict[str, Callable[[], object]]:
-    """The four timed runs on one input, both libraries."""
+    """The timed runs on one input, both libraries (torch-struct has no non-projective argmax)."""
     import torch_struct
 
-    structure = ProjectiveTrees(lengths, arcs.shape[-1] - 1, multi_root)
+    kind = ProjectiveTrees if projective else NonProjectiveTrees
+    peer = torch_struct.DependencyCRF if projective else torch_struct.NonProjectiveDependencyCRF
+    structure = kind(lengths, arcs.shape[-1] - 1, multi_root)
     ts_arcs = _to_torch_struct(arcs)
 
     def ours_lz() -> None:
@@ -80,19 +82,20 @@ def _projective_runs(
 
     def theirs_lz() -> None:
         x = ts_arcs.detach().requires_grad_()
-        dist = torch_struct.DependencyCRF(x, lengths, multiroot=multi_root)
-        dist.partition.sum().backward()
+        peer(x, lengths, multiroot=multi_root).partition.sum().backward()
 
     def theirs_argmax() -> torch.Tensor:
         x = ts_arcs.detach().requires_grad_()
-        return torch_struct.DependencyCRF(x, lengths, multiroot=multi_root).argmax
+        return peer(x, lengths, multiroot=multi_root).argmax
 
-    return {
+    runs: dict[str, Callable[[], object]] = {
         "structift logZ+marginals": ours_lz,
         "torch-struct logZ+marginals": theirs_lz,
         "structift argmax": lambda: structure.argmax((arcs,)),
-        "torch-struct argmax": theirs_argmax,
     }
+    if projective:
+        runs["torch-struct argmax"] = theirs_argmax
+    return runs
 
 
 def projective(args: argparse.Namespace) -> None:
@@ -104,7 +107,7 @@ def projective(args: argparse.Namespace) -> None:
     lengths = torch.full((B,), n, device=device)
     for multi_root in (False, True):
         root = "multi-root" if multi_root else "single-root"
-        runs = _projective_runs(arcs, lengths, multi_root)
+        runs = _tree_runs(arcs, lengths, multi_root, True)
         _report(f"projective B={B} n={n} {root}", runs, args, device)
 
 
@@ -138,30 +141,6 @@ def semimarkov(args: argparse.Namespace) -> None:
     _report(f"semimarkov B={B} N={N} K={K} C={C}", runs, args, device)
 
 
-def _nonprojective_runs(
-    arcs: torch.Tensor, lengths: torch.Tensor, multi_root: bool
-) -> dict[str, Callable]:
-    import torch_struct
-
-    structure = NonProjectiveTrees(lengths, arcs.shape[-1] - 1, multi_root)
-    ts_arcs = _to_torch_struct(arcs)
-
-    def ours_lz() -> None:
-        x = arcs.detach().requires_grad_()
-        structure.log_partition((x,)).sum().backward()
-
-    def theirs_lz() -> None:
-        x = ts_arcs.detach().requires_grad_()
-        dist = torch_struct.NonProjectiveDependencyCRF(x, lengths, multiroot=multi_root)
-        dist.partition.sum().backward()
-
-    return {
-        "structift logZ+marginals": ours_lz,
-        "torch-struct logZ+marginals": theirs_lz,
-        "structift argmax": lambda: structure.argmax((arcs,)),
-    }
-
-
 def nonprojective(args: argparse.Namespace) -> None:
     """Non-projective trees (matrix-tree theorem) vs torch-struct ``NonProjectiveDependencyCRF``."""
     device = torch.device(args.device)
@@ -173,8 +152,8 @@ def nonprojective(args: argparse.Namespace) -> None:
         root = "multi-root" if multi_root else "single-root"
         _report(
             f"non-projective B={B} n={n} {root}",
-            _nonprojective_runs(arcs, lengths, multi_root),
-            args.repeats,
+            _tree_runs(arcs, lengths, multi_root, False),
+            args,
             device,
         )
 
