@@ -1,0 +1,1 @@
+"""The HMM language-model example: Brown data and split, Kneser-Ney baselines, HMM models."""
