@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check for a session with a lent CUDA device (one call; at most about 14 minutes of
+# GPU check for a session with a lent CUDA device (one call; at most about 16 minutes of
 # timeouts, typically 6-8: give the call timeout_s=600 and expect the tuning step to be cut).
 #
 #   0. the peers (torch-struct, pytorch-crf, qpth + cvxpy) from ./.whl if that folder exists
@@ -15,8 +15,10 @@
 #      marginals, entropy, KL and IFT VJP next to the peers (issue 10's targets);
 #   7. benchmarks/hmm_scale.py --quick on CUDA: dense, low-rank and blocked HMMs vs Z;
 #   8. benchmarks/sparsemap.py on CUDA (float32);
-#   9. benchmarks/tune_fused.py: the fused kernel's warps / prefetch settings, timed.
-# (Run order: tests, chain, QP, decode, HVP, precision, HMMs, SparseMAP, tuning: the last
+#   9. benchmarks/structures.py on CUDA: semi-Markov, projective and non-projective trees
+#      against torch-struct (issue 12), and benchmarks/sparsemap.py --table trees on CUDA;
+#  10. benchmarks/tune_fused.py: the fused kernel's warps / prefetch settings, timed.
+# (Run order: tests, chain, QP, decode, HVP, precision, HMMs, SparseMAP, structures, tuning: the last
 # steps are the first to be cut by the call's time limit.)
 #
 # Usage: bash benchmarks/gpu_check.sh   (PYTHON=... to pick the interpreter; output also in $OUT
@@ -69,6 +71,12 @@ PYEOF
 
   echo "== SparseMAP (CUDA, float32: active set vs the enumerated QP, scaling in T and Z)"
   timeout 60 "$PY" benchmarks/sparsemap.py --device cuda --dtype float32 || status=1
+
+  echo "== semi-Markov and dependency trees vs torch-struct (CUDA)"
+  timeout 60 "$PY" benchmarks/structures.py --device cuda || status=1
+
+  echo "== SparseMAP on dependency trees (CUDA, float32)"
+  timeout 45 "$PY" benchmarks/sparsemap.py --device cuda --dtype float32 --table trees || status=1
 
   echo "== fused kernel launch settings (CUDA, B=256 T=128 Z=32)"
   timeout 120 "$PY" benchmarks/tune_fused.py --device cuda || status=1

@@ -179,6 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("CUDA is not available: the CUDA rows are skipped.")
+        return
     torch.set_num_threads(args.threads)
     for name, bench in STRUCTURES.items():
         if args.only in (None, name):

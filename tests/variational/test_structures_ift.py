@@ -138,3 +138,39 @@ def test_sparsemap_equals_the_qp_over_enumerated_vertices(name, tau) -> None:
     minus = sparsemap(build(theta.detach() - eps * d), tau).marginals
     fd = float(((plus - minus) * v).sum()) / (2 * eps)
     assert abs(float((grad * d).sum()) - fd) < 1e-5 * (1 + abs(fd))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_sparsemap_loss_is_the_enumerated_fenchel_young_loss(name) -> None:
+    """sparsemap_loss = Ω*(θ) − ⟨θ, φ(y)⟩ + Ω(φ(y)) with Ω*(θ) the QP over the vertices, ≥ 0,
+    with gradient μ* − φ(y), for a random gold structure of every element."""
+    from structift.layers import qp_solve
+    from structift.variational import sparsemap, sparsemap_loss
+
+    g = seeded(23)
+    tau = 0.7
+    theta, build, enum = CASES[name](g, [4, 3])
+    rows = [int(torch.randint(0, e.structures.shape[0], (1,), generator=g)) for e in enum]
+    gold = torch.stack([e.structures[r] for e, r in zip(enum, rows, strict=True)])
+    dist = build(theta)
+    loss = sparsemap_loss(dist, gold, tau, tol=1e-12)
+    assert bool((loss >= 0).all())
+    for b, e in enumerate(enum):
+        phi = e.features[0].flatten(1)
+        c = phi @ theta[b].detach().flatten()
+        keep = torch.isfinite(c)
+        phi_k, c_k = phi[keep], c[keep]
+        M = c_k.shape[0]
+        w = qp_solve(
+            tau * phi_k @ phi_k.T, -c_k, -torch.eye(M, dtype=DT), torch.zeros(M, dtype=DT),
+            torch.ones(1, M, dtype=DT), torch.ones(1, dtype=DT), ridge=1e-10,
+        )  # fmt: skip
+        mu_u = w @ phi_k
+        conjugate = w @ c_k - 0.5 * tau * mu_u @ mu_u
+        r = rows[b]
+        value = conjugate - c[r] + 0.5 * tau * phi[r] @ phi[r]
+        assert abs(float(loss[b].detach()) - float(value)) < 1e-6
+    (grad,) = torch.autograd.grad(loss.sum(), theta)
+    mu = sparsemap(build(theta.detach()), tau, tol=1e-12).marginals
+    phi_gold = build(theta.detach()).sufficient_statistics(gold)
+    torch.testing.assert_close(grad, mu - phi_gold, atol=1e-8, rtol=0)

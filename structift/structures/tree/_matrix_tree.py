@@ -31,7 +31,7 @@ from torch import Tensor
 
 from structift._ops import logsumexp
 
-__all__ = ["arc_marginals", "condition", "laplacian", "log_arborescences", "log_single_root"]
+__all__ = ["arc_marginals_", "condition", "laplacian", "log_arborescences", "log_single_root"]
 
 _NEG_INF = float("-inf")
 
@@ -58,29 +58,29 @@ def condition(lap: Tensor, inverse: Tensor) -> Tensor:
     return torch.where(torch.isnan(norm), torch.inf, norm)
 
 
-def arc_marginals(w: Tensor, inverse: Tensor, multi_root: bool) -> Tensor:
-    """The arc marginals ``[B, N+1, N+1]`` from ``X = L̂⁻¹`` (Koo et al. 2007, §3.2).
+def arc_marginals_(w: Tensor, inverse: Tensor, multi_root: bool) -> Tensor:
+    """The arc marginals ``[B, N+1, N+1]`` from ``X = L̂⁻¹`` (Koo et al. 2007, §3.2), in place.
 
     ``μ[h, m] = ∂ log det L̂ / ∂θ[h, m] = w[h, m] Σ_ij X[j, i] ∂L̂[i, j]/∂w[h, m]``:
     multi-root ``μ[h, m] = w[h, m] (X[m, m] − X[m, h])``, ``μ[0, m] = w[0, m] X[m, m]``;
     single-root the same except that row 1 of L̂ holds the root weights, so the terms of
     L̂[1, ·] drop out and ``μ[0, m] = w[0, m] X[m, 1]`` (indices of words, 1-based). O(N²)
-    given X.
+    given X. The result is written into ``w`` (overwritten and returned, one buffer fewer);
+    ``w`` must be zero in column 0 and on the diagonal (ignored arcs), which stay zero.
     """
     diag = torch.diagonal(inverse, dim1=-2, dim2=-1)  # shape: (B, N) X[m, m]
-    xt = inverse.transpose(-1, -2)  # shape: (B, N h, N m) X[m, h]
+    factor = diag[:, None, :] - inverse.transpose(-1, -2)  # shape: (B, N h, N m)
     if multi_root:
-        words = w[:, 1:, 1:] * (diag[:, None, :] - xt)
-        root = w[:, 0, 1:] * diag
+        w[:, 0, 1:] *= diag
     else:
-        own = torch.cat([torch.zeros_like(diag[:, :1]), diag[:, 1:]], dim=-1)  # m != word 1
-        other = torch.cat([torch.zeros_like(xt[:, :1]), xt[:, 1:]], dim=1)  # h != word 1
-        words = w[:, 1:, 1:] * (own[:, None, :] - other)
-        root = w[:, 0, 1:] * inverse[:, :, 0]
-    mu = torch.zeros_like(w)
-    mu[:, 0, 1:] = root
-    mu[:, 1:, 1:] = words
-    return mu
+        # Row 1 of L̂ holds the root weights: for m = word 1 the X[m, m] term drops out, for
+        # h = word 1 the X[m, h] term does.
+        factor[:, :, 0] -= diag[:, :1]
+        factor[:, 0, :] = diag
+        factor[:, 0, 0] = 0.0
+        w[:, 0, 1:] *= inverse[:, :, 0]
+    w[:, 1:, 1:] *= factor
+    return w
 
 
 def log_arborescences(log_w: Tensor) -> Tensor:

@@ -148,7 +148,13 @@ class NonProjectiveTrees(TreeSpace):
         return (out + shift).to(theta[0].dtype)
 
     def _fast_posterior(self, arcs: Tensor) -> tuple[Tensor, Tensor]:
-        """``(A [B], μ [B, N+1, N+1])`` without a graph, in the dtype of ``arcs``."""
+        """``(A [B], μ [B, N+1, N+1])`` without a graph, in the dtype of ``arcs``.
+
+        One pivoted LU and one triangular solve against the identity (the inverse) in float64;
+        the rest is O(B n²) elementwise work written to touch each ``[B, N+1, N+1]`` buffer as
+        few times as possible (``benchmarks/structures.py``: the LAPACK calls are most of the
+        time).
+        """
         with torch.no_grad():
             log_w, shift = self._centred64((arcs.detach(),))
             word = self.word_mask()
@@ -156,19 +162,18 @@ class NonProjectiveTrees(TreeSpace):
             lap = _matrix_tree.laplacian(w, word, self.multi_root)
             ok, inverse, sign, log_det = self._factorize(lap, arcs.dtype)
             ok = ok & (sign > 0)
-            inverse = torch.where(ok[:, None, None], inverse, 0.0)
-            mu = _matrix_tree.arc_marginals(w, inverse, self.multi_root)
-            log_z = torch.where(ok, log_det, 0.0)
-        if not bool(ok.all()):
-            bad = (~ok).nonzero()[:, 0]
-            with torch.enable_grad():
-                leaf = log_w[bad].requires_grad_()
-                robust = self._robust_log_z(leaf, word[bad])
-                (grad,) = torch.autograd.grad(robust.sum(), leaf)
-            log_z = log_z.index_put((bad,), robust.detach())
-            grad = torch.where(torch.isfinite(robust)[:, None, None], grad, 0.0)
-            mu = mu.index_put((bad,), grad)
-        mu = torch.where(torch.isnan(mu), 0.0, mu).clamp(0.0, 1.0)  # the clamp: rounding only
+            mu = _matrix_tree.arc_marginals_(w, inverse, self.multi_root)  # overwrites w
+            log_z = log_det
+            if not bool(ok.all()):
+                bad = (~ok).nonzero()[:, 0]
+                with torch.enable_grad():
+                    leaf = log_w[bad].requires_grad_()
+                    robust = self._robust_log_z(leaf, word[bad])
+                    (grad,) = torch.autograd.grad(robust.sum(), leaf)
+                log_z = log_z.index_put((bad,), robust.detach())
+                grad = torch.where(torch.isfinite(robust)[:, None, None], grad, 0.0)
+                mu = mu.index_put((bad,), grad)
+            mu = mu.nan_to_num_(0.0).clamp_(0.0, 1.0)  # the clamp: rounding only
         return (log_z + shift).to(arcs.dtype), mu.to(arcs.dtype)
 
     def log_partition(self, theta: Params) -> Tensor:
