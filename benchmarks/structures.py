@@ -16,7 +16,9 @@ so it gets one.
 nonprojective: single- and multi-root non-projective trees (``-B``, ``--np-n``, default 32,
 64) against torch-struct's ``NonProjectiveDependencyCRF`` in the same ``[B, n, n]`` layout;
 structift's argmax is Chu–Liu–Edmonds (torch-struct 0.5 has no non-projective argmax: its
-property returns ``None``), so that row has no peer.
+property returns ``None``), so that row has no peer. Two "floor" rows time the LAPACK work of
+any exact matrix-tree posterior alone (one LU and the inverse from it, float64 and float32):
+torch-struct's time over the floor bounds the speed-up an implementation can reach.
 
 semimarkov: semi-Markov CRFs, scores ``[B, N-1, K, C, C]`` (``randn``, float32, all lengths =
 N; sizes ``--sm-B/N/K/C``, default 16, 64, 8, 8) against torch-struct's ``SemiMarkovCRF`` on
@@ -59,6 +61,8 @@ def _report(name: str, runs: dict[str, Callable[[], object]], args, device) -> N
     for k, v in med.items():
         peer = k.replace("structift", "torch-struct")
         ratio = f"{med[peer] / v:5.2f}x" if peer != k and peer in med else ""
+        if k.startswith("floor") and "torch-struct logZ+marginals" in med:
+            ratio = f"{med['torch-struct logZ+marginals'] / v:5.2f}x (torch-struct / floor)"
         line = f"{name:28s} {k:26s} {1e3 * v:9.2f} ms  {ratio}"
         if k.endswith("logZ+marginals"):
             line += f"  peak {peak_bytes(runs[k], device) / 2**20:7.2f} MiB"
@@ -95,6 +99,21 @@ def _tree_runs(
     }
     if projective:
         runs["torch-struct argmax"] = theirs_argmax
+    else:
+        # The LAPACK work any exact matrix-tree posterior does (one LU, one inverse from it),
+        # alone, on a well-conditioned [B, n, n] matrix: torch-struct's time over it bounds
+        # the speed-up any implementation of the same algorithm can reach.
+        n = arcs.shape[-1] - 1
+        eye = torch.eye(n, dtype=torch.float64, device=arcs.device)
+        lap = arcs[:, 1:, 1:].double().exp() + n * eye
+        for dtype in (torch.float64, torch.float32):
+            mat, ident = lap.to(dtype), eye.to(dtype).expand_as(lap)
+
+            def floor(mat: torch.Tensor = mat, ident: torch.Tensor = ident) -> torch.Tensor:
+                LU, pivots, _ = torch.linalg.lu_factor_ex(mat)
+                return torch.linalg.lu_solve(LU, pivots, ident)
+
+            runs[f"floor LU+inverse {str(dtype)[6:]}"] = floor
     return runs
 
 

@@ -31,7 +31,14 @@ from torch import Tensor
 
 from structift._ops import logsumexp
 
-__all__ = ["arc_marginals_", "condition", "laplacian", "log_arborescences", "log_single_root"]
+__all__ = [
+    "arc_marginals_",
+    "condition",
+    "laplacian",
+    "laplacian_",
+    "log_arborescences",
+    "log_single_root",
+]
 
 _NEG_INF = float("-inf")
 
@@ -50,6 +57,25 @@ def laplacian(w: Tensor, word: Tensor, multi_root: bool) -> Tensor:
     if multi_root:
         return lap
     return torch.cat([root[:, None, :], lap[:, 1:, :]], dim=1)
+
+
+def laplacian_(w: Tensor, word: Tensor, multi_root: bool) -> tuple[Tensor, Tensor]:
+    """`laplacian` without a graph, in fewer passes, and an upper bound on ``‖L̂‖₁`` ``[B]``.
+
+    Every entry of a column ``m`` of L̂ is bounded by the column's in-weight
+    ``d_m = Σ_h w[h, m]`` (the root included), so ``‖L̂‖₁ ≤ max_m 2 d_m`` (+1 for padding),
+    within a factor 2 of the exact norm: a condition number bounded with it is conservative.
+    """
+    words, root = w[:, 1:, 1:], w[:, 0, 1:]  # shape: (B, N, N), (B, N)
+    inweight = words.sum(-2)
+    pad = (~word[:, 1:]).to(w.dtype)
+    diag = inweight + pad + root if multi_root else inweight + pad
+    lap = words.neg()  # the diagonal of ``words`` is 0 (no self-arcs)
+    lap.diagonal(dim1=-2, dim2=-1).copy_(diag)
+    if not multi_root:
+        lap[:, 0, :] = root
+    norm = (2 * inweight + root + pad).amax(-1)
+    return lap, norm
 
 
 def condition(lap: Tensor, inverse: Tensor) -> Tensor:
