@@ -199,7 +199,8 @@ class CRF(nn.Module):
             emissions: ``[B, T, Z]`` (``[T, B, Z]`` unless ``batch_first``).
             tags: LongTensor ``[B, T]`` (``[T, B]``); entries beyond each length are ignored
                 (any value, e.g. -100).
-            mask, lengths: as in ``distribution``.
+            mask: as in ``distribution``.
+            lengths: as in ``distribution``.
             reduction: ``"none"`` (``[B]``), ``"sum"``, ``"mean"`` (over sequences) or
                 ``"token_mean"`` (divided by the number of tokens), as in pytorch-crf.
 
@@ -262,7 +263,9 @@ class CRF(nn.Module):
         """Find the most probable tags of each sequence (Viterbi), or the ``k`` best.
 
         Args:
-            emissions, mask, lengths: as in ``distribution``.
+            emissions: as in ``distribution``.
+            mask: as in ``distribution``.
+            lengths: as in ``distribution``.
             k: how many tag sequences per input (an int ``>= 1``).
 
         Returns:

@@ -52,8 +52,9 @@ def sparsemap_loss(
             as built by `structift.CRF.distribution`).
         value: gold structures ``[*batch, *event]`` (e.g. tags ``[B, T]``; padding ignored).
         temperature: τ > 0 of the L2 regularizer.
-        max_iter, tol, on_failure: the active-set solver's options (`sparsemap`); the
-            default tolerance is looser than `sparsemap`'s, enough for a training loss.
+        max_iter: the active-set solver's iteration limit (as in `sparsemap`).
+        tol: its duality-gap tolerance (as in `sparsemap`; looser by default, enough for a loss).
+        on_failure: ``"raise"`` or ``"warn"`` when it does not converge (as in `sparsemap`).
 
     Returns:
         Tensor ``[*batch]``, ``>= 0`` up to the solver's tolerance (clamped at 0), differentiable

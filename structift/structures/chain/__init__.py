@@ -114,7 +114,10 @@ def forward_backward(
     else, decides infeasibility.
 
     Args:
-        unary, binary, lengths, backend: as in ``log_partition``.
+        unary: as in ``log_partition``.
+        binary: as in ``log_partition``.
+        lengths: as in ``log_partition``.
+        backend: as in ``log_partition``.
         create_graph: If ``True`` the outputs are differentiable w.r.t. ``unary`` and
             ``binary``: the marginals' backward is the exact Hessian-vector product of ``A``
             (one forward-backward sweep with tangent messages, no tape). Otherwise detached.
@@ -184,7 +187,10 @@ def viterbi(
     Ties go to the lowest state index on every backend.
 
     Args:
-        unary, binary, lengths, backend: as in ``log_partition``.
+        unary: as in ``log_partition``.
+        binary: as in ``log_partition``.
+        lengths: as in ``log_partition``.
+        backend: as in ``log_partition``.
 
     Returns:
         ``(tags LongTensor [B, T], score [B])``. Tags beyond each length are 0. ``score`` is
@@ -205,7 +211,9 @@ def topk(unary: Tensor, binary: Tensor, lengths: Tensor, k: int) -> tuple[Tensor
     second-to-last, ...), which for ``k = 1`` is ``viterbi``'s rule.
 
     Args:
-        unary, binary, lengths: as in ``log_partition``.
+        unary: as in ``log_partition``.
+        binary: as in ``log_partition``.
+        lengths: as in ``log_partition``.
         k: the number of paths, an int ``>= 1`` (not validated here; the families check it).
 
     Returns:
@@ -232,7 +240,10 @@ def sample(
     loops use the Gumbel-max trick. Both are exact; a seed gives different samples on the two.
 
     Args:
-        unary, binary, lengths, backend: as in ``log_partition``.
+        unary: as in ``log_partition``.
+        binary: as in ``log_partition``.
+        lengths: as in ``log_partition``.
+        backend: as in ``log_partition``.
         sample_shape: Leading sample dimensions ``S``.
         generator: Optional ``torch.Generator`` on the potentials' device.
 

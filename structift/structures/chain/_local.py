@@ -111,7 +111,8 @@ def kl(p: tuple[Tensor, Tensor], q: tuple[Tensor, Tensor], lengths: Tensor, mu_p
     """Compute ``KL(p || q)`` ``[B]`` of two chains on the same lengths.
 
     Args:
-        p, q: ``(unary, binary)`` potentials of each chain.
+        p: ``(unary, binary)`` potentials of the first chain.
+        q: ``(unary, binary)`` potentials of the second chain.
         lengths: LongTensor ``[B]`` shared by both.
         mu_p: the unary marginals of p ``[B, T, Z]``.
 
