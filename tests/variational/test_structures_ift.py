@@ -77,6 +77,25 @@ def _vertex_solution(enum, tau, theta_b, v_b):
     return (phi.T @ w).reshape(theta_b.shape), (phi.T @ dw).reshape(theta_b.shape)
 
 
+def _vertex_qp(enum, tau, theta_b):
+    """SparseMAP by ``qp_solve`` over the enumerated vertices: ``(φ_kept [M, D], c [M], w [M])``.
+
+    Vertices forbidden by −inf potentials are dropped; w are the simplex weights.
+    """
+    from structift.layers import qp_solve
+
+    phi = enum.features[0].flatten(1)
+    c = phi @ theta_b.flatten()
+    keep = torch.isfinite(c)
+    phi, c = phi[keep], c[keep]
+    M = c.shape[0]
+    w = qp_solve(
+        tau * phi @ phi.T, -c, -torch.eye(M, dtype=DT), torch.zeros(M, dtype=DT),
+        torch.ones(1, M, dtype=DT), torch.ones(1, dtype=DT), ridge=1e-10,
+    )  # fmt: skip
+    return phi, c, w
+
+
 @pytest.mark.parametrize("name", list(CASES))
 @settings(max_examples=examples(6), deadline=None)
 @given(data=hst.data())
@@ -106,7 +125,6 @@ def test_ift_equals_the_dense_vertex_kkt_and_double_backward(name, data) -> None
 @pytest.mark.parametrize("tau", [0.5, 2.0])
 def test_sparsemap_equals_the_qp_over_enumerated_vertices(name, tau) -> None:
     """SparseMAP (active set, argmax oracle only) = qp_solve over the vertices (float64)."""
-    from structift.layers import qp_solve
     from structift.variational import sparsemap
 
     g = seeded(17)
@@ -115,16 +133,7 @@ def test_sparsemap_equals_the_qp_over_enumerated_vertices(name, tau) -> None:
     mu = result.marginals
     assert bool(result.status.converged.all())
     for b, e in enumerate(enum):
-        phi = e.features[0].flatten(1)
-        c = phi @ theta[b].detach().flatten()
-        keep = torch.isfinite(c)
-        phi, c = phi[keep], c[keep]
-        M = c.shape[0]
-        eye = torch.eye(M, dtype=DT)
-        w = qp_solve(
-            tau * phi @ phi.T, -c, -eye, torch.zeros(M, dtype=DT),
-            torch.ones(1, M, dtype=DT), torch.ones(1, dtype=DT), ridge=1e-10,
-        )  # fmt: skip
+        phi, _, w = _vertex_qp(e, tau, theta[b].detach())
         ref = (phi.T @ w).reshape(theta[b].shape)
         assert float((mu[b].detach() - ref).abs().max()) < 1e-6
         active = result.active_set.active[b]
@@ -144,7 +153,6 @@ def test_sparsemap_equals_the_qp_over_enumerated_vertices(name, tau) -> None:
 def test_sparsemap_loss_is_the_enumerated_fenchel_young_loss(name) -> None:
     """sparsemap_loss = Ω*(θ) − ⟨θ, φ(y)⟩ + Ω(φ(y)) with Ω*(θ) the QP over the vertices, ≥ 0,
     with gradient μ* − φ(y), for a random gold structure of every element."""
-    from structift.layers import qp_solve
     from structift.variational import sparsemap, sparsemap_loss
 
     g = seeded(23)
@@ -158,13 +166,7 @@ def test_sparsemap_loss_is_the_enumerated_fenchel_young_loss(name) -> None:
     for b, e in enumerate(enum):
         phi = e.features[0].flatten(1)
         c = phi @ theta[b].detach().flatten()
-        keep = torch.isfinite(c)
-        phi_k, c_k = phi[keep], c[keep]
-        M = c_k.shape[0]
-        w = qp_solve(
-            tau * phi_k @ phi_k.T, -c_k, -torch.eye(M, dtype=DT), torch.zeros(M, dtype=DT),
-            torch.ones(1, M, dtype=DT), torch.ones(1, dtype=DT), ridge=1e-10,
-        )  # fmt: skip
+        phi_k, c_k, w = _vertex_qp(e, tau, theta[b].detach())
         mu_u = w @ phi_k
         conjugate = w @ c_k - 0.5 * tau * mu_u @ mu_u
         r = rows[b]

@@ -33,9 +33,8 @@ from structift._ops import logsumexp
 
 __all__ = [
     "arc_marginals_",
-    "condition",
+    "certified",
     "laplacian",
-    "laplacian_",
     "log_arborescences",
     "log_single_root",
 ]
@@ -43,45 +42,36 @@ __all__ = [
 _NEG_INF = float("-inf")
 
 
-def laplacian(w: Tensor, word: Tensor, multi_root: bool) -> Tensor:
-    """The matrix-tree Laplacian ``L̂ [B, N, N]`` of the weights ``w [B, N+1, N+1]``.
+def laplacian(w: Tensor, word: Tensor, multi_root: bool) -> tuple[Tensor, Tensor]:
+    """The matrix-tree Laplacian ``L̂ [B, N, N]`` of the weights ``w [B, N+1, N+1]`` and an
+    upper bound on its 1-norm ``[B]``.
 
     ``w`` is zero at every ignored arc; ``word`` is the BoolTensor ``[B, N+1]`` of the words.
-    ``det L̂`` is the total weight of the (single- or multi-root) trees.
-    """
-    words, root = w[:, 1:, 1:], w[:, 0, 1:]  # shape: (B, N, N), (B, N)
-    diag = words.sum(-2) + (~word[:, 1:]).to(w.dtype)  # padding: identity
-    if multi_root:
-        diag = diag + root
-    lap = torch.diag_embed(diag) - words
-    if multi_root:
-        return lap
-    return torch.cat([root[:, None, :], lap[:, 1:, :]], dim=1)
-
-
-def laplacian_(w: Tensor, word: Tensor, multi_root: bool) -> tuple[Tensor, Tensor]:
-    """`laplacian` without a graph, in fewer passes, and an upper bound on ``‖L̂‖₁`` ``[B]``.
-
-    Every entry of a column ``m`` of L̂ is bounded by the column's in-weight
-    ``d_m = Σ_h w[h, m]`` (the root included), so ``‖L̂‖₁ ≤ max_m 2 d_m`` (+1 for padding),
-    within a factor 2 of the exact norm: a condition number bounded with it is conservative.
+    ``det L̂`` is the total weight of the (single- or multi-root) trees. Differentiable (the
+    in-place writes go to a fresh tensor). Every entry of a column ``m`` of L̂ is bounded by
+    the column's in-weight ``d_m = Σ_h w[h, m]`` (the root included), so
+    ``‖L̂‖₁ ≤ max_m 2 d_m`` (+1 for padding), within a factor 2 of the exact norm: a
+    condition number bounded with it is conservative.
     """
     words, root = w[:, 1:, 1:], w[:, 0, 1:]  # shape: (B, N, N), (B, N)
     inweight = words.sum(-2)
-    pad = (~word[:, 1:]).to(w.dtype)
+    pad = (~word[:, 1:]).to(w.dtype)  # padding: identity rows and columns
     diag = inweight + pad + root if multi_root else inweight + pad
     lap = words.neg()  # the diagonal of ``words`` is 0 (no self-arcs)
     lap.diagonal(dim1=-2, dim2=-1).copy_(diag)
     if not multi_root:
         lap[:, 0, :] = root
-    norm = (2 * inweight + root + pad).amax(-1)
+    norm = (2 * inweight + root + pad).detach().amax(-1)
     return lap, norm
 
 
-def condition(lap: Tensor, inverse: Tensor) -> Tensor:
-    """The 1-norm condition number ``‖L̂‖₁ ‖L̂⁻¹‖₁`` per element, ``[B]`` (NaN-free: inf)."""
-    norm = lap.abs().sum(-2).amax(-1) * inverse.abs().sum(-2).amax(-1)
-    return torch.where(torch.isnan(norm), torch.inf, norm)
+def certified(info: Tensor, norm: Tensor, inverse: Tensor, limit: float) -> Tensor:
+    """BoolTensor ``[B]``: the factorization succeeded and ``κ₁ ≤ norm ‖L̂⁻¹‖₁ ≤ limit``.
+
+    ``norm`` bounds ``‖L̂‖₁`` (`laplacian`); a NaN or infinite bound fails the test.
+    """
+    kappa = norm * inverse.abs().sum(-2).amax(-1)
+    return (info == 0) & (kappa <= limit)
 
 
 def arc_marginals_(w: Tensor, inverse: Tensor, multi_root: bool) -> Tensor:

@@ -19,8 +19,9 @@ Zmigrod, Vieira & Cotterell 2020, arXiv:2010.02550) or multi-root.
 Float32 strategy. Each modifier column is centred by its best head score (every tree shifts by
 the same Σ_m c_m, added back), so the weights lie in [0, 1] with a 1 in every column; the
 Laplacian is built, factorized (pivoted LU) and inverted in float64 whatever the input dtype.
-That is accurate while the Laplacian is well conditioned, which its 1-norm condition number κ₁
-(from the inverse, computed anyway) certifies: the fast path is kept where κ₁ ≤ 1e8 (inputs
+That is accurate while the Laplacian is well conditioned, which an upper bound on its 1-norm
+condition number κ₁ (from the inverse, computed anyway, and a bound on ‖L̂‖₁ from the arc
+in-weights) certifies: the fast path is kept where κ₁ ≤ 1e8 (inputs
 below float64) or κ₁ ≤ 1e5 (float64 inputs), bounding the relative error of Z near
 n κ₁ ε₆₄ ≤ 1e-6 resp. 1e-9. Elsewhere (peaked scores whose best heads form a cycle: the
 determinant is a cancellation of O(1) terms, or underflows to an exactly singular matrix for
@@ -51,6 +52,10 @@ _NEG_INF = float("-inf")
 # The largest κ₁(L̂) for which the fast LU path is trusted, by input dtype (module docstring).
 _MAX_CONDITION = {torch.float64: 1e5}
 _DEFAULT_MAX_CONDITION = 1e8
+
+
+def _limit(dtype: torch.dtype) -> float:
+    return _MAX_CONDITION.get(dtype, _DEFAULT_MAX_CONDITION)
 
 
 class _LogPartition(torch.autograd.Function):
@@ -99,26 +104,6 @@ class NonProjectiveTrees(TreeSpace):
         best = torch.where(torch.isfinite(best), best, 0.0)
         return arcs - best, best.sum((-1, -2))
 
-    def _trusted(self, lap: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """``(fast path trusted [B], L̂⁻¹)`` by the condition number (module docstring)."""
-        inverse, info = torch.linalg.inv_ex(lap)
-        limit = _MAX_CONDITION.get(dtype, _DEFAULT_MAX_CONDITION)
-        ok = (info == 0) & (_matrix_tree.condition(lap, inverse) <= limit)
-        return ok, inverse
-
-    def _factorize(self, lap: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
-        """``(trusted [B], L̂⁻¹, sign, log|det L̂|)`` from one pivoted LU of ``lap`` (float64)."""
-        LU, pivots, info = torch.linalg.lu_factor_ex(lap)
-        diag = torch.diagonal(LU, dim1=-2, dim2=-1)
-        swaps = (pivots != torch.arange(1, pivots.shape[-1] + 1, device=pivots.device)).sum(-1)
-        sign = torch.where(swaps % 2 == 1, -1.0, 1.0).to(lap.dtype) * diag.sign().prod(-1)
-        log_det = diag.abs().log().sum(-1)
-        eye = torch.eye(lap.shape[-1], dtype=lap.dtype, device=lap.device).expand_as(lap)
-        inverse = torch.linalg.lu_solve(LU, pivots, eye)
-        limit = _MAX_CONDITION.get(dtype, _DEFAULT_MAX_CONDITION)
-        ok = (info == 0) & (_matrix_tree.condition(lap, inverse) <= limit)
-        return ok, inverse, sign, log_det
-
     def _robust_log_z(self, log_w: Tensor, word: Tensor) -> Tensor:
         """Log-domain elimination of the centred log-weights (no shift), ``[B']``."""
         if not self.multi_root:
@@ -134,9 +119,10 @@ class NonProjectiveTrees(TreeSpace):
         log_w, shift = self._centred64(theta)
         word = self.word_mask()
         w = log_w.exp()
-        lap = _matrix_tree.laplacian(w, word, self.multi_root)
+        lap, norm = _matrix_tree.laplacian(w, word, self.multi_root)
         with torch.no_grad():
-            ok, _ = self._trusted(lap.detach(), theta[0].dtype)
+            inverse, info = torch.linalg.inv_ex(lap.detach())
+            ok = _matrix_tree.certified(info, norm, inverse, _limit(theta[0].dtype))
         eye = torch.eye(lap.shape[-1], dtype=lap.dtype, device=lap.device)
         sign, fast = torch.linalg.slogdet(torch.where(ok[:, None, None], lap, eye))
         ok = ok & (sign > 0)
@@ -161,7 +147,7 @@ class NonProjectiveTrees(TreeSpace):
             shift = best.sum((-1, -2))
             w = a.sub_(best).exp_()
             word = self.word_mask()
-            lap, norm = _matrix_tree.laplacian_(w, word, self.multi_root)
+            lap, norm = _matrix_tree.laplacian(w, word, self.multi_root)
             LU, pivots, info = torch.linalg.lu_factor_ex(lap)
             diag = torch.diagonal(LU, dim1=-2, dim2=-1)
             steps = torch.arange(1, pivots.shape[-1] + 1, device=pivots.device)
@@ -170,9 +156,7 @@ class NonProjectiveTrees(TreeSpace):
             log_z = diag.abs().log().sum(-1)
             eye = torch.eye(lap.shape[-1], dtype=lap.dtype, device=lap.device)
             inverse = torch.linalg.lu_solve(LU, pivots, eye.expand_as(lap))
-            kappa = norm * inverse.abs().sum(-2).amax(-1)
-            limit = _MAX_CONDITION.get(arcs.dtype, _DEFAULT_MAX_CONDITION)
-            ok = (info == 0) & positive & (kappa <= limit)  # NaN κ fails the test
+            ok = positive & _matrix_tree.certified(info, norm, inverse, _limit(arcs.dtype))
             mu = _matrix_tree.arc_marginals_(w, inverse, self.multi_root)  # overwrites w
             if not bool(ok.all()):
                 bad = (~ok).nonzero()[:, 0]
