@@ -10,6 +10,9 @@ sequences of length T, float32. Implementations (each builds its parameters as l
 * ``blocked-S``    ``st.HMM(init, W, st.BlockedEmission(emission, clusters, Z / S), x)``:
   dense transitions, ``S`` states per cluster (``O(T S^2)`` per sequence after an ``O(Z^2)``
   softmax of ``W`` per call).
+* ``blocked-lowrank-r`` ``st.HMM(init, st.LowRankTransition(u, v), st.BlockedEmission(...), x)``:
+  128 states per cluster and rank ``r`` (``O(T S^2 r)`` per sequence after ``O(Z r)`` per call
+  for the factors: no ``Z x Z`` anywhere).
 * ``scaled-loop``  a plain probability-space forward loop with per-step rescaling and torch
   autograd (what one writes by hand; ``O(T Z^2)`` and a per-step graph).
 * ``torch-struct`` ``LinearChain.hmm`` edge potentials ``[B, T-1, Z, Z]`` +
@@ -116,6 +119,22 @@ def blocked(m: dict, S: int) -> Run:
     return run
 
 
+def blocked_lowrank(m: dict, S: int, r: int) -> Run:
+    Z, V = m["emission"].shape
+    clusters = (torch.arange(V) % (Z // S)).to(m["device"])
+    u, v = torch.randn(Z, r, generator=m["g"]), torch.randn(Z, r, generator=m["g"])
+    init, u, v, logits = _leaves(m["init"], u, v, m["emission"], device=m["device"])
+    x = m["x"].to(m["device"])
+
+    def run() -> torch.Tensor:
+        emission = st.BlockedEmission(logits, clusters, Z // S)
+        log_p = st.HMM(init, st.LowRankTransition(u, v), emission, x).log_partition
+        log_p.sum().backward()
+        return log_p.detach()
+
+    return run
+
+
 def scaled_loop(m: dict) -> Run:
     W = m["W"]
     init, trans, emission = _leaves(m["init"], W, m["emission"], device=m["device"])
@@ -186,6 +205,10 @@ def grid(
         impls["torch-struct"] = lambda m, Z: torch_struct(m) if Z <= 2**8 else None
     for r in ranks:
         impls[f"lowrank-{r}"] = lambda m, Z, r=r: lowrank(m, r) if r <= Z else None
+    for r in ranks:  # 128 states per cluster, as blocked-128
+        impls[f"blocked-lowrank-{r}"] = lambda m, Z, r=r: (
+            blocked_lowrank(m, 128, r) if r <= Z and Z >= 128 else None
+        )
     return zs, impls
 
 

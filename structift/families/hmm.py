@@ -119,7 +119,9 @@ class HMM(ExpFamily):
         transition_logits: ``[Z, Z]`` or ``[B, Z, Z]``, laid out ``[from, to]``; or a
             ``LowRankTransition`` (``structift.families.lowrank``: O(T Z r) inference).
         emission_logits: ``[Z, V]`` or ``[B, Z, V]``; or a ``BlockedEmission``
-            (``structift.families.blocked``: each word emitted by its cluster's states only).
+            (``structift.families.blocked``: each word emitted by its cluster's states only;
+            combined with a ``LowRankTransition``, a step costs ``O(S^2 r)``, S states a
+            cluster).
         observations: LongTensor ``[B, T]`` with values in ``[0, V)`` within each length
             (padding may hold anything, e.g. -100).
         lengths: LongTensor ``[B]`` with ``1 <= lengths[b] <= T``; ``None`` means all ``T``.
@@ -143,12 +145,7 @@ class HMM(ExpFamily):
         )
         if cls is not HMM or not (low_rank or blocked):
             return super().__new__(cls)
-        if low_rank and blocked:
-            raise NotImplementedError(
-                "HMM: a LowRankTransition with a BlockedEmission is not implemented yet; use "
-                "dense transition_logits with blocked emissions, or dense emissions."
-            )
-        return super().__new__(LowRankHMM if low_rank else BlockedHMM)
+        return super().__new__(BlockedHMM if blocked else LowRankHMM)
 
     def __init__(
         self,
@@ -276,6 +273,28 @@ class HMM(ExpFamily):
     @property
     def _natural_params(self) -> tuple[Tensor, ...]:
         return self.posterior._natural_params
+
+    @property
+    def log_partition(self) -> Tensor:
+        """log p(x) per sequence ``[B]`` (the posterior's log-partition A(θ)).
+
+        The chain gets the shared ``log P`` at its broadcast shape ``[1 or B, 1, Z, Z]``
+        rather than expanded over the steps, so the gradient to it is summed over steps inside
+        the kernel (per sequence, ``[B, 1, Z, Z]``) and no ``[B, T-1, Z, Z]`` buffer exists:
+        ``O(B T Z + B Z^2)`` memory for training by ``log p(x)``, instead of ``O(B T Z^2)``.
+        """
+        value = self._log_normalizer(*self._evidence_params())
+        self._check_feasible(value)
+        return value
+
+    def _evidence_params(self) -> tuple[Tensor, ...]:
+        """θ with the transition block at its broadcast shape (see `log_partition`)."""
+        Z = self.num_states
+        unary = emission_unary(
+            self.init_logits, self.emission_logits, self.observations, self.lengths
+        )
+        binary = torch.log_softmax(self.transition_logits, -1).reshape(-1, 1, Z, Z)
+        return unary, binary
 
     @property
     def _parameters(self) -> tuple[Tensor, ...]:

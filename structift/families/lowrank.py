@@ -220,6 +220,9 @@ class LowRankHMM(HMM):
         )
         return (unary, *self.transition.factors())
 
+    def _evidence_params(self) -> tuple[Tensor, ...]:
+        return self._natural_params
+
     @property
     def _parameters(self) -> tuple[Tensor, ...]:
         return (self.init_logits, self.transition.u, self.transition.v, self.emission_logits)

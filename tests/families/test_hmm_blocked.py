@@ -38,6 +38,7 @@ def _pair(p: dict) -> tuple[st.HMM, st.HMM]:
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-10) -> None:
+    a, b = a.detach(), b.detach()
     diff = torch.where(a == b, torch.zeros_like(a), a - b)  # equal infinities agree
     err = float(diff.abs().max()) if a.numel() else 0.0
     assert err <= tol, f"max abs difference {err:.3e} > {tol:.1e}"
@@ -136,6 +137,51 @@ def test_padding_is_ignored() -> None:
     _close(moved.marginals.unary, blocked.marginals.unary)
 
 
+def _blocks_of(logits: torch.Tensor, clusters: torch.Tensor, M: int, pad: float) -> torch.Tensor:
+    """The [M, S, W] layout built word by word (W = largest cluster + 1, padding ``pad``)."""
+    Z, _ = logits.shape
+    S = Z // M
+    members = [[w for w in range(len(clusters)) if int(clusters[w]) == c] for c in range(M)]
+    W = max(map(len, members)) + 1
+    blocks = torch.full((M, S, W), pad, dtype=logits.dtype)
+    for c, words in enumerate(members):
+        for i, w in enumerate(words):
+            blocks[c, :, i] = logits[c * S : (c + 1) * S, w]
+    return blocks
+
+
+@pytest.mark.parametrize("pad", [float("nan"), float("inf"), 0.0])
+def test_from_blocks_is_the_same_emission_and_ignores_padding(pad: float) -> None:
+    p = _draw(16, 2, 5, 3, 2, 11)
+    blocks = _blocks_of(p["logits"], p["clusters"], 3, pad).requires_grad_(True)
+    compact = st.BlockedEmission.from_blocks(blocks, p["clusters"])
+    full = st.BlockedEmission(p["logits"].clone().requires_grad_(True), p["clusters"], 3)
+    _close(compact.log_probs(), full.log_probs())
+    args = (p["init"], p["transition"])
+    a = st.HMM(*args, compact, p["x"], p["lengths"])
+    b = st.HMM(*args, full, p["x"], p["lengths"])
+    _close(a.log_partition, b.log_partition)
+    (grad_blocks,) = torch.autograd.grad(a.log_partition.sum(), blocks)
+    (grad_logits,) = torch.autograd.grad(b.log_partition.sum(), full.logits)
+    _close(grad_blocks, _blocks_of(grad_logits, p["clusters"], 3, 0.0))
+
+
+def test_from_blocks_rejects_bad_blocks() -> None:
+    clusters = torch.tensor([0, 1, 0, 0])  # cluster 0 holds 3 words
+    with pytest.raises(ValueError, match=r"W = 2 word slots .* cluster 0 holds 3 words"):
+        st.BlockedEmission.from_blocks(torch.zeros(2, 2, 2), clusters)
+    with pytest.raises(ValueError, match=r"blocks must have shape \[M, S, W\]"):
+        st.BlockedEmission.from_blocks(torch.zeros(4, 3), clusters)
+    with pytest.raises(TypeError, match=r"blocks must be a floating"):
+        st.BlockedEmission.from_blocks(torch.zeros(2, 2, 3, dtype=torch.long), clusters)
+    bad = torch.zeros(2, 2, 3)
+    bad[1, 0, 0] = float("nan")  # cluster 1's only word: a used entry
+    with pytest.raises(ValueError, match=r"blocks must be real or -inf"):
+        st.BlockedEmission.from_blocks(bad, clusters)
+    with pytest.raises(ValueError, match=r"cluster 1 has no words"):
+        st.BlockedEmission.from_blocks(torch.zeros(2, 2, 4), torch.zeros(4, dtype=torch.long))
+
+
 # ---- bad input --------------------------------------------------------------------------------
 
 
@@ -166,11 +212,126 @@ def test_state_without_a_finite_logit_in_its_cluster_is_rejected() -> None:
         st.BlockedEmission(logits, torch.tensor([0, 1, 0]), 2)
 
 
-def test_low_rank_with_blocked_is_not_silently_wrong() -> None:
+def test_low_rank_transition_must_match_the_emission_states() -> None:
     emission = st.BlockedEmission(torch.zeros(4, 3), torch.tensor([0, 1, 0]), 2)
-    transition = st.LowRankTransition(torch.zeros(4, 2), torch.zeros(4, 2))
-    with pytest.raises(NotImplementedError, match="LowRankTransition with a BlockedEmission"):
+    transition = st.LowRankTransition(torch.zeros(6, 2), torch.zeros(6, 2))
+    with pytest.raises(ValueError, match=r"LowRankTransition has Z = 6 .* has Z = 4"):
         st.HMM(torch.zeros(4), transition, emission, torch.zeros(1, 2, dtype=torch.long))
+
+
+# ---- low-rank transitions with blocked emissions ----------------------------------------------
+
+
+def _low_rank(p: dict, r: int, seed: int, scale: float = 1.0) -> st.LowRankTransition:
+    g = seeded(seed + 1)
+    Z = p["init"].shape[0]
+    u = torch.randn(Z, r, generator=g, dtype=F64) * scale
+    return st.LowRankTransition(u, torch.randn(Z, r, generator=g, dtype=F64) * scale)
+
+
+@settings(max_examples=examples(15))
+@given(
+    dims=hs.tuples(hs.integers(1, 3), hs.integers(1, 6), hs.integers(1, 3), hs.integers(1, 3)),
+    rank=hs.integers(1, 4),
+    scale=hs.sampled_from([0.5, 1.0, 6.0]),
+    seed=hs.integers(0, 2**16),
+)
+def test_low_rank_blocked_matches_dense_on_the_materialized_matrix(dims, rank, scale, seed):
+    B, T, M, S = dims
+    p = _draw(seed, B, T, M, S, M + 2, scale)
+    transition = _low_rank(p, min(rank, M * S), seed, scale)
+    emission = st.BlockedEmission(p["logits"], p["clusters"], p["M"])
+    args = (p["x"], p["lengths"])
+    model = st.HMM(p["init"], transition, emission, *args)
+    dense = st.HMM(p["init"], transition.log_probs(), emission.log_probs(), *args)
+    assert type(model).__name__ == "BlockedHMM"
+    _close(model.log_partition, dense.log_partition)
+    _close(model.marginals.unary, dense.marginals.unary)
+    _close(model.entropy(), dense.entropy())
+    _close(model.max_score, dense.max_score)
+    _close(dense.log_prob(model.argmax), dense.log_prob(dense.argmax))
+    tags = dense.sample((4,), generator=seeded(seed))
+    _close(model.log_prob(tags), dense.log_prob(tags))
+
+
+def test_low_rank_blocked_brute_force_and_gradcheck() -> None:
+    p = _draw(11, 1, 4, 2, 2, 5)
+    p["lengths"] = torch.tensor([4])
+    transition = _low_rank(p, 3, 11)
+    emission = st.BlockedEmission(p["logits"], p["clusters"], 2)
+    model = st.HMM(p["init"], transition, emission, p["x"], p["lengths"])
+    enum = brute_force.hmm_posterior(
+        p["init"], transition.log_probs(), emission.log_probs(), p["x"][0], 4
+    )
+    _close(model.log_partition[0], enum.log_partition)
+    finite = enum.log_probs > float("-inf")
+    _close(model.log_prob(enum.structures[:, None])[finite, 0], enum.log_probs[finite])
+
+    def evidence_and_entropy(init, u, v, logits):
+        blocked = st.BlockedEmission(logits, p["clusters"], 2)
+        hmm = st.HMM(init, st.LowRankTransition(u, v), blocked, p["x"], p["lengths"])
+        return hmm.log_partition + hmm.entropy()
+
+    leaves = [x.clone().requires_grad_(True) for x in (p["init"], transition.u, transition.v)]
+    leaves.append(p["logits"].clone().requires_grad_(True))
+    assert torch.autograd.gradcheck(evidence_and_entropy, leaves)
+
+
+def test_low_rank_blocked_gradients_match_dense() -> None:
+    p = _draw(12, 3, 7, 3, 4, 10, scale=2.0)
+    transition = _low_rank(p, 5, 12, scale=2.0)
+    grads = []
+    for dense in (False, True):
+        leaves = [
+            x.clone().requires_grad_(True)
+            for x in (p["init"], transition.u, transition.v, p["logits"])
+        ]
+        emission = st.BlockedEmission(leaves[3], p["clusters"], p["M"])
+        low_rank = st.LowRankTransition(leaves[1], leaves[2])
+        trans = low_rank.log_probs() if dense else low_rank
+        hmm = st.HMM(leaves[0], trans, emission, p["x"], p["lengths"])
+        grads.append(torch.autograd.grad((hmm.log_partition + hmm.entropy()).sum(), leaves))
+    for blocked_grad, dense_grad in zip(*grads):
+        _close(blocked_grad, dense_grad)
+
+
+def test_low_rank_blocked_float32_matches_float64_at_scale() -> None:
+    # Z = 1024 states in 16 clusters of 64, rank 32, T = 400: float32 against float64.
+    p = _draw(13, 2, 400, 16, 64, 300, scale=3.0)
+    transition = _low_rank(p, 32, 13, scale=3.0)
+    out = {}
+    for dtype in (F64, torch.float32):
+        emission = st.BlockedEmission(p["logits"].to(dtype), p["clusters"], 16)
+        low_rank = st.LowRankTransition(transition.u.to(dtype), transition.v.to(dtype))
+        hmm = st.HMM(p["init"].to(dtype), low_rank, emission, p["x"], p["lengths"])
+        out[dtype] = (hmm.log_partition.double(), hmm.marginals.unary.double())
+    (z64, mu64), (z32, mu32) = out[F64], out[torch.float32]
+    assert float(((z32 - z64) / z64.abs()).abs().max()) < 1e-5
+    assert float((mu32 - mu64).abs().max()) < 1e-3
+    assert bool((mu32 >= 0).all())
+
+
+def test_low_rank_blocks_that_underflow_stay_finite_with_finite_gradients() -> None:
+    # Row i of A puts its mass on feature 0, column j of B on feature 1, both others ~e^-200:
+    # the float32 product underflows; it becomes a tiny finite transition, never NaN.
+    Z, M = 4, 2  # rank 2
+    u = torch.tensor([[0.0, -200.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    v = torch.tensor([[0.0, 0.0], [0.0, 0.0], [-200.0, 0.0], [0.0, 0.0]])
+    clusters = torch.tensor([0, 1, 0, 1])  # states 0-1 emit words 0, 2; states 2-3 words 1, 3
+    x = torch.tensor([[0, 1, 0, 1]])
+    values, grads = [], []
+    for dtype in (F64, torch.float32):
+        leaves = [t.to(dtype).requires_grad_(True) for t in (u, v, torch.zeros(Z, 4))]
+        emission = st.BlockedEmission(leaves[2], clusters, M)
+        hmm = st.HMM(torch.zeros(Z, dtype=dtype), st.LowRankTransition(*leaves[:2]), emission, x)
+        value = hmm.log_partition
+        grads.append(torch.autograd.grad(value.sum(), leaves))
+        values.append(value.detach().double())
+    assert torch.isfinite(values[1]).all()
+    assert all(bool(torch.isfinite(g).all()) for g in grads[1])
+    assert abs(float(values[1] - values[0])) < 1e-4
+    for g32, g64 in zip(grads[1], grads[0]):
+        assert float((g32.double() - g64).abs().max()) < 1e-4
 
 
 # ---- state dropout ----------------------------------------------------------------------------
@@ -198,6 +359,33 @@ def test_state_dropout_equals_minus_inf_on_dropped_states() -> None:
     model = st.HMM(init, trans, small, p["x"], p["lengths"])
     _close(model.log_partition, reference.log_partition)
     _close(model.marginals.unary, reference.marginals.unary[..., kept])
+
+
+def test_state_dropout_of_low_rank_transitions_renormalises_the_kernel() -> None:
+    from structift.families.blocked import state_dropout
+
+    p = _draw(14, 2, 5, 3, 4, 8)
+    transition = _low_rank(p, 4, 14)
+    emission = st.BlockedEmission(p["logits"], p["clusters"], 3)
+    init, trans, small, kept = state_dropout(
+        p["init"], transition, emission, 2, generator=seeded(15)
+    )
+    assert isinstance(trans, st.LowRankTransition) and trans.num_states == 6
+    dropped = torch.ones(12, dtype=torch.bool)
+    dropped[kept] = False
+    inf = float("-inf")
+    reference = st.HMM(
+        p["init"].masked_fill(dropped, inf),
+        transition.log_probs().masked_fill(dropped[None, :], inf),
+        emission.log_probs(),
+        p["x"],
+        p["lengths"],
+    )
+    model = st.HMM(init, trans, small, p["x"], p["lengths"])
+    _close(model.log_partition, reference.log_partition)
+    _close(model.marginals.unary, reference.marginals.unary[..., kept])
+    with pytest.raises(ValueError, match=r"leaves 3 states, fewer than .* rank r = 4"):
+        state_dropout(p["init"], transition, emission, 1)
 
 
 def test_state_dropout_rejects_a_bad_keep() -> None:

@@ -395,3 +395,26 @@ def test_topk_and_expand_match_dense() -> None:
     grown = one.expand((3,))
     assert grown.batch_shape == (3,)
     _close(grown.log_partition, one.log_partition.expand(3))
+
+
+def test_dense_hmm_evidence_gradient_never_forms_per_step_pair_buffers() -> None:
+    # Shared dense transitions: d log p(x) / d log P is summed over steps inside the kernel,
+    # per sequence ([B, 1, Z, Z]: the upstream gradient weights each sequence), so nothing of
+    # size B (T-1) Z^2 exists (4x more here).
+    Z, B, T, V = 256, 3, 5, 7
+    g = seeded(21)
+    leaves = [
+        torch.randn(*shape, generator=g).requires_grad_(True) for shape in ((Z,), (Z, Z), (Z, V))
+    ]
+    x = torch.randint(V, (B, T), generator=g)
+    with _LargestTensor() as mode:
+        hmm = st.HMM(*leaves, x)
+        hmm.log_partition.sum().backward()
+    assert mode.largest <= max(B * Z * Z, B * T * Z, Z * V) < B * (T - 1) * Z * Z, mode.largest
+    # ... and the gradients are those through the posterior CRF (whose binary is expanded).
+    mine = [x.grad.clone() for x in leaves]
+    for x_ in leaves:
+        x_.grad = None
+    st.HMM(*leaves, x).posterior.log_partition.sum().backward()
+    for a, b in zip(mine, (x_.grad for x_ in leaves)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
