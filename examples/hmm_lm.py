@@ -10,7 +10,8 @@ sorted by id, index ``i`` from 0): **test** ``i % 10 == 9`` (every 10th file), *
 Models (``--model``): ``kn3`` / ``kn5`` interpolated modified Kneser-Ney (``hmm_lm.kn``);
 ``dense`` (``st.HMM`` with ``[Z, Z]`` transition logits), ``lowrank``
 (``st.LowRankTransition``, ``--rank``), ``blocked`` (``st.BlockedEmission`` with ``--clusters``
-frequency round-robin word clusters, see ``hmm_lm.data.frequency_clusters``); ``--neural``
+frequency round-robin word clusters, see ``hmm_lm.data.frequency_clusters``),
+``blocked-lowrank`` (both: ``O(S^2 r)`` a step, the kind that reaches ``Z = 2^14``); ``--neural``
 switches the HMMs to the neural parameterization of Chiu & Rush 2020, ``--state-dropout`` to
 state dropout. HMMs train by minibatched marginal likelihood (log p(x) is the HMM's
 ``log_partition``) with Adam; validation perplexity is computed after every epoch and the test
@@ -24,6 +25,7 @@ Examples::
     python examples/hmm_lm.py --model kn5
     python examples/hmm_lm.py --model dense --states 256
     python examples/hmm_lm.py --model blocked --states 4096 --clusters 64 --state-dropout 0.5
+    python examples/hmm_lm.py --model blocked-lowrank --states 16384 --clusters 128
     python examples/hmm_lm.py --plot                            # figure from saved results
     python examples/hmm_lm.py --smoke                           # seconds, for tests
 
@@ -45,7 +47,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see examples/crf_tagger.p
 import torch
 from hmm_lm.data import SPLIT_RULE, Vocab, frequency_clusters, read_brown_files, split_files
 from hmm_lm.kn import KneserNey
-from hmm_lm.model import HMMLM, ModelConfig
+from hmm_lm.model import HMMLM, KINDS, ModelConfig
 from hmm_lm.report import append_result, plot_results, results_table
 from hmm_lm.training import config_name, fit, perplexity
 
@@ -57,8 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", choices=["kn3", "kn5", "dense", "lowrank", "blocked"],
-                   default="lowrank", help="model family")  # fmt: skip
+    p.add_argument("--model", choices=["kn3", "kn5", *KINDS], default="lowrank",
+                   help="model family")  # fmt: skip
     p.add_argument("--states", type=int, default=1024, help="hidden states Z")
     p.add_argument("--rank", type=int, default=128, help="rank r of lowrank transitions")
     p.add_argument("--clusters", type=int, default=32, help="word clusters M of blocked")
@@ -123,7 +125,8 @@ def run_hmm(args: argparse.Namespace, vocab: Vocab, data: dict, desc: str) -> di
         torch.tensor([w for s in data["train"] for w in s]), minlength=len(vocab)
     )
     log_unigram = (counts.double() + 0.5).log() - (counts.double() + 0.5).sum().log()
-    clusters = frequency_clusters(len(vocab), args.clusters) if args.model == "blocked" else None
+    blocked, low_rank = args.model.startswith("blocked"), args.model.endswith("lowrank")
+    clusters = frequency_clusters(len(vocab), args.clusters) if blocked else None
     model = HMMLM(config, log_unigram, clusters)
     name = config_name(config)
     print(f"{name}: {model.parameter_count():,} parameters", flush=True)
@@ -134,14 +137,14 @@ def run_hmm(args: argparse.Namespace, vocab: Vocab, data: dict, desc: str) -> di
     )  # fmt: skip
     h = result.history
     test = perplexity(result.model, data["test"], args.max_tokens * 2)
-    family = args.model + (f" r={args.rank}" if args.model == "lowrank" else "")
-    family += f" M={args.clusters}" if args.model == "blocked" else ""
+    family = args.model + (f" r={args.rank}" if low_rank else "")
+    family += f" M={args.clusters}" if blocked else ""
     family += " neural" if args.neural else ""
     family += f" drop={args.state_dropout:g}" if args.state_dropout else ""
     label = f"{name} (best ep. {h.best_epoch}/{len(h.valid_ppl)})"
     return {
         "name": name, "model": label, "family": family, "states": args.states,
-        "rank": args.rank if args.model == "lowrank" else None,
+        "rank": args.rank if low_rank else None,
         "parameters": model.parameter_count(), "valid ppl": h.valid_ppl[h.best_epoch - 1],
         "test ppl": test, "time/epoch": sum(h.seconds) / len(h.seconds), "data": desc,
         "epochs": len(h.valid_ppl),

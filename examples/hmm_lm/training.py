@@ -167,9 +167,9 @@ def save_checkpoint(
 def config_name(config: ModelConfig) -> str:
     """A short run name, e.g. ``lowrank-Z1024-r128`` or ``blocked-Z512-M16-neural``."""
     name = f"{config.kind}-Z{config.states}"
-    if config.kind == "lowrank":
+    if config.kind in ("lowrank", "blocked-lowrank"):
         name += f"-r{config.rank}"
-    if config.kind == "blocked":
+    if config.kind.startswith("blocked"):
         name += f"-M{config.clusters}"
     if config.neural:
         name += "-neural"

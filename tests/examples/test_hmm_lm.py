@@ -126,7 +126,7 @@ def brute_log_px(init: torch.Tensor, trans: torch.Tensor, emit: torch.Tensor, x:
 
 
 class TestModel:
-    @pytest.mark.parametrize("kind", ["dense", "lowrank", "blocked"])
+    @pytest.mark.parametrize("kind", ["dense", "lowrank", "blocked", "blocked-lowrank"])
     @pytest.mark.parametrize("neural", [False, True])
     def test_log_px_matches_brute_force(self, kind: str, neural: bool) -> None:
         torch.manual_seed(0)
@@ -138,14 +138,12 @@ class TestModel:
         lengths = torch.tensor([3, 2])
         got = model(x, lengths)
         init, trans, emit = model.hmm_parameters()
-        if kind == "lowrank":
-            import structift as st
+        import structift as st
 
+        if kind.endswith("lowrank"):
             trans = st.LowRankTransition(*trans).log_probs()
-        if kind == "blocked":
-            import structift as st
-
-            emit = st.BlockedEmission(emit, clusters, 2).log_probs()
+        if kind.startswith("blocked"):  # blocks [M, S, W] -> [Z, V] with -inf off-cluster
+            emit = st.BlockedEmission.from_blocks(emit, clusters).log_probs()
         for b, n in enumerate(lengths.tolist()):
             expected = brute_log_px(init, trans, emit, x[b, :n].tolist())
             torch.testing.assert_close(got[b], expected.to(got.dtype))
@@ -168,6 +166,21 @@ class TestModel:
             HMMLM(ModelConfig("lowrank", 4, 3, rank=8), torch.zeros(3))
         with pytest.raises(ValueError, match="blocked"):
             HMMLM(ModelConfig("blocked", 4, 3, clusters=3), torch.zeros(3), torch.zeros(3).long())
+        with pytest.raises(ValueError, match="blocked-lowrank needs 1 <= rank"):
+            HMMLM(ModelConfig("blocked-lowrank", 4, 3, clusters=2), torch.zeros(3))
+
+    def test_blocked_low_rank_dropout_keeps_states_per_cluster(self) -> None:
+        torch.manual_seed(0)
+        config = ModelConfig("blocked-lowrank", 8, 6, rank=2, clusters=2, dropout=0.5)
+        model = HMMLM(config, torch.zeros(6), frequency_clusters(6, 2))
+        x, lengths = torch.tensor([[0, 1, 4]]), torch.tensor([3])
+        train = model(x, lengths, torch.Generator().manual_seed(0))
+        model.eval()
+        assert not torch.allclose(train, model(x, lengths))  # eval uses every state
+        model.train()
+        (-train.sum()).backward()
+        assert torch.isfinite(model.u.grad).all() and (model.u.grad == 0).any()
+        assert model.emission.shape == (2, 4, 3)  # [M, S, W]: no [Z, V] parameter
 
 
 @pytest.mark.skipif(not HAVE_SHARED, reason="the shared Brown corpus folder is not present")
