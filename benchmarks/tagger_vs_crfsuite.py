@@ -12,6 +12,10 @@ precision/recall/F1 (conlleval rules) when the tags are span tags.
     python benchmarks/tagger_vs_crfsuite.py --brown-genre humor      # a Brown genre, 90/10
     python benchmarks/tagger_vs_crfsuite.py --brown-genre news --spans   # proper-name spans
 
+``--dev`` replaces the test file by the training file's own dev split (its last 10%, the split
+the tagger selects its epoch on; both models then train on the first 90%): for comparing
+settings without looking at the test file.
+
 ``--brown-genre G`` writes the genre's sentences (base tags; first 90% train, last 10% test) to
 two files first; with ``--spans`` the tags become BIO spans of proper names (runs of ``np``
 tags) instead of part-of-speech tags. ``--conllu F`` takes a CoNLL-U file (UPOS tags), 90/10.
@@ -63,6 +67,16 @@ def conllu_files(path: Path, folder: Path) -> tuple[Path, Path]:
     write_conll(sents[:cut], train)
     write_conll(sents[cut:], test)
     return train, test
+
+
+def dev_files(train: Path, folder: Path) -> tuple[Path, Path]:
+    """The training file cut as the tagger cuts its dev split: the last 10% of sentences."""
+    sents = read_conll(train)
+    n_dev = max(1, round(0.1 * len(sents)))
+    head, dev = folder / f"{train.stem}-head.conll", folder / f"{train.stem}-dev.conll"
+    write_conll(sents[:-n_dev], head)
+    write_conll(sents[-n_dev:], dev)
+    return head, dev
 
 
 def run_crfsuite(train: list, test: list, scheme: str | None) -> dict[str, float]:
@@ -120,6 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--spans", action="store_true", help="with --brown-genre: proper-name BIO spans")
     p.add_argument("--conllu", type=Path, help="a CoNLL-U file (UPOS tags), split 90/10")
     p.add_argument("--tagger-args", default="", help="extra arguments for crf_tagger.py")
+    p.add_argument(
+        "--dev", action="store_true",
+        help="score on the training file's last 10%% (both train on the rest), not on --test",
+    )  # fmt: skip
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as d:
         if args.brown_genre:
@@ -133,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
             name = f"{train.name} / {test.name}"
         else:
             p.error("give --train and --test, --brown-genre or --conllu")
+        if args.dev:
+            train, test = dev_files(train, Path(d))
+            name += " (dev split of the training file)"
         tr, te = read_conll(train), read_conll(test)
         tags = sorted({t for s in tr for _, t in s})
         scheme = detect_scheme(tags, [[t for _, t in s] for s in tr])

@@ -51,6 +51,7 @@ from tagger.training import (
     Timer,
     epoch_batches,
     evaluate,
+    fit_sparse_lbfgs,
     init_distributed,
     load_checkpoint,
     model_from_checkpoint,
@@ -84,6 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "loss, or both (two CRF runs, both reported)",
     )
     model.add_argument("--no-sparse", action="store_true", help="drop the sparse features")
+    model.add_argument(
+        "--observed-pairs", action="store_true",
+        help="sparse weights only for (feature, tag) pairs seen in training (crfsuite's default)",
+    )  # fmt: skip
     model.add_argument("--no-neural", action="store_true", help="drop the BiLSTM part")
     model.add_argument("--hidden", type=int, default=96, help="BiLSTM size per direction")
     model.add_argument("--word-dim", type=int, default=64, help="word embedding size")
@@ -119,6 +124,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument(
         "--sparse-decay", type=float, default=0.0, help="AdamW weight decay of the sparse weights"
     )
+    train.add_argument(
+        "--sparse-init", choices=["none", "lbfgs"], default="none",
+        help="lbfgs: first fit the sparse CRF alone by full-batch L-BFGS with an L2 penalty "
+        "(as crfsuite does), then train the joint model from it",
+    )  # fmt: skip
+    train.add_argument(
+        "--l2", type=float, default=0.01, help="L2 penalty of --sparse-init lbfgs (crfsuite's c2)"
+    )
+    train.add_argument(
+        "--lbfgs-iterations", type=int, default=100, help="L-BFGS iterations of --sparse-init"
+    )
+    train.add_argument(
+        "--joint-sparse-lr", type=float, default=None,
+        help="Adam step of the sparse weights after --sparse-init lbfgs (unset: --sparse-lr)",
+    )  # fmt: skip
     train.add_argument("--min-count", type=int, default=2, help="keep features seen this often")
     train.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
     train.add_argument("--threads", type=int, default=2, help="torch CPU threads per process")
@@ -207,15 +227,40 @@ def train_head(
         dropout=args.dropout,
         feature_dropout=args.feature_dropout,
         constraints=constraints if crf else None,
+        observed_pairs=args.observed_pairs and not args.no_sparse,
     )
     model = Tagger(config).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, args.lr, args.sparse_lr, args.sparse_decay))
+    if config.observed_pairs:
+        model.observe_pairs(data["train"])
     history = History()
     train_items = data["train"]
+    ckpt = Path(args.out) / f"{head}.pt"
+    if args.sparse_init == "lbfgs" and not (args.resume and ckpt.is_file()):
+        timer = Timer()
+        fit = fit_sparse_lbfgs(model, train_items, args.l2, args.lbfgs_iterations, device)
+        seconds = timer()
+        if d.main:  # the sparse CRF is "epoch 0" of the learning curve and a selection candidate
+            scores, preds = evaluate(model, data["dev"], 64, device)
+            history.epoch.append(0)
+            history.train_loss.append(fit["objective"])
+            history.train_seconds.append(seconds)
+            history.dev_accuracy.append(scores.accuracy)
+            extra = ""
+            if data["scheme"] is not None:
+                spans = span_scores(data["dev_sents"], preds, vocab)
+                history.dev_f1.append(spans.f1)
+                extra = f", dev span F1 {spans.f1:.4f}"
+            print(
+                f"[{head}] sparse CRF by L-BFGS ({fit['evaluations']:.0f} evaluations): "
+                f"objective {fit['objective']:.4f}, dev accuracy {scores.accuracy:.4f}{extra}, "
+                f"{seconds:.1f} s"
+            )
+    optimizer = torch.optim.AdamW(
+        param_groups(model, args.lr, joint_sparse_lr(args), args.sparse_decay)
+    )
     steps_per_epoch = len(epoch_batches(train_items, args.batch_size, args.seed, 0, d))
     epochs = args.epochs or max(1, -(-args.steps // max(steps_per_epoch, 1)))
     best = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    ckpt = Path(args.out) / f"{head}.pt"
     if args.resume and not ckpt.is_file():
         print(f"[{head}] warning: --resume but no checkpoint at {ckpt}; training from scratch",
               file=sys.stderr)  # fmt: skip
@@ -233,7 +278,8 @@ def train_head(
     if d.world > 1:
         ids = [device.index] if device.type == "cuda" else None
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    for epoch in range(len(history.epoch), epochs):
+    done = sum(1 for e in history.epoch if e > 0)  # epoch 0: the L-BFGS sparse CRF
+    for epoch in range(done, epochs):
         # Early stopping (one process: ranks would disagree on when to stop otherwise).
         since_best = epoch - history.best_epoch if history.epoch else 0
         if d.world == 1 and since_best >= args.patience:
@@ -292,10 +338,17 @@ def refit(
     """
     torch.manual_seed(args.seed)
     model = Tagger(config).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, args.lr, args.sparse_lr, args.sparse_decay))
+    if config.observed_pairs:
+        model.observe_pairs(items)
+    timer = Timer()
+    if args.sparse_init == "lbfgs":
+        fit_sparse_lbfgs(model, items, args.l2, args.lbfgs_iterations, device)
+        print(f"[{head}] refit: sparse CRF by L-BFGS on train + dev")
+    optimizer = torch.optim.AdamW(
+        param_groups(model, args.lr, joint_sparse_lr(args), args.sparse_decay)
+    )
     d = Dist()
     steps_per_epoch = len(epoch_batches(items, args.batch_size, args.seed, 0, d))
-    timer = Timer()
     for epoch in range(epochs):
         batches = epoch_batches(items, args.batch_size, args.seed, epoch, d)
         loss = train_one_epoch(
@@ -303,6 +356,13 @@ def refit(
         )
         print(f"[{head}] refit on train + dev, epoch {epoch + 1}/{epochs}: train loss {loss:.4f}")
     return model, timer()
+
+
+def joint_sparse_lr(args: argparse.Namespace) -> float:
+    """The sparse weights' Adam step in the joint training (after L-BFGS: its own knob)."""
+    if args.sparse_init == "lbfgs" and args.joint_sparse_lr is not None:
+        return float(args.joint_sparse_lr)
+    return float(args.sparse_lr)
 
 
 def span_scores(sents: list, predictions: list[list[int]], vocab: Vocab) -> SpanScores:

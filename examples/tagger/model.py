@@ -48,6 +48,7 @@ class TaggerConfig:
     word_dropout: float = 0.05
     feature_dropout: float = 0.0
     constraints: list[tuple[int, int]] | None = None  # allowed (from, to), START = Z, END = Z+1
+    observed_pairs: bool = False  # sparse weights only for (feature, tag) pairs seen in training
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -80,11 +81,17 @@ class Tagger(nn.Module):
         if not (config.sparse or config.neural):
             raise ValueError("at least one of sparse and neural features must be on")
         self.config = config
+        # Stage 1 of --sparse-init lbfgs trains the sparse linear model alone (see
+        # tagger.training.fit_sparse_lbfgs); the neural part is skipped while this is set.
+        self.sparse_only = False
         Z = config.n_tags
         if config.sparse:
             # Rows are per-feature tag weights; zero init = the empty linear model.
             self.feat_weights = nn.EmbeddingBag(config.n_feats, Z, mode="sum", padding_idx=0)
             nn.init.zeros_(self.feat_weights.weight)
+            # crfsuite's default: a weight exists only for pairs seen in training (set by
+            # `observe_pairs`); the others stay 0. All ones = every pair (the dense default).
+            self.register_buffer("pair_mask", torch.ones(config.n_feats, Z, dtype=torch.bool))
         if config.neural:
             self.word_embed = nn.Embedding(config.n_words, config.word_dim, padding_idx=0)
             self.char_cnn = CharCNN(config.n_chars, config.char_dim, config.char_filters)
@@ -116,8 +123,12 @@ class Tagger(nn.Module):
                 # set exactly, and makes it use suffix and shape features on every word.
                 keep = torch.rand(flat.shape, device=flat.device) >= self.config.feature_dropout
                 flat = flat * keep
-            scores = scores + self.feat_weights(flat).view(B, T, -1)
-        if self.config.neural:
+            weight = self.feat_weights.weight
+            if self.config.observed_pairs:
+                weight = weight * self.pair_mask
+            bag = F.embedding_bag(flat, weight, mode="sum", padding_idx=0)
+            scores = scores + bag.view(B, T, -1)
+        if self.config.neural and not self.sparse_only:
             words = batch.words
             if self.training and self.config.word_dropout > 0:
                 # Replace words by <unk> at random so the <unk> embedding learns to stand in
@@ -133,6 +144,16 @@ class Tagger(nn.Module):
             h, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T)
             scores = scores + self.proj(self.dropout(h))
         return scores
+
+    @torch.no_grad()
+    def observe_pairs(self, items: list) -> None:
+        """Allow only the (feature, tag) pairs that occur in ``items`` (``observed_pairs``)."""
+        self.pair_mask.zero_()
+        self.pair_mask[0] = True  # the padding row (its weights stay 0 anyway)
+        for item in items:
+            for feats, tag in zip(item.feats, item.tags):
+                if tag >= 0:
+                    self.pair_mask[feats, tag] = True
 
     def distribution(self, batch: Batch) -> st.LinearChainCRF:
         """Return the chain CRF over the batch (CRF head only)."""

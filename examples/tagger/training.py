@@ -179,6 +179,68 @@ def param_groups(
     return groups
 
 
+def sparse_parameters(model: Tagger) -> list[nn.Parameter]:
+    """The sparse linear model's parameters: feature weights and the CRF's scores."""
+    return [p for n, p in model.named_parameters() if n.startswith(("feat_weights", "crf"))]
+
+
+def fit_sparse_lbfgs(
+    model: Tagger,
+    items: Sequence[Encoded],
+    l2: float,
+    iterations: int,
+    device: torch.device,
+    chunk: int = 512,
+) -> dict[str, float]:
+    """Stage 1 of ``--sparse-init lbfgs``: the sparse CRF alone, by full-batch L-BFGS.
+
+    Minimises ``-sum log p(y | x) + l2 ||w||^2`` over the sparse feature weights and the CRF
+    scores (the neural part is switched off), as crfsuite does with ``c2 = l2`` (without its
+    L1 term): a convex problem, so this is the penalised maximum-likelihood sparse CRF
+    whatever the starting point. The loss is summed over chunks of ``chunk`` sentences (one
+    full-batch gradient per function evaluation). Afterwards the neural part starts from a
+    zero output layer, so the joint model begins as this sparse CRF.
+
+    Returns ``{"objective": final objective per token, "evaluations": closure calls}``.
+    """
+    params = sparse_parameters(model)
+    batches = [collate(items[i : i + chunk]).to(device) for i in range(0, len(items), chunk)]
+    tokens = sum(int(b.lengths.sum()) for b in batches)
+    optimizer = torch.optim.LBFGS(
+        params, lr=1.0, max_iter=iterations, history_size=10, line_search_fn="strong_wolfe",
+        tolerance_grad=1e-9, tolerance_change=1e-12,
+    )  # fmt: skip
+    calls, last = 0, float("nan")
+
+    def closure() -> torch.Tensor:
+        nonlocal calls, last
+        calls += 1
+        optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=device)
+        for batch in batches:
+            loss = model(batch) * batch.lengths.sum() / tokens  # mean NLL per token, summed
+            loss.backward()
+            total = total + loss.detach()
+        penalty = l2 / tokens * sum((p * p).sum() for p in params)
+        penalty.backward()
+        last = float(total + penalty.detach())
+        return total + penalty.detach()
+
+    model.train()
+    model.sparse_only = True
+    dropout = model.config.feature_dropout
+    model.config.feature_dropout = 0.0  # a deterministic objective for the line search
+    try:
+        optimizer.step(closure)  # returns the first objective; ``last`` is the final one
+    finally:
+        model.sparse_only = False
+        model.config.feature_dropout = dropout
+    if model.config.neural:  # the joint model starts as the sparse CRF
+        nn.init.zeros_(model.proj.weight)
+        nn.init.zeros_(model.proj.bias)
+    return {"objective": last, "evaluations": float(calls)}
+
+
 def learning_rate(base: float, step: int, horizon: int) -> float:
     """Exponential decay by 10x every ``horizon`` optimizer steps (no warm-up needed).
 

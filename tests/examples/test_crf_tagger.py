@@ -4,6 +4,7 @@ end-to-end runs in smoke mode (train, resume, tag, CoNLL files, 2-process DDP on
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import socket
 import subprocess
@@ -173,6 +174,63 @@ class TestModel:
         assert scores.unknown == pytest.approx(unknown_nn / (len(gold) - sum(known)))
         assert Scores().accuracy == 0.0
 
+    def _toy_model(self, **kw: object) -> tuple[Tagger, list]:
+        vocab = Vocab.build(TOY, min_feature_count=1)
+        items = [encode(vocab, s) for s in TOY]
+        config = TaggerConfig(
+            len(vocab.words), len(vocab.chars), len(vocab.feats), len(vocab.tags),
+            word_dim=4, char_filters=4, hidden=3, **kw,  # type: ignore[arg-type]
+        )  # fmt: skip
+        return Tagger(config).double(), items
+
+    def test_sparse_lbfgs_reaches_the_penalised_optimum_and_starts_the_joint_model(self) -> None:
+        from tagger.training import fit_sparse_lbfgs, sparse_parameters
+
+        torch.manual_seed(shift(1))
+        model, items = self._toy_model()
+        l2 = 0.5
+        fit = fit_sparse_lbfgs(model, items, l2, 200, torch.device("cpu"))
+        batch = collate(items)
+        tokens = int(batch.lengths.sum())
+        params = sparse_parameters(model)
+        model.sparse_only = True
+        objective = model(batch) + l2 / tokens * sum((p * p).sum() for p in params)
+        grads = torch.autograd.grad(objective, params)
+        model.sparse_only = False
+        value = float(objective.detach())
+        torch.testing.assert_close(value, fit["objective"], rtol=1e-9, atol=1e-12)
+        assert max(float(g.abs().max()) for g in grads) < 1e-5  # stationary: the optimum
+        assert value < math.log(len(model.crf.start_transitions))  # below uniform
+        # The joint model begins as the sparse CRF: the neural output layer is zero.
+        assert not model.proj.weight.detach().any() and not model.proj.bias.detach().any()
+        model.eval()
+        sparse_only = model.emissions(batch)
+        model.sparse_only = True
+        torch.testing.assert_close(model.emissions(batch), sparse_only)
+
+    def test_observed_pairs_keep_unseen_feature_tag_weights_at_zero(self) -> None:
+        torch.manual_seed(shift(2))
+        model, items = self._toy_model(observed_pairs=True)
+        model.observe_pairs(items)
+        seen = {(f, t) for it in items for fs, t in zip(it.feats, it.tags) for f in fs}
+        mask = model.pair_mask
+        assert {(int(f), int(t)) for f, t in mask[1:].nonzero() + torch.tensor([1, 0])} == {
+            (f, t) for f, t in seen if f > 0
+        }
+        with torch.no_grad():
+            model.feat_weights.weight.normal_()
+        model.eval()
+        batch = collate(items[:1])
+        loss = model(batch)
+        (grad,) = torch.autograd.grad(loss, model.feat_weights.weight)
+        assert float(grad[~mask].abs().max()) == 0.0 and float(grad[mask].abs().max()) > 0
+        # Emissions use the masked weights only.
+        masked = model.feat_weights.weight * mask
+        flat = batch.feats.reshape(-1, batch.feats.shape[-1])
+        expected = torch.nn.functional.embedding_bag(flat, masked, mode="sum", padding_idx=0)
+        model.sparse_only = True
+        torch.testing.assert_close(model.emissions(batch).reshape(expected.shape), expected)
+
     def test_bad_head(self) -> None:
         with pytest.raises(ValueError, match="head="):
             Tagger(TaggerConfig(3, 3, 3, 2, head="hmm"))
@@ -286,6 +344,19 @@ class TestEndToEnd:
         assert "train.conll / test.conll" in out and "(reference)" not in out
         row = next(line for line in out.splitlines() if line.startswith("structift"))
         assert float(row.split()[-5]) > 0.95  # overall accuracy
+
+    def test_sparse_init_lbfgs_with_observed_pairs_runs_end_to_end(self, tmp_path: Path) -> None:
+        write_conll(tmp_path / "train.conll", toy_corpus(200, 0))
+        write_conll(tmp_path / "test.conll", toy_corpus(40, 1))
+        out = run(
+            sys.executable, str(SCRIPT), "--smoke", "--head", "crf", "--no-progress",
+            "--sparse-init", "lbfgs", "--observed-pairs", "--l2", "0.1",
+            "--lbfgs-iterations", "30", "--train", str(tmp_path / "train.conll"),
+            "--test", str(tmp_path / "test.conll"), "--out", str(tmp_path / "run"), cwd=tmp_path,
+        )  # fmt: skip
+        assert "sparse CRF by L-BFGS" in out and "refit: sparse CRF by L-BFGS" in out
+        row = next(line for line in out.splitlines() if line.startswith("structift"))
+        assert float(row.split()[-5]) > 0.95
 
     def test_torchrun_two_processes_gloo(self, tmp_path: Path) -> None:
         write_conll(tmp_path / "train.conll", toy_corpus(120, 0))
