@@ -76,7 +76,7 @@ def plot_results(out: Path, path: Path | None = None) -> Path:
 
     rows = load_results(out)
     path = path or out / "ppl_vs_states.png"
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = plt.subplots(figsize=(8.5, 3.8))
     families: dict[str, list[tuple[int, float]]] = {}
     styles = iter(["--", ":", "-.", (0, (5, 5))] * 4)
     for r in rows:
@@ -96,7 +96,7 @@ def plot_results(out: Path, path: Path | None = None) -> Path:
     ax.set_title("HMM language models on Brown", fontsize=9)
     ax.grid(alpha=0.3)
     if rows:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the data
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
