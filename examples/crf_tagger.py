@@ -240,20 +240,10 @@ def train_head(
         fit = fit_sparse_lbfgs(model, train_items, args.l2, args.lbfgs_iterations, device)
         seconds = timer()
         if d.main:  # the sparse CRF is "epoch 0" of the learning curve and a selection candidate
-            scores, preds = evaluate(model, data["dev"], 64, device)
-            history.epoch.append(0)
-            history.train_loss.append(fit["objective"])
-            history.train_seconds.append(seconds)
-            history.dev_accuracy.append(scores.accuracy)
-            extra = ""
-            if data["scheme"] is not None:
-                spans = span_scores(data["dev_sents"], preds, vocab)
-                history.dev_f1.append(spans.f1)
-                extra = f", dev span F1 {spans.f1:.4f}"
+            scores = record_epoch(history, model, data, vocab, device, 0, fit["objective"], seconds)
             print(
                 f"[{head}] sparse CRF by L-BFGS ({fit['evaluations']:.0f} evaluations): "
-                f"objective {fit['objective']:.4f}, dev accuracy {scores.accuracy:.4f}{extra}, "
-                f"{seconds:.1f} s"
+                f"objective {fit['objective']:.4f}, {scores}, {seconds:.1f} s"
             )
     optimizer = torch.optim.AdamW(
         param_groups(model, args.lr, joint_sparse_lr(args), args.sparse_decay)
@@ -300,22 +290,10 @@ def train_head(
         if bar is not None:
             bar.close()
         if d.main:
-            scores, preds = evaluate(model, data["dev"], 64, device)
-            history.epoch.append(epoch + 1)
-            history.train_loss.append(loss)
-            history.train_seconds.append(seconds)
-            history.dev_accuracy.append(scores.accuracy)
-            extra = ""
-            if data["scheme"] is not None:
-                spans = span_scores(data["dev_sents"], preds, vocab)
-                history.dev_f1.append(spans.f1)
-                extra = f", dev span F1 {spans.f1:.4f}"
+            scores = record_epoch(history, model, data, vocab, device, epoch + 1, loss, seconds)
             if history.best_epoch == epoch + 1:
                 best = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            print(
-                f"[{head}] epoch {epoch + 1}: train loss {loss:.4f}, "
-                f"dev accuracy {scores.accuracy:.4f}{extra}, {seconds:.1f} s"
-            )
+            print(f"[{head}] epoch {epoch + 1}: train loss {loss:.4f}, {scores}, {seconds:.1f} s")
             save_checkpoint(ckpt, model, optimizer, vocab, history, best)
         if d.world > 1:
             torch.distributed.barrier()
@@ -356,6 +334,31 @@ def refit(
         )
         print(f"[{head}] refit on train + dev, epoch {epoch + 1}/{epochs}: train loss {loss:.4f}")
     return model, timer()
+
+
+def record_epoch(
+    history: History,
+    model: Tagger,
+    data: dict[str, list],
+    vocab: Vocab,
+    device: torch.device,
+    epoch: int,
+    loss: float,
+    seconds: float,
+) -> str:
+    """Score ``model`` on the dev split, append the epoch to ``history``; return the scores
+    as text (``"dev accuracy 0.9500, dev span F1 0.8800"``)."""
+    scores, preds = evaluate(model, data["dev"], 64, device)
+    history.epoch.append(epoch)
+    history.train_loss.append(loss)
+    history.train_seconds.append(seconds)
+    history.dev_accuracy.append(scores.accuracy)
+    text = f"dev accuracy {scores.accuracy:.4f}"
+    if data["scheme"] is not None:
+        spans = span_scores(data["dev_sents"], preds, vocab)
+        history.dev_f1.append(spans.f1)
+        text += f", dev span F1 {spans.f1:.4f}"
+    return text
 
 
 def joint_sparse_lr(args: argparse.Namespace) -> float:

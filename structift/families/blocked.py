@@ -20,6 +20,7 @@ of size ``Z x Z`` exists: this is what makes ``Z = 2^14`` states cheap to train.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -206,10 +207,6 @@ class BlockedEmission:
         """``log Σ_{w in c(z)} exp(logits[z, w])`` ``[Z]``, ``O(Z W)``."""
         return torch.logsumexp(self.blocks, -1).reshape(-1)
 
-    def log_block_probs(self) -> Tensor:
-        """``log p(i-th word of cluster c | state c S + s)`` ``[M, S, W]`` (padding ``-inf``)."""
-        return torch.log_softmax(self.blocks, -1)
-
     def word_log_probs(self, words: Tensor) -> Tensor:
         """``log p(words | each state of its cluster)``: ``[*, S]`` for LongTensor ``words``."""
         cluster, slot = self.clusters[words][..., None], self.positions[words][..., None]
@@ -219,11 +216,17 @@ class BlockedEmission:
         return blocks[cluster, states, slot] - norm[cluster, states]
 
     def restrict(self, keep: Tensor) -> BlockedEmission:
-        """The emission of the states ``keep [M, k]`` (block coordinates, per cluster)."""
+        """The emission of the states ``keep [M, k]`` (block coordinates, per cluster).
+
+        The same partition (not indexed or checked again) and a subset of already checked
+        rows: a per-batch call of state dropout costs one gather.
+        """
         blocks = self.blocks
         M, _, W = blocks.shape
-        index = keep[..., None].expand(M, keep.shape[1], W)
-        return BlockedEmission.from_blocks(blocks.gather(1, index), self.clusters)
+        out = copy.copy(self)
+        out.block_size = keep.shape[1]
+        out._source = ("blocks", blocks.gather(1, keep[..., None].expand(M, keep.shape[1], W)))
+        return out
 
     def log_probs(self) -> Tensor:
         """The dense ``[Z, V]`` log-emission matrix, ``-inf`` outside each state's cluster."""

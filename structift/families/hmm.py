@@ -203,12 +203,7 @@ class HMM(ExpFamily):
         Built afresh on each access (an O(B·T·Z) gather) so that every use has its own autograd
         graph back to the logits; reuse the returned object to avoid rebuilding.
         """
-        Z = self.num_states
-        unary = emission_unary(
-            self.init_logits, self.emission_logits, self.observations, self.lengths
-        )
-        log_transition = torch.log_softmax(self.transition_logits, -1)  # shape: ([B,] Z, Z)
-        binary = log_transition.reshape(-1, 1, Z, Z)  # broadcast over time and batch
+        unary, binary = self._evidence_params()  # binary broadcast over time and batch
         return LinearChainCRF(
             unary, binary, self.lengths, validate_args=False, backend=self._structure.backend
         )

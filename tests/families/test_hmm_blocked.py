@@ -62,7 +62,11 @@ def test_log_probs_are_softmax_within_each_cluster() -> None:
 def test_matches_dense_with_minus_inf_zeros(dims, extra_words, scale, seed) -> None:
     B, T, M, S = dims
     p = _draw(seed, B, T, M, S, M + extra_words, scale)
-    blocked, dense = _pair(p)
+    _assert_matches_dense(*_pair(p), seed)
+
+
+def _assert_matches_dense(blocked: st.HMM, dense: st.HMM, seed: int) -> None:
+    """Evidence, marginals, entropy, MAP and sample scores of the two models agree."""
     _close(blocked.log_partition, dense.log_partition)
     _close(blocked.marginals.unary, dense.marginals.unary)
     _close(blocked.entropy(), dense.entropy())
@@ -245,13 +249,7 @@ def test_low_rank_blocked_matches_dense_on_the_materialized_matrix(dims, rank, s
     model = st.HMM(p["init"], transition, emission, *args)
     dense = st.HMM(p["init"], transition.log_probs(), emission.log_probs(), *args)
     assert type(model).__name__ == "BlockedHMM"
-    _close(model.log_partition, dense.log_partition)
-    _close(model.marginals.unary, dense.marginals.unary)
-    _close(model.entropy(), dense.entropy())
-    _close(model.max_score, dense.max_score)
-    _close(dense.log_prob(model.argmax), dense.log_prob(dense.argmax))
-    tags = dense.sample((4,), generator=seeded(seed))
-    _close(model.log_prob(tags), dense.log_prob(tags))
+    _assert_matches_dense(model, dense, seed)
 
 
 def test_low_rank_blocked_brute_force_and_gradcheck() -> None:
