@@ -191,20 +191,28 @@ def fit_sparse_lbfgs(
     iterations: int,
     device: torch.device,
     chunk: int = 512,
+    l1: float = 0.0,
+    l1_smoothing: float = 1e-3,
 ) -> dict[str, float]:
     """Stage 1 of ``--sparse-init lbfgs``: the sparse CRF alone, by full-batch L-BFGS.
 
-    Minimises ``-sum log p(y | x) + l2 ||w||^2`` over the sparse feature weights and the CRF
-    scores (the neural part is switched off), as crfsuite does with ``c2 = l2`` (without its
-    L1 term): a convex problem, so this is the penalised maximum-likelihood sparse CRF
-    whatever the starting point. The loss is summed over chunks of ``chunk`` sentences (one
+    Minimises ``-sum log p(y | x) + l1 sum_i s(w_i) + l2 ||w||^2`` over the sparse feature
+    weights and the CRF scores (the neural part is switched off), crfsuite's objective with
+    ``c1 = l1``, ``c2 = l2``. crfsuite minimises the exact L1 term by OWL-QN; here
+    ``s(w) = sqrt(w^2 + eps^2) - eps`` (``eps = l1_smoothing``) is a smooth stand-in, within
+    ``eps`` of ``|w|`` everywhere, so torch's L-BFGS applies (weights that L1 would set to 0
+    end within a few ``eps`` of it). A convex problem, so this is the penalised
+    maximum-likelihood sparse CRF whatever the starting point (a warm start only saves
+    iterations). The loss is summed over chunks of ``chunk`` sentences (one
     full-batch gradient per function evaluation). Afterwards the neural part starts from a
     zero output layer, so the joint model begins as this sparse CRF.
 
     Returns ``{"objective": final objective per token, "evaluations": closure calls}``.
     """
     params = sparse_parameters(model)
-    batches = [collate(items[i : i + chunk]).to(device) for i in range(0, len(items), chunk)]
+    # Chunks of similar length: padding costs as much as real tokens in the forward pass.
+    chunks = length_sorted_batches(items, chunk)
+    batches = [collate([items[i] for i in idx]).to(device) for idx in chunks]
     tokens = sum(int(b.lengths.sum()) for b in batches)
     optimizer = torch.optim.LBFGS(
         params, lr=1.0, max_iter=iterations, history_size=10, line_search_fn="strong_wolfe",
@@ -222,6 +230,11 @@ def fit_sparse_lbfgs(
             loss.backward()
             total = total + loss.detach()
         penalty = l2 / tokens * sum((p * p).sum() for p in params)
+        if l1 > 0:
+            eps = l1_smoothing
+            penalty = penalty + l1 / tokens * sum(
+                ((p * p + eps * eps).sqrt() - eps).sum() for p in params
+            )
         penalty.backward()
         last = float(total + penalty.detach())
         return total + penalty.detach()

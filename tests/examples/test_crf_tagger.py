@@ -174,9 +174,10 @@ class TestModel:
         assert scores.unknown == pytest.approx(unknown_nn / (len(gold) - sum(known)))
         assert Scores().accuracy == 0.0
 
-    def _toy_model(self, **kw: object) -> tuple[Tagger, list]:
-        vocab = Vocab.build(TOY, min_feature_count=1)
-        items = [encode(vocab, s) for s in TOY]
+    def _toy_model(self, sents: list | None = None, **kw: object) -> tuple[Tagger, list]:
+        sents = TOY if sents is None else sents
+        vocab = Vocab.build(sents, min_feature_count=1)
+        items = [encode(vocab, s) for s in sents]
         config = TaggerConfig(
             len(vocab.words), len(vocab.chars), len(vocab.feats), len(vocab.tags),
             word_dim=4, char_filters=4, hidden=3, **kw,  # type: ignore[arg-type]
@@ -207,6 +208,106 @@ class TestModel:
         sparse_only = model.emissions(batch)
         model.sparse_only = True
         torch.testing.assert_close(model.emissions(batch), sparse_only)
+
+    def test_sparse_lbfgs_l1_reaches_the_exact_l1_optimum_within_the_smoothing(self) -> None:
+        """``l1 > 0``: L-BFGS on the smoothed penalty lands within ``l1 * eps`` per weight of
+        the exact L1 + L2 optimum, found independently by proximal gradient (FISTA)."""
+        from tagger.training import fit_sparse_lbfgs, sparse_parameters
+
+        torch.manual_seed(shift(3))
+        model, items = self._toy_model(neural=False)
+        l1, l2, eps = 0.3, 0.01, 1e-3
+        fit = fit_sparse_lbfgs(model, items, l2, 500, torch.device("cpu"), l1=l1, l1_smoothing=eps)
+        batch = collate(items)
+        tokens = int(batch.lengths.sum())
+        params = sparse_parameters(model)
+        n_weights = sum(p.numel() for p in params)
+
+        def smooth_part() -> torch.Tensor:  # mean NLL per token + the L2 term
+            return model(batch) + l2 / tokens * sum((p * p).sum() for p in params)
+
+        def exact(ws: list[torch.Tensor]) -> float:
+            with torch.no_grad():
+                saved = [p.detach().clone() for p in params]
+                for p, w in zip(params, ws):
+                    p.copy_(w)
+                value = float(smooth_part()) + l1 / tokens * sum(float(w.abs().sum()) for w in ws)
+                for p, w in zip(params, saved):
+                    p.copy_(w)
+            return value
+
+        smoothed = smooth_part() + l1 / tokens * sum(
+            ((p * p + eps * eps).sqrt() - eps).sum() for p in params
+        )
+        torch.testing.assert_close(
+            float(smoothed.detach()), fit["objective"], rtol=1e-9, atol=1e-12
+        )
+        grads = torch.autograd.grad(smoothed, params)
+        assert max(float(g.abs().max()) for g in grads) < 1e-5  # stationary
+        lbfgs = [p.detach().clone() for p in params]
+
+        # The reference: FISTA with backtracking on the exact (non-smooth) objective, from 0.
+        with torch.no_grad():
+            for p in params:
+                p.zero_()
+        x = [p.detach().clone() for p in params]
+        y, t, step = [w.clone() for w in x], 1.0, 1.0
+        for _ in range(1000):
+            with torch.no_grad():
+                for p, w in zip(params, y):
+                    p.copy_(w)
+            f_y = smooth_part()
+            g_y = torch.autograd.grad(f_y, params)
+            while True:
+                z = [
+                    torch.sign(w - step * g)
+                    * (w - step * g).abs().sub(step * l1 / tokens).clamp(min=0)
+                    for w, g in zip(y, g_y)
+                ]
+                with torch.no_grad():
+                    for p, w in zip(params, z):
+                        p.copy_(w)
+                    f_z = float(smooth_part())
+                d = [a - b for a, b in zip(z, y)]
+                bound = float(f_y.detach()) + sum(float((g * e).sum()) for g, e in zip(g_y, d))
+                bound += sum(float((e * e).sum()) for e in d) / (2 * step)
+                if f_z <= bound + 1e-15:
+                    break
+                step /= 2
+            t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+            y = [a + (t - 1) / t_next * (a - b) for a, b in zip(z, x)]
+            x, t = z, t_next
+        best = exact(x)
+        # Smoothing changes each |w| by at most eps: the L-BFGS point is near-optimal for the
+        # exact objective, and the FISTA point is no better than that margin allows.
+        assert exact(lbfgs) <= best + l1 * eps * n_weights / tokens + 1e-9
+        assert best <= exact(lbfgs) + 1e-9
+        # L1 shrinks: most weights of the exact optimum are exactly 0, and the smoothed
+        # solution has them within a few eps of 0.
+        zeros = torch.cat([w.flatten() == 0 for w in x])
+        assert zeros.float().mean() > 0.5
+        near = torch.cat([w.flatten() for w in lbfgs])[zeros].abs()
+        assert float(near.max()) < 0.05
+
+    def test_sparse_lbfgs_warm_start_beats_a_cold_start_on_the_same_budget(self) -> None:
+        """The refit's stage 1: started from the fit on part of the data, L-BFGS gets further
+        on all of it than from zero with the same number of iterations (and keeps the warm
+        weights: `fit_sparse_lbfgs` does not reset them)."""
+        from tagger.training import fit_sparse_lbfgs, sparse_parameters
+
+        torch.manual_seed(shift(4))
+        cpu = torch.device("cpu")
+        sents = toy_corpus(40, 4) + TOY
+        part, items = self._toy_model(neural=False, sents=sents)
+        fit_sparse_lbfgs(part, items[:36], 0.01, 100, cpu, l1=0.1)
+        cold, _ = self._toy_model(neural=False, sents=sents)
+        from_zero = fit_sparse_lbfgs(cold, items, 0.01, 30, cpu, l1=0.1)
+        warm, _ = self._toy_model(neural=False, sents=sents)
+        with torch.no_grad():
+            for p, q in zip(sparse_parameters(warm), sparse_parameters(part), strict=True):
+                p.copy_(q)
+        from_part = fit_sparse_lbfgs(warm, items, 0.01, 30, cpu, l1=0.1)
+        assert from_part["objective"] < from_zero["objective"]
 
     def test_observed_pairs_keep_unseen_feature_tag_weights_at_zero(self) -> None:
         torch.manual_seed(shift(2))
@@ -299,7 +400,7 @@ class TestEndToEnd:
         assert "resumed from" in out and "after epoch 1" in out
         assert "[crf] epoch 2:" in out and "[crf] epoch 1:" not in out
         state = torch.load(tmp_path / "crf.pt", weights_only=True)
-        assert state["history"]["epoch"] == [1, 2]
+        assert state["history"]["epoch"] == [0, 1, 2]  # epoch 0: the L-BFGS sparse CRF
         out = run(
             py,
             str(SCRIPT),
@@ -507,7 +608,7 @@ class TestCommandLine:
         assert "after epoch 2" in out
         a = torch.load(tmp_path / "a" / "crf.pt", weights_only=True)
         b = torch.load(tmp_path / "b" / "crf.pt", weights_only=True)
-        assert a["history"]["epoch"] == b["history"]["epoch"] == [1, 2, 3]
+        assert a["history"]["epoch"] == b["history"]["epoch"] == [0, 1, 2, 3]  # 0: L-BFGS
         assert a["history"]["train_loss"] == pytest.approx(b["history"]["train_loss"], rel=1e-6)
         for k, v in a["model"].items():
             torch.testing.assert_close(v, b["model"][k], rtol=1e-5, atol=1e-6)
