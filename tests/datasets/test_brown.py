@@ -21,7 +21,8 @@ from structift.datasets import (
 )
 from structift.datasets._fetch import _safe_extract, nltk_data_dirs
 
-SHARED = Path(os.environ.get("STRUCTIFT_DATA", "/work/shared/data"))
+# Absolute: CI may give a path relative to the repository, and end-to-end runs use other cwds.
+SHARED = Path(os.environ.get("STRUCTIFT_DATA", "/work/shared/data")).resolve()
 HAVE_SHARED = (SHARED / "brown" / "cats.txt").is_file()
 
 FAKE_FILES = {

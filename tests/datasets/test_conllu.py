@@ -23,7 +23,8 @@ from structift.datasets import (
 )
 from structift.datasets import turkish as turkish_module
 
-SHARED = Path(os.environ.get("STRUCTIFT_DATA", "/work/shared/data"))
+# Absolute: CI may give a path relative to the repository, and end-to-end runs use other cwds.
+SHARED = Path(os.environ.get("STRUCTIFT_DATA", "/work/shared/data")).resolve()
 HAVE_SHARED = all(
     (SHARED / "turkish-treebank" / f).is_file() for f in ("web.conllu", "wiki.conllu")
 )

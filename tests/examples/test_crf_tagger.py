@@ -31,7 +31,8 @@ from tagger.features import (  # noqa: E402
 from tagger.model import Tagger, TaggerConfig  # noqa: E402
 from tagger.training import Dist, Scores, epoch_batches, evaluate  # noqa: E402
 
-SHARED = Path(os.environ.get("STRUCTIFT_DATA", "/work/shared/data"))
+# Absolute: CI may give a path relative to the repository, and end-to-end runs use other cwds.
+SHARED = Path(os.environ.get("STRUCTIFT_DATA", "/work/shared/data")).resolve()
 HAVE_SHARED = (SHARED / "brown" / "cats.txt").is_file()
 
 TOY = [

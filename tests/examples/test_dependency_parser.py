@@ -23,7 +23,8 @@ from parser.features import Vocab, collate, encode  # noqa: E402
 from parser.metrics import AttachmentScores, has_cycle, is_well_formed, n_roots  # noqa: E402
 from parser.model import Parser, ParserConfig, word_mask  # noqa: E402
 
-SHARED = Path(os.environ.get("STRUCTIFT_DATA", "/work/shared/data"))
+# Absolute: CI may give a path relative to the repository, and end-to-end runs use other cwds.
+SHARED = Path(os.environ.get("STRUCTIFT_DATA", "/work/shared/data")).resolve()
 HAVE_SHARED = all(
     (SHARED / "turkish-treebank" / f).is_file() for f in ("web.conllu", "wiki.conllu")
 )

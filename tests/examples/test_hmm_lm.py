@@ -22,7 +22,8 @@ from hmm_lm.data import Vocab, batches, frequency_clusters, split_of  # noqa: E4
 from hmm_lm.kn import KneserNey, discounts  # noqa: E402
 from hmm_lm.model import HMMLM, ModelConfig  # noqa: E402
 
-SHARED = Path(os.environ.get("STRUCTIFT_DATA", "/work/shared/data"))
+# Absolute: CI may give a path relative to the repository, and end-to-end runs use other cwds.
+SHARED = Path(os.environ.get("STRUCTIFT_DATA", "/work/shared/data")).resolve()
 HAVE_SHARED = (SHARED / "brown" / "cats.txt").is_file()
 
 
