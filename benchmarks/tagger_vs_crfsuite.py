@@ -5,11 +5,12 @@ prefixes, shape, case and digit flags, and words and suffixes in a ±2 window: t
 sparse features, ``examples/tagger/features.py``) and L-BFGS (100 iterations, c1 = 0.1,
 c2 = 0.01). The structift tagger (``examples/crf_tagger.py --head crf``) runs with its defaults
 and selects its epoch on its own dev split (the last 10% of the training file); crfsuite trains
-on the whole training file. The tagger's defaults start from crfsuite's own model (stage 1: the
-sparse CRF on the same features by L-BFGS on crfsuite's L1 + L2 objective, the L1 term smoothed)
-and then train the sparse + neural model from it, so the comparison measures what the neural
-stage and the dev selection add to crfsuite's model. Both are scored on the test file: token accuracy, and span
-precision/recall/F1 (conlleval rules) when the tags are span tags.
+on the whole training file. The tagger's defaults start from crfsuite's own model (stage 1:
+the sparse CRF on the same features by L-BFGS on crfsuite's L1 + L2 objective, the L1 term
+smoothed) and then train the sparse + neural model from it, so the comparison measures what
+the neural stage and the dev selection add to crfsuite's model. Both are scored on the test
+file: token accuracy, and span precision/recall/F1 (conlleval rules) when the tags are span
+tags.
 
     python benchmarks/tagger_vs_crfsuite.py --train a.conll --test b.conll
     python benchmarks/tagger_vs_crfsuite.py --brown-genre humor      # a Brown genre, 90/10

@@ -193,6 +193,7 @@ def fit_sparse_lbfgs(
     chunk: int = 512,
     l1: float = 0.0,
     l1_smoothing: float = 1e-3,
+    start: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Stage 1 of ``--sparse-init lbfgs``: the sparse CRF alone, by full-batch L-BFGS.
 
@@ -203,13 +204,18 @@ def fit_sparse_lbfgs(
     ``eps`` of ``|w|`` everywhere, so torch's L-BFGS applies (weights that L1 would set to 0
     end within a few ``eps`` of it). A convex problem, so this is the penalised
     maximum-likelihood sparse CRF whatever the starting point (a warm start only saves
-    iterations). The loss is summed over chunks of ``chunk`` sentences (one
-    full-batch gradient per function evaluation). Afterwards the neural part starts from a
-    zero output layer, so the joint model begins as this sparse CRF.
+    iterations; ``start``, in `sparse_parameters` order, is copied in first). The loss is
+    summed over chunks of ``chunk`` sentences (one full-batch gradient per function
+    evaluation). Afterwards the neural part starts from a zero output layer, so the joint
+    model begins as this sparse CRF.
 
     Returns ``{"objective": final objective per token, "evaluations": closure calls}``.
     """
     params = sparse_parameters(model)
+    if start is not None:
+        with torch.no_grad():
+            for p, q in zip(params, start, strict=True):
+                p.copy_(q)
     # Chunks of similar length: padding costs as much as real tokens in the forward pass.
     chunks = length_sorted_batches(items, chunk)
     batches = [collate([items[i] for i in idx]).to(device) for idx in chunks]
